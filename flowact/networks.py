@@ -1,0 +1,83 @@
+"""The network family of a preset: build with seeded random weights, save and load checkpoints.
+
+Checkpoint layout (a directory):
+    preset.json                 {"preset": name, "fields": {...every Preset field...}}
+    audio_encoder.safetensors   StreamingAudioEncoder state dict (Whisper encoder names inside)
+    vae_encoder.safetensors     VAEEncoder
+    vae_decoder.safetensors     VAEDecoder
+    denoiser.safetensors        MMDiT
+    text_encoder.safetensors    TextEncoder
+A checkpoint whose preset.json disagrees with the requested preset is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from flowact.models.audio_encoder import StreamingAudioEncoder
+from flowact.models.mmdit import MMDiT
+from flowact.models.text_encoder import TextEncoder
+from flowact.models.vae import VAEDecoder, VAEEncoder
+from flowact.presets import Preset
+
+
+@dataclass
+class Networks:
+    preset: Preset
+    audio_encoder: StreamingAudioEncoder
+    vae_encoder: VAEEncoder
+    vae_decoder: VAEDecoder
+    denoiser: MMDiT
+    text_encoder: TextEncoder
+
+    NAMES = ("audio_encoder", "vae_encoder", "vae_decoder", "denoiser", "text_encoder")
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {name: getattr(self, name) for name in self.NAMES}
+
+    def to(self, device: str | torch.device, dtype: torch.dtype = torch.float32) -> "Networks":
+        for module in self.modules().values():
+            module.to(device=device, dtype=dtype)
+        return self
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        fields = dataclasses.asdict(self.preset)
+        (directory / "preset.json").write_text(json.dumps({"preset": self.preset.name, "fields": fields}, indent=2))
+        for name, module in self.modules().items():
+            state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+            save_file(state, str(directory / f"{name}.safetensors"))
+
+
+def build_networks(preset: Preset, seed: int = 0, checkpoint: str | Path | None = None) -> Networks:
+    """Seeded random weights, or the checkpoint's weights when `checkpoint` is given. Eval mode, fp32, CPU."""
+    torch.manual_seed(seed)
+    nets = Networks(preset, StreamingAudioEncoder(preset.audio), VAEEncoder(preset), VAEDecoder(preset),
+                    MMDiT(preset), TextEncoder(preset))
+    if checkpoint is not None:
+        load_checkpoint(nets, checkpoint)
+    for module in nets.modules().values():
+        module.eval().requires_grad_(False)
+    return nets
+
+
+def load_checkpoint(nets: Networks, directory: str | Path) -> None:
+    directory = Path(directory)
+    meta_path = directory / "preset.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a flowact checkpoint (no preset.json)")
+    fields = json.loads(meta_path.read_text())["fields"]
+    expected = json.loads(json.dumps(dataclasses.asdict(nets.preset)))
+    if fields != expected:
+        diff = sorted(k for k in expected if fields.get(k) != expected[k])
+        raise ValueError(f"checkpoint {directory} was saved for a different preset (fields differ: {', '.join(diff)})")
+    for name, module in nets.modules().items():
+        module.load_state_dict(load_file(str(directory / f"{name}.safetensors")), strict=True)
