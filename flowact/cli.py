@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # module that defines add_parser(subparsers) for each group of subcommands
-SUBCOMMAND_MODULES = ("flowact.generate",)
+SUBCOMMAND_MODULES = ("flowact.generate", "flowact.serving.cli", "flowact.client.cli")
 
 
 def main(argv: list[str] | None = None) -> int:

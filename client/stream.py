@@ -1,0 +1,141 @@
+"""gRPC streaming client: one ModelStreamInfer per avatar stream.
+
+The reference image (and seed, prompt) go with the START request; every request carries 0.48 s
+of audio; every response carries 12 frames. Requests are paced at real time (`realtime=True`,
+chunk i is sent 0.48 s * i after the first) or sent as fast as the server answers with at most
+`max_in_flight` chunks outstanding. One gRPC stream per avatar stream keeps all its chunks on one
+server behind any HTTP/2-aware load balancer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from flowact.presets import CHUNK_SECONDS
+from flowact.stats import StreamSummary
+
+MODEL = "flowact"
+_ids = itertools.count(1)
+
+
+class StreamError(RuntimeError):
+    """The server refused or failed a chunk of this stream; the message is the server's."""
+
+
+@dataclass
+class StreamResult:
+    frames: list[np.ndarray] = field(default_factory=list)  # one (12, H, W, 3) uint8 per chunk
+    send_times: list[float] = field(default_factory=list)  # monotonic seconds
+    arrival_times: list[float] = field(default_factory=list)
+
+    def summary(self, jitter_buffer: float = 0.0) -> StreamSummary:
+        latencies = [a - s for s, a in zip(self.send_times, self.arrival_times)]
+        t0 = self.send_times[0]
+        arrivals = [a - t0 for a in self.arrival_times]
+        return StreamSummary.from_timings(arrivals[0], latencies, arrivals, sum(latencies), jitter_buffer)
+
+
+def make_inputs(audio: np.ndarray, image: np.ndarray | None = None, seed: int | None = None,
+                prompt: str | None = None) -> list[grpcclient.InferInput]:
+    tensors: list[tuple[str, np.ndarray, str]] = [("AUDIO", audio[None], "FP32")]
+    if image is not None:
+        tensors.append(("REF_IMAGE", image[None], "UINT8"))
+    if seed is not None:
+        tensors.append(("SEED", np.array([[seed]], dtype=np.int64), "INT64"))
+    if prompt is not None:
+        tensors.append(("PROMPT", np.array([[prompt.encode("utf-8")]], dtype=np.object_), "BYTES"))
+    inputs = []
+    for name, array, dtype in tensors:
+        tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+class AvatarStream:
+    """One avatar stream over one gRPC bidirectional stream."""
+
+    def __init__(self, url: str, stream_id: int | str | None = None, model: str = MODEL, timeout_s: float = 60.0):
+        self.url, self.model, self.timeout_s = url, model, timeout_s
+        self.stream_id = stream_id if stream_id is not None else next(_ids)
+        self.client = grpcclient.InferenceServerClient(url)
+        self.responses: queue.Queue = queue.Queue()
+        self.client.start_stream(callback=self._on_response)
+
+    def _on_response(self, result, error):  # tritonclient needs these parameter names
+        self.responses.put((time.monotonic(), result, error))
+
+    def send(self, audio: np.ndarray, start: bool = False, end: bool = False, image=None, seed=None, prompt=None):
+        self.client.async_stream_infer(self.model, make_inputs(audio, image, seed, prompt), sequence_id=self.stream_id,
+                                       sequence_start=start, sequence_end=end, outputs=[grpcclient.InferRequestedOutput("FRAMES")])
+
+    def receive(self) -> tuple[float, np.ndarray]:
+        try:
+            arrival, result, error = self.responses.get(timeout=self.timeout_s)
+        except queue.Empty:
+            raise StreamError(f"stream {self.stream_id}: no response within {self.timeout_s:.0f} s") from None
+        if error is not None:
+            raise StreamError(f"stream {self.stream_id}: {error.message() if hasattr(error, 'message') else error}")
+        return arrival, result.as_numpy("FRAMES")[0]
+
+    def run(self, image: np.ndarray, chunks: Iterable[np.ndarray], seed: int = 0, prompt: str | None = None,
+            realtime: bool = False, max_in_flight: int = 2,
+            on_chunk: Callable[[np.ndarray], None] | None = None, end: bool = True) -> StreamResult:
+        """Send every chunk (START with the first, END with the last) and collect the frames in order."""
+        chunks = list(chunks)
+        result = StreamResult()
+        in_flight = threading.Semaphore(max_in_flight)
+        stop = threading.Event()
+        t0 = time.monotonic()
+        errors: list[BaseException] = []
+
+        def sender():
+            try:
+                for i, audio in enumerate(chunks):
+                    if realtime:
+                        time.sleep(max(0.0, t0 + i * CHUNK_SECONDS - time.monotonic()))
+                    if not in_flight.acquire(timeout=self.timeout_s) or stop.is_set():
+                        return
+                    result.send_times.append(time.monotonic())
+                    first = i == 0
+                    self.send(audio, start=first, end=end and i == len(chunks) - 1,
+                              image=image if first else None, seed=seed if first else None,
+                              prompt=prompt if first else None)
+            except BaseException as e:  # surfaced by the receiving loop
+                errors.append(e)
+
+        thread = threading.Thread(target=sender, daemon=True)
+        thread.start()
+        try:
+            for _ in chunks:
+                arrival, frames = self.receive()
+                in_flight.release()
+                result.arrival_times.append(arrival)
+                result.frames.append(frames)
+                if on_chunk is not None:
+                    on_chunk(frames)
+        finally:
+            stop.set()
+            in_flight.release()  # wake a sender waiting for a slot
+            thread.join(timeout=self.timeout_s)
+        if errors:
+            raise StreamError(f"stream {self.stream_id}: sending failed: {errors[0]}")
+        return result
+
+    def close(self) -> None:
+        self.client.stop_stream()
+        self.client.close()
+
+    def __enter__(self) -> "AvatarStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,166 @@
+"""Render a complete Triton model repository from the network specs.
+
+    <out>/
+      audio_encoder/ vae_encoder/ vae_decoder/ denoiser_memory/ denoiser/ text_encoder/
+                              engine models: python + ONNX Runtime (target embedded) or tensorrt_plan (target trt)
+      stream/                 python backend, sequence batching (oldest), holds every stream's state
+      flowact/                the ensemble clients call: stream -> vae_decoder (decode overlaps denoise)
+      repository.json         what was rendered, from what
+
+Every config.pbtxt is built as Triton's own ModelConfig protobuf and printed in text format; no
+tensor name is written here that the specs do not define.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from flowact.presets import SAMPLES_PER_CHUNK, Preset
+from flowact.specs import FRAMES, LATENTS, NetworkSpec, TensorSpec, network_specs
+
+HERE = Path(__file__).parent
+STREAM_MODEL = "stream"
+ENSEMBLE_MODEL = "flowact"
+
+# Client-facing tensors of the ensemble (besides the specs' FRAMES).
+AUDIO = "AUDIO"
+REF_IMAGE_IN = "REF_IMAGE"
+SEED = "SEED"
+PROMPT = "PROMPT"
+CHUNK_INDEX = "CHUNK_INDEX"
+
+
+class Target(str, Enum):
+    EMBEDDED = "embedded"  # python-backend engine models running ONNX with ONNX Runtime
+    TRT = "trt"  # tensorrt_plan engine models
+
+
+class Pipeline(str, Enum):
+    OVERLAP = "overlap"  # ensemble: stream -> vae_decoder, decoding chunk n overlaps denoising n+1
+    SERIAL = "serial"  # the stream model decodes before answering (the benchmark's baseline)
+
+
+@dataclass(frozen=True)
+class RepositoryOptions:
+    capacity: int = 4  # streams admitted at once
+    idle_ttl_s: float = 30.0  # a stream with no request for this long is freed
+    pipeline: Pipeline = Pipeline.OVERLAP
+    engine_threads: int = 2  # ONNX Runtime intra-op threads per engine model (embedded)
+    queue_delay_us: int = 2000  # how long the stream batcher waits to gather streams into one batch
+
+
+def tensor_config(spec: TensorSpec, cls, optional: bool = False):
+    t = cls(name=spec.name, data_type=getattr(mc, spec.triton_dtype), dims=list(spec.dims_without_batch))
+    if optional:
+        t.optional = True
+    return t
+
+
+def engine_config(spec: NetworkSpec, target: Target, opts: RepositoryOptions, onnx_path: Path | None) -> mc.ModelConfig:
+    cfg = mc.ModelConfig(name=spec.name, max_batch_size=max(opts.capacity, spec.profile.max) if target == Target.EMBEDDED
+                         else spec.profile.max)
+    cfg.input.extend(tensor_config(t, mc.ModelInput) for t in spec.inputs)
+    cfg.output.extend(tensor_config(t, mc.ModelOutput) for t in spec.outputs)
+    cfg.dynamic_batching.max_queue_delay_microseconds = 0
+    if target == Target.EMBEDDED:
+        cfg.backend = "python"
+        cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
+        cfg.parameters["onnx_path"].string_value = str(onnx_path)
+        cfg.parameters["threads"].string_value = str(opts.engine_threads)
+    else:
+        cfg.platform = "tensorrt_plan"
+        cfg.default_model_filename = "model.plan"
+        cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_GPU)
+    return cfg
+
+
+def stream_inputs(preset: Preset) -> list[mc.ModelInput]:
+    image = network_specs(preset)["vae_encoder"].inputs[0]
+    return [
+        mc.ModelInput(name=AUDIO, data_type=mc.TYPE_FP32, dims=[SAMPLES_PER_CHUNK]),
+        mc.ModelInput(name=REF_IMAGE_IN, data_type=mc.TYPE_UINT8, dims=list(image.dims_without_batch), optional=True),
+        mc.ModelInput(name=SEED, data_type=mc.TYPE_INT64, dims=[1], optional=True),
+        mc.ModelInput(name=PROMPT, data_type=mc.TYPE_STRING, dims=[1], optional=True),
+    ]
+
+
+def stream_config(preset: Preset, opts: RepositoryOptions) -> mc.ModelConfig:
+    specs = network_specs(preset)
+    out = specs["vae_decoder"].outputs[0] if opts.pipeline == Pipeline.SERIAL else specs["vae_decoder"].inputs[0]
+    cfg = mc.ModelConfig(name=STREAM_MODEL, backend="python", max_batch_size=opts.capacity)
+    cfg.input.extend(stream_inputs(preset))
+    cfg.output.extend([tensor_config(out, mc.ModelOutput),
+                       mc.ModelOutput(name=CHUNK_INDEX, data_type=mc.TYPE_INT64, dims=[1])])
+    cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)  # one process holds every stream
+    seq = cfg.sequence_batching
+    seq.max_sequence_idle_microseconds = int(opts.idle_ttl_s * 1e6)
+    # Triton backlogs STARTs beyond max_candidate_sequences; leave headroom so that extra STARTs
+    # reach the model and are refused at once with "at capacity".
+    seq.oldest.max_candidate_sequences = 2 * opts.capacity + 4
+    seq.oldest.max_queue_delay_microseconds = opts.queue_delay_us
+    for name, kind in (("START", mc.ModelSequenceBatching.Control.CONTROL_SEQUENCE_START),
+                       ("END", mc.ModelSequenceBatching.Control.CONTROL_SEQUENCE_END)):
+        control = seq.control_input.add(name=name)
+        control.control.add(kind=kind, int32_false_true=[0, 1])
+    for key, value in (("preset", preset.name), ("capacity", str(opts.capacity)),
+                       ("idle_ttl_s", str(opts.idle_ttl_s)), ("output", out.name)):
+        cfg.parameters[key].string_value = value
+    return cfg
+
+
+def ensemble_config(preset: Preset, opts: RepositoryOptions) -> mc.ModelConfig:
+    frames = network_specs(preset)["vae_decoder"].outputs[0]
+    cfg = mc.ModelConfig(name=ENSEMBLE_MODEL, platform="ensemble", max_batch_size=opts.capacity)
+    cfg.input.extend(stream_inputs(preset))
+    cfg.output.extend([tensor_config(frames, mc.ModelOutput),
+                       mc.ModelOutput(name=CHUNK_INDEX, data_type=mc.TYPE_INT64, dims=[1])])
+    step = cfg.ensemble_scheduling.step.add(model_name=STREAM_MODEL, model_version=-1)
+    for name in (AUDIO, REF_IMAGE_IN, SEED, PROMPT):
+        step.input_map[name] = name
+    step.output_map[CHUNK_INDEX] = CHUNK_INDEX
+    if opts.pipeline == Pipeline.SERIAL:
+        step.output_map[FRAMES] = FRAMES
+    else:
+        step.output_map[LATENTS] = "chunk_latents"
+        decode = cfg.ensemble_scheduling.step.add(model_name="vae_decoder", model_version=-1)
+        decode.input_map[LATENTS] = "chunk_latents"
+        decode.output_map[FRAMES] = FRAMES
+    return cfg
+
+
+def write_model(root: Path, cfg: mc.ModelConfig, model_py: Path | None = None) -> Path:
+    model_dir = root / cfg.name
+    (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    (model_dir / "config.pbtxt").write_text(text_format.MessageToString(cfg))
+    if model_py is not None:
+        shutil.copy2(model_py, model_dir / "1" / "model.py")
+    return model_dir
+
+
+def render_repository(preset: Preset, target: Target, out: Path, engine_files: dict[str, Path],
+                      opts: RepositoryOptions = RepositoryOptions()) -> Path:
+    """Write every model of the repository. `engine_files`: network name -> ONNX file (embedded: the
+    engine model reads it in place) or TensorRT plan (trt: copied in as model.plan)."""
+    target, out = Target(target), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, spec in network_specs(preset).items():
+        src = Path(engine_files[name]).resolve()
+        if target == Target.EMBEDDED:  # ONNX Runtime reads the export directory's file (and its external data)
+            write_model(out, engine_config(spec, target, opts, src), HERE / "engine" / "1" / "model.py")
+        else:
+            model_dir = write_model(out, engine_config(spec, target, opts, None))
+            shutil.copy2(src, model_dir / "1" / "model.plan")
+    write_model(out, stream_config(preset, opts), HERE / "stream" / "1" / "model.py")
+    write_model(out, ensemble_config(preset, opts))
+    meta = {"preset": preset.name, "target": target.value, "pipeline": Pipeline(opts.pipeline).value,
+            "capacity": opts.capacity, "idle_ttl_s": opts.idle_ttl_s,
+            "engines": {k: str(v) for k, v in engine_files.items()}}
+    (out / "repository.json").write_text(json.dumps(meta, indent=2))
+    return out

@@ -1,0 +1,158 @@
+"""Launch and stop the tritonserver binary that the nvidia-pytriton wheel ships (the embedded server).
+
+Gotchas handled here (measured, see shared/design/TOOLING.md): the wheel's python backend folder
+has no stub, so a backend directory is assembled with the 3.11 stub beside libtriton_python.so;
+the stub finds its environment through `python3` on PATH and needs libpython on
+LD_LIBRARY_PATH (without it the server hangs in "loading" forever, hence the readiness timeout);
+the server runs in its own process group and is stopped with SIGTERM, waiting for the whole group,
+so no stub process or /dev/shm region is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SHM_PREFIX = "triton_python_backend_shm_region"
+# Protocols no client needs: restricted behind a key only the operator knows.
+RESTRICTED_PROTOCOLS = "model-repository,model-config,shared-memory,logging,trace,statistics"
+
+
+def pytriton_dir() -> Path:
+    import pytriton
+
+    return Path(pytriton.__file__).parent / "tritonserver"
+
+
+def backend_directory(cache: Path) -> Path:
+    """A backends/ folder whose python backend has the stub for this interpreter beside it."""
+    src = pytriton_dir()
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = src / "python_backend_stubs" / py / "triton_python_backend_stub"
+    if not stub.exists():
+        raise RuntimeError(f"the nvidia-pytriton wheel has no python backend stub for Python {py}")
+    target = cache / "backends" / "python"
+    target.mkdir(parents=True, exist_ok=True)
+    for f in (src / "backends" / "python").iterdir():
+        if f.is_file() and not (target / f.name).exists():
+            shutil.copy2(f, target / f.name)
+    if not (target / stub.name).exists():
+        shutil.copy2(stub, target / stub.name)
+    return target.parent
+
+
+def server_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the stub's python3
+    libdir = str(Path(sys.base_prefix) / "lib")
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH")) if p)
+    return env
+
+
+def shm_regions() -> set[str]:
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.glob(f"{SHM_PREFIX}*")} if shm.exists() else set()
+
+
+@dataclass
+class TritonServer:
+    repository: Path
+    grpc_port: int = 8001
+    http_port: int = 8000
+    metrics_port: int = 8002
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    log_path: Path | None = None
+    work_dir: Path = Path("artifacts/triton")
+    extra_env: dict[str, str] = field(default_factory=dict)
+    admin_key: str = field(default_factory=lambda: secrets.token_hex(16))
+    process: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        binary = pytriton_dir() / "bin" / "tritonserver"
+        restricted = f"{RESTRICTED_PROTOCOLS}:admin-key={self.admin_key}"
+        return [str(binary), f"--model-repository={Path(self.repository).resolve()}",
+                f"--backend-directory={backend_directory(self.work_dir.resolve())}",
+                "--model-control-mode=none",  # no client can load code
+                f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+                f"--http-address={self.host}", f"--http-port={self.http_port}",
+                "--allow-metrics=true", "--allow-gpu-metrics=false", f"--metrics-address={self.host}",
+                f"--metrics-port={self.metrics_port}",
+                f"--grpc-restricted-protocol={restricted}", f"--http-restricted-api={restricted}",
+                "--backend-config=python,shm-default-byte-size=33554432",
+                "--backend-config=python,shm-growth-byte-size=33554432",
+                "--exit-timeout-secs=10", "--log-verbose=0"]
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    def start(self, timeout_s: float = 120.0) -> "TritonServer":
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.log_path or self.work_dir / "tritonserver.log"
+        log = open(self.log_path, "wb")
+        env = server_env() | self.extra_env
+        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)  # own process group: the stubs stay in it
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"tritonserver exited with code {self.process.returncode}:\n{self.log_tail()}")
+            if self.ready():
+                return self
+            time.sleep(0.25)
+        self.stop()
+        raise TimeoutError(f"tritonserver not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def log_tail(self, lines: int = 40) -> str:
+        if not self.log_path or not Path(self.log_path).exists():
+            return "(no log)"
+        return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM the process group, wait for every member, and only then SIGKILL what remains."""
+        if self.process is None:
+            return
+        pgid = self.process.pid
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and group_alive(pgid):
+            self.process.poll()  # reap the server itself
+            time.sleep(0.1)
+        if group_alive(pgid):
+            os.killpg(pgid, signal.SIGKILL)
+        self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
