@@ -1,4 +1,8 @@
-"""The `flowact` command. Each subcommand lives with its code; this file only wires them."""
+"""The `flowact` command. Each subcommand lives with its code; this file only wires them.
+
+Only the chosen subcommand's module is imported, so light commands (`probe`, `drain`, used by
+Kubernetes probes and preStop hooks) start without importing torch.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,25 @@ import argparse
 import importlib
 import sys
 
-# module that defines add_parser(subparsers) for each group of subcommands
-SUBCOMMAND_MODULES = ("flowact.generate", "flowact.serving.cli", "flowact.client.cli")
+# subcommand -> module whose add_parser(subparsers) defines it (one module may define several)
+COMMANDS = {
+    "generate": "flowact.generate",
+    "serve": "flowact.serving.cli",
+    "drain": "flowact.serving.cli",
+    "probe": "flowact.serving.cli",
+    "stream": "flowact.client.cli",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="flowact", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in SUBCOMMAND_MODULES:
-        importlib.import_module(name).add_parser(sub)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="flowact", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    chosen = argv[0] if argv and argv[0] in COMMANDS else None
+    modules = [COMMANDS[chosen]] if chosen else list(dict.fromkeys(COMMANDS.values()))
+    for module in modules:
+        importlib.import_module(module).add_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

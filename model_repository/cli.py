@@ -10,23 +10,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-from flowact.presets import get_preset
-from flowact.serving.repository import Pipeline, RepositoryOptions, Target, render_repository
-from flowact.serving.server import TritonServer
-from flowact.serving.streams import DEFAULT_DRAIN_FILE, DRAIN_FILE_ENV
+from flowact.serving.server import DEFAULT_DRAIN_FILE, DRAIN_FILE_ENV, TritonServer
 
+# This module stays free of torch at import time: `probe` and `drain` run as Kubernetes probes.
 ARTIFACTS = Path("artifacts")
-
-
-def build_embedded_repository(preset_name: str, out: Path, checkpoint: str | None = None,
-                              opts: RepositoryOptions = RepositoryOptions()) -> Path:
-    """ONNX export (idempotent) + repository rendering for the embedded server."""
-    from flowact.export.onnx import export_onnx
-
-    preset = get_preset(preset_name)
-    onnx_dir = ARTIFACTS / preset.name / "onnx"
-    files = export_onnx(preset, onnx_dir, checkpoint=checkpoint)
-    return render_repository(preset, Target.EMBEDDED, out, files, opts)
+PIPELINES = ("overlap", "serial")
 
 
 def metric_value(text: str, name: str) -> float | None:
@@ -54,10 +42,16 @@ def add_parser(sub) -> None:
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--metrics-port", type=int, default=8002)
-    p.add_argument("--capacity", type=int, default=RepositoryOptions.capacity)
-    p.add_argument("--idle-ttl", type=float, default=RepositoryOptions.idle_ttl_s)
-    p.add_argument("--pipeline", choices=[x.value for x in Pipeline], default=Pipeline.OVERLAP.value)
+    p.add_argument("--capacity", type=int, default=4, help="streams admitted at once (when building)")
+    p.add_argument("--idle-ttl", type=float, default=30.0, help="seconds before an idle stream is freed (when building)")
+    p.add_argument("--pipeline", choices=PIPELINES, default="overlap", help="decode overlapping denoise, or serial")
     p.add_argument("--ready-timeout", type=float, default=180.0)
+    p.add_argument("--tritonserver", type=Path, default=os.environ.get("FLOWACT_TRITONSERVER"),
+                   help="tritonserver binary (default: the one the nvidia-pytriton wheel ships; "
+                        "/opt/tritonserver/bin/tritonserver in the NGC image)")
+    p.add_argument("--work-dir", type=Path, default=ARTIFACTS / "triton", help="backend folder and server log")
+    p.add_argument("--log-stdout", action="store_true", help="copy Triton's log to stdout (containers)")
+    p.add_argument("triton_args", nargs="*", help="after --: extra tritonserver flags (e.g. TLS)")
     p.set_defaults(func=_serve)
 
     d = sub.add_parser("drain", help="stop admitting streams, wait until active streams end (preStop)")
@@ -75,10 +69,15 @@ def add_parser(sub) -> None:
 def _serve(args) -> int:
     repo = args.repository or ARTIFACTS / args.preset / "repository"
     if not (repo / "flowact" / "config.pbtxt").exists():
+        from flowact.serving.repository import Pipeline, RepositoryOptions, build_embedded_repository
+
         print(f"building the embedded model repository for preset {args.preset} in {repo} ...", flush=True)
         opts = RepositoryOptions(capacity=args.capacity, idle_ttl_s=args.idle_ttl, pipeline=Pipeline(args.pipeline))
         build_embedded_repository(args.preset, repo, args.checkpoint, opts)
-    server = TritonServer(repo, args.grpc_port, args.http_port, args.metrics_port, host=args.host)
+    drain_file().unlink(missing_ok=True)  # a restarted container must not inherit an old drain
+    server = TritonServer(repo, args.grpc_port, args.http_port, args.metrics_port, host=args.host,
+                          work_dir=args.work_dir, binary=args.tritonserver, extra_args=args.triton_args,
+                          echo_log=args.log_stdout)
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())

@@ -22,7 +22,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from flowact.presets import SAMPLES_PER_CHUNK, Preset
+from flowact.presets import SAMPLES_PER_CHUNK, Preset, get_preset
 from flowact.specs import FRAMES, LATENTS, NetworkSpec, TensorSpec, network_specs
 
 HERE = Path(__file__).parent
@@ -164,3 +164,14 @@ def render_repository(preset: Preset, target: Target, out: Path, engine_files: d
             "engines": {k: str(v) for k, v in engine_files.items()}}
     (out / "repository.json").write_text(json.dumps(meta, indent=2))
     return out
+
+
+def build_embedded_repository(preset_name: str, out: Path, checkpoint: str | Path | None = None,
+                              opts: RepositoryOptions = RepositoryOptions(), onnx_dir: Path | None = None) -> Path:
+    """ONNX export (idempotent) + repository rendering for the embedded server."""
+    from flowact.export.onnx import export_onnx
+
+    preset = get_preset(preset_name)
+    onnx_dir = onnx_dir or Path("artifacts") / preset.name / "onnx"
+    files = export_onnx(preset, onnx_dir, checkpoint=checkpoint)
+    return render_repository(preset, Target.EMBEDDED, out, files, opts)

@@ -10,18 +10,22 @@ so no stub process or /dev/shm region is left behind.
 
 from __future__ import annotations
 
+import collections
 import os
 import secrets
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 SHM_PREFIX = "triton_python_backend_shm_region"
+DRAIN_FILE_ENV = "FLOWACT_DRAIN_FILE"  # while this file exists the stream model refuses new streams
+DEFAULT_DRAIN_FILE = "/tmp/flowact/draining"
 # Protocols no client needs: restricted behind a key only the operator knows.
 RESTRICTED_PROTOCOLS = "model-repository,model-config,shared-memory,logging,trace,statistics"
 
@@ -52,8 +56,9 @@ def backend_directory(cache: Path) -> Path:
 def server_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the stub's python3
-    libdir = str(Path(sys.base_prefix) / "lib")
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH")) if p)
+    libpython = str(Path(sys.base_prefix) / "lib")
+    wheel_libs = str(pytriton_dir().parent.parent / "nvidia_pytriton.libs")  # the copied stub's libcudart
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libpython, wheel_libs, env.get("LD_LIBRARY_PATH")) if p)
     return env
 
 
@@ -69,17 +74,23 @@ class TritonServer:
     http_port: int = 8000
     metrics_port: int = 8002
     host: str = "127.0.0.1"  # loopback unless told otherwise
-    log_path: Path | None = None
-    work_dir: Path = Path("artifacts/triton")
+    work_dir: Path = Path("artifacts/triton")  # the assembled backend directory (embedded binary)
+    binary: Path | None = None  # another tritonserver (e.g. /opt/tritonserver/bin/tritonserver in the NGC image)
+    extra_args: list[str] = field(default_factory=list)  # passed to tritonserver as they are (TLS, ...)
     extra_env: dict[str, str] = field(default_factory=dict)
+    echo_log: bool = False  # also copy the server log to our stdout (containers: `kubectl logs`)
     admin_key: str = field(default_factory=lambda: secrets.token_hex(16))
     process: subprocess.Popen | None = None
+    log_lines: collections.deque = field(default_factory=lambda: collections.deque(maxlen=400))
 
     def command(self) -> list[str]:
-        binary = pytriton_dir() / "bin" / "tritonserver"
         restricted = f"{RESTRICTED_PROTOCOLS}:admin-key={self.admin_key}"
-        return [str(binary), f"--model-repository={Path(self.repository).resolve()}",
-                f"--backend-directory={backend_directory(self.work_dir.resolve())}",
+        if self.binary is None:
+            launch = [str(pytriton_dir() / "bin" / "tritonserver"),
+                      f"--backend-directory={backend_directory(self.work_dir.resolve())}"]
+        else:
+            launch = [str(self.binary)]
+        return [*launch, f"--model-repository={Path(self.repository).resolve()}",
                 "--model-control-mode=none",  # no client can load code
                 f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
                 f"--http-address={self.host}", f"--http-port={self.http_port}",
@@ -88,7 +99,7 @@ class TritonServer:
                 f"--grpc-restricted-protocol={restricted}", f"--http-restricted-api={restricted}",
                 "--backend-config=python,shm-default-byte-size=33554432",
                 "--backend-config=python,shm-growth-byte-size=33554432",
-                "--exit-timeout-secs=10", "--log-verbose=0"]
+                "--exit-timeout-secs=10", "--log-verbose=0", *self.extra_args]
 
     @property
     def http_url(self) -> str:
@@ -96,12 +107,10 @@ class TritonServer:
 
     def start(self, timeout_s: float = 120.0) -> "TritonServer":
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.log_path or self.work_dir / "tritonserver.log"
-        log = open(self.log_path, "wb")
         env = server_env() | self.extra_env
-        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+        self.process = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True)  # own process group: the stubs stay in it
-        log.close()
+        threading.Thread(target=self._read_log, args=(self.process.stdout,), daemon=True).start()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -120,10 +129,22 @@ class TritonServer:
         except OSError:
             return False
 
+    def _read_log(self, pipe) -> None:
+        with open(self.work_dir / "tritonserver.log", "w") as log:
+            for raw in pipe:
+                line = raw.decode(errors="replace").rstrip("\n")
+                self.log_lines.append(line)
+                log.write(line + "\n")
+                log.flush()
+                if self.echo_log:
+                    print(line, flush=True)
+
+    @property
+    def log_path(self) -> Path:
+        return self.work_dir / "tritonserver.log"
+
     def log_tail(self, lines: int = 40) -> str:
-        if not self.log_path or not Path(self.log_path).exists():
-            return "(no log)"
-        return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-lines:])
+        return "\n".join(list(self.log_lines)[-lines:]) or "(no log)"
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM the process group, wait for every member, and only then SIGKILL what remains."""

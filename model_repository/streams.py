@@ -13,9 +13,7 @@ from pathlib import Path
 from typing import Callable, Hashable
 
 from flowact.engine import InputError, StreamSession
-
-DRAIN_FILE_ENV = "FLOWACT_DRAIN_FILE"
-DEFAULT_DRAIN_FILE = "/tmp/flowact/draining"
+from flowact.serving.server import DEFAULT_DRAIN_FILE
 
 
 class AdmissionError(InputError):

@@ -24,6 +24,16 @@ def tiny_engines(tiny_nets):
     return Engines.from_networks(tiny_nets)
 
 
+@pytest.fixture(scope="session")
+def onnx_dir(tmp_path_factory, tiny, tiny_nets):
+    """The tiny preset's networks exported to ONNX once per test run (seed 0, like tiny_nets)."""
+    from flowact.export.onnx import export_onnx
+
+    root = tmp_path_factory.mktemp("onnx")
+    export_onnx(tiny, root, nets=tiny_nets, say=lambda msg: None)
+    return root
+
+
 def ref_image(preset, seed: int = 0) -> np.ndarray:
     """A smooth random reference image (H, W, 3) uint8."""
     rng = np.random.default_rng(seed)

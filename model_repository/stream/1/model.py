@@ -25,7 +25,8 @@ import triton_python_backend_utils as pb_utils
 from flowact.engine import InputError, StreamSession, check_audio_chunk, check_prompt, denoise_batch
 from flowact.presets import get_preset
 from flowact.serving.bls import bls_engines
-from flowact.serving.streams import DEFAULT_DRAIN_FILE, DRAIN_FILE_ENV, StreamRegistry
+from flowact.serving.server import DEFAULT_DRAIN_FILE, DRAIN_FILE_ENV
+from flowact.serving.streams import StreamRegistry
 
 METRICS = {  # name -> (kind, help); names are the chart's contract (helm/flowact)
     "flowact_active_streams": ("GAUGE", "streams with state on this server"),
@@ -88,10 +89,11 @@ class TritonPythonModel:
             capacity=capacity, idle_ttl_s=float(parameter(config, "idle_ttl_s")),
             new_session=lambda: StreamSession(self.preset, engines),
             drain_file=Path(os.environ.get(DRAIN_FILE_ENV, DEFAULT_DRAIN_FILE)))
-        self.metrics = {}
-        for name, (kind, help_text) in METRICS.items():
-            family = pb_utils.MetricFamily(name=name, description=help_text, kind=getattr(pb_utils.MetricFamily, kind))
-            self.metrics[name] = family.Metric(labels={"model": "stream", "preset": self.preset.name})
+        self.metric_families = {  # must outlive their Metric objects
+            name: pb_utils.MetricFamily(name=name, description=help_text, kind=getattr(pb_utils.MetricFamily, kind))
+            for name, (kind, help_text) in METRICS.items()}
+        self.metrics = {name: family.Metric(labels={"model": "stream", "preset": self.preset.name})
+                        for name, family in self.metric_families.items()}
         self.metrics["flowact_stream_capacity"].set(capacity)
         self.reported = {}  # counter values already pushed to Triton
         self.metrics_lock = threading.Lock()

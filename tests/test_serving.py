@@ -1,0 +1,183 @@
+"""End to end against a real tritonserver (the nvidia-pytriton binary), tiny preset, CPU."""
+
+import socket
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from conftest import ref_image, run_session, speech_chunks
+from flowact.client.stream import AvatarStream, StreamError
+from flowact.serving.cli import metric_value
+from flowact.serving.repository import RepositoryOptions, build_embedded_repository
+from flowact.serving.server import TritonServer, group_alive, shm_regions
+
+IDLE_TTL_S = 3.0
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def start_server(tmp: Path, onnx_dir: Path, capacity: int = 12) -> TritonServer:
+    repo = build_embedded_repository("tiny", tmp / "repo", opts=RepositoryOptions(capacity=capacity, idle_ttl_s=IDLE_TTL_S),
+                                     onnx_dir=onnx_dir)
+    http, grpc, metrics = free_ports(3)
+    server = TritonServer(repo, grpc, http, metrics, work_dir=tmp / "triton",
+                          extra_env={"FLOWACT_DRAIN_FILE": str(tmp / "draining")})
+    return server.start(timeout_s=120)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, onnx_dir):
+    srv = start_server(tmp_path_factory.mktemp("serving"), onnx_dir)
+    yield srv
+    srv.stop()
+
+
+def url(srv: TritonServer) -> str:
+    return f"127.0.0.1:{srv.grpc_port}"
+
+
+def metrics(srv: TritonServer) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def assert_frames_match(got: list[np.ndarray], want: np.ndarray) -> None:
+    diff = np.abs(np.stack(got).astype(int) - want.astype(int))
+    assert diff.max() <= 1 and diff.mean() < 1e-3, f"max {diff.max()} mean {diff.mean():.2e}"
+
+
+def test_configs_parse_with_tritons_protobuf(server):
+    repo = Path(server.repository)
+    configs = {}
+    for path in sorted(repo.glob("*/config.pbtxt")):
+        configs[path.parent.name] = text_format.Parse(path.read_text(), mc.ModelConfig())
+    assert set(configs) == {"flowact", "stream", "audio_encoder", "vae_encoder", "vae_decoder", "denoiser_memory",
+                            "denoiser", "text_encoder"}
+    stream = configs["stream"]
+    assert stream.sequence_batching.HasField("oldest")
+    assert stream.sequence_batching.oldest.max_candidate_sequences > stream.max_batch_size == 12
+    assert [s.model_name for s in configs["flowact"].ensemble_scheduling.step] == ["stream", "vae_decoder"]
+
+
+def test_grpc_frames_equal_in_process(server, tiny, tiny_engines):
+    chunks = speech_chunks(6, seed=4)
+    with AvatarStream(url(server), stream_id=101) as stream:
+        result = stream.run(ref_image(tiny, 4), chunks, seed=4)
+    assert_frames_match(result.frames, run_session(tiny, tiny_engines, 4, chunks, ref_image(tiny, 4)))
+
+
+def test_eight_concurrent_streams_no_cross_talk(server, tiny, tiny_engines):
+    ids = [201, 202, 203, 204, "alice", "bob", "carol", "dave"]  # integer and string sequence ids
+    results, errors = {}, []
+
+    def run(i, sid):
+        try:
+            with AvatarStream(url(server), stream_id=sid) as stream:
+                results[sid] = stream.run(ref_image(tiny, i), speech_chunks(5, seed=i), seed=i)
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i, sid)) for i, sid in enumerate(ids)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    for i, sid in enumerate(ids):
+        assert_frames_match(results[sid].frames, run_session(tiny, tiny_engines, i, speech_chunks(5, seed=i), ref_image(tiny, i)))
+
+
+def send_raw(srv, sid, inputs, start=False, end=False) -> str | None:
+    """One request on its own gRPC stream -> the server's error message, or None on success."""
+    box = []
+    client = grpcclient.InferenceServerClient(url(srv))
+    client.start_stream(callback=lambda result, error: box.append(error))
+    client.async_stream_infer("flowact", inputs, sequence_id=sid, sequence_start=start, sequence_end=end)
+    deadline = time.monotonic() + 30
+    while not box and time.monotonic() < deadline:
+        time.sleep(0.01)
+    client.stop_stream()
+    client.close()
+    assert box, "no response"
+    return None if box[0] is None else box[0].message()
+
+
+def tensor(name, array, dtype):
+    t = grpcclient.InferInput(name, list(array.shape), dtype)
+    t.set_data_from_numpy(array)
+    return t
+
+
+def test_bad_requests_get_clear_errors_while_a_stream_runs(server, tiny, tiny_engines):
+    healthy_chunks = speech_chunks(12, seed=9)
+    healthy = {}
+
+    def run_healthy():
+        with AvatarStream(url(server), stream_id=301) as stream:
+            healthy["result"] = stream.run(ref_image(tiny, 9), healthy_chunks, seed=9, realtime=True)
+
+    thread = threading.Thread(target=run_healthy)
+    thread.start()
+    good_audio = speech_chunks(1)[0][None]  # (1, 7680)
+    image = ref_image(tiny)[None]  # (1, H, W, 3)
+    audio_in = tensor("AUDIO", good_audio, "FP32")
+    image_in = tensor("REF_IMAGE", image, "UINT8")
+
+    assert "START" in send_raw(server, 302, [audio_in])  # no START for an unknown stream
+    assert send_raw(server, 303, [audio_in, image_in], start=True, end=True) is None
+    assert "START" in send_raw(server, 303, [audio_in])  # id reused after END
+    assert "AUDIO" in send_raw(server, 304, [tensor("AUDIO", good_audio[:, :100], "FP32"), image_in], start=True)
+    assert "AUDIO" in send_raw(server, 305, [tensor("AUDIO", good_audio.astype(np.float64), "FP64"), image_in], start=True)
+    nan = good_audio.copy()
+    nan[0, 5] = np.nan
+    assert "NaN" in send_raw(server, 306, [tensor("AUDIO", nan, "FP32"), image_in], start=True)
+    assert "REF_IMAGE: required with START" in send_raw(server, 307, [audio_in], start=True)
+    assert "REF_IMAGE" in send_raw(server, 308, [audio_in, tensor("REF_IMAGE", image[:, :32], "UINT8")], start=True)
+    bad_prompt = tensor("PROMPT", np.array([[b"\xff\xfe"]], dtype=np.object_), "BYTES")
+    assert "PROMPT: not valid UTF-8" in send_raw(server, 309, [audio_in, image_in, bad_prompt], start=True)
+
+    thread.join(timeout=60)
+    assert_frames_match(healthy["result"].frames, run_session(tiny, tiny_engines, 9, healthy_chunks, ref_image(tiny, 9)))
+    with AvatarStream(url(server), stream_id=306) as stream:  # a refused START left no state behind
+        assert len(stream.run(ref_image(tiny), speech_chunks(1), seed=0).frames) == 1
+
+
+def test_idle_streams_are_evicted(server, tiny):
+    with AvatarStream(url(server), stream_id=401) as stream:
+        stream.run(ref_image(tiny), speech_chunks(1), seed=0, end=False)  # abandoned: no END
+    assert metric_value(metrics(server), "flowact_active_streams") >= 1
+    deadline = time.monotonic() + IDLE_TTL_S + 10
+    while time.monotonic() < deadline and metric_value(metrics(server), "flowact_active_streams") != 0:
+        time.sleep(0.25)
+    text = metrics(server)
+    assert metric_value(text, "flowact_active_streams") == 0
+    assert metric_value(text, "flowact_streams_evicted_total") >= 1
+    assert metric_value(text, "flowact_chunks_total") >= 1
+    assert metric_value(text, "flowact_stream_capacity") == 12
+
+
+def test_stop_leaves_no_processes_or_shm(tmp_path, onnx_dir, tiny):
+    before = shm_regions()
+    srv = start_server(tmp_path, onnx_dir, capacity=2)
+    with AvatarStream(url(srv), stream_id=1) as stream:
+        stream.run(ref_image(tiny), speech_chunks(1), seed=0)
+    pgid = srv.process.pid
+    assert shm_regions() - before  # the python backend uses shared memory while running
+    srv.stop()
+    assert not group_alive(pgid)
+    assert shm_regions() - before == set()
