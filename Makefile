@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/flowact generate --preset cpu --out out.mp4
+	$(VENV)/bin/flowact demo --preset cpu --out out.mp4
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -40,7 +40,7 @@ class StreamResult:
         latencies = [a - s for s, a in zip(self.send_times, self.arrival_times)]
         t0 = self.send_times[0]
         arrivals = [a - t0 for a in self.arrival_times]
-        return StreamSummary.from_timings(arrivals[0], latencies, arrivals, sum(latencies), jitter_buffer)
+        return StreamSummary.from_timings(arrivals[0], latencies, arrivals, arrivals[-1], jitter_buffer)
 
 
 def make_inputs(audio: np.ndarray, image: np.ndarray | None = None, seed: int | None = None,

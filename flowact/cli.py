@@ -17,6 +17,7 @@ COMMANDS = {
     "drain": "flowact.serving.cli",
     "probe": "flowact.serving.cli",
     "stream": "flowact.client.cli",
+    "demo": "flowact.demo",
 }
 
 

@@ -30,11 +30,12 @@ class StreamSummary:
     p50_s: float  # chunk latency percentiles
     p99_s: float
     stalls: int
-    realtime_factor: float  # generation time / media time (< 1 is faster than real time)
+    realtime_factor: float  # wall time generating / media time generated (< 1 is faster than real time)
 
     @classmethod
     def from_timings(cls, ttff: float, latencies: list[float], arrivals: list[float], busy_s: float,
                      jitter_buffer: float = 0.0) -> "StreamSummary":
+        """arrivals: seconds since the stream began; busy_s: wall seconds spent producing the chunks."""
         n = len(latencies)
         stalls = count_stalls(arrivals, arrivals[0], jitter_buffer) if arrivals else 0
         return cls(n, ttff, percentile(latencies, 50), percentile(latencies, 99), stalls, busy_s / max(n * CHUNK_SECONDS, 1e-9))

@@ -69,6 +69,11 @@ def engine_config(spec: NetworkSpec, target: Target, opts: RepositoryOptions, on
     cfg.input.extend(tensor_config(t, mc.ModelInput) for t in spec.inputs)
     cfg.output.extend(tensor_config(t, mc.ModelOutput) for t in spec.outputs)
     cfg.dynamic_batching.max_queue_delay_microseconds = 0
+    warmup = cfg.model_warmup.add(name="zeros", batch_size=1, count=2)  # first real chunk runs warm
+    for t in spec.inputs:
+        warmup.inputs[t.name].data_type = getattr(mc, t.triton_dtype)
+        warmup.inputs[t.name].dims.extend(t.dims_without_batch)
+        warmup.inputs[t.name].zero_data = True
     if target == Target.EMBEDDED:
         cfg.backend = "python"
         cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)

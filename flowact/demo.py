@@ -1,0 +1,43 @@
+"""`flowact demo`: the main job end to end on one machine.
+
+Builds the embedded model repository for the preset (ONNX export, first run only), starts the
+embedded tritonserver in the background, streams the shipped reference image and speech through
+it over gRPC into an MP4, prints the stream's summary and stops the server.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flowact.client.cli import stream_file
+from flowact.media import REFERENCE_IMAGE, SPEECH_WAV
+from flowact.presets import get_preset
+from flowact.serving.repository import RepositoryOptions, build_embedded_repository
+from flowact.serving.server import TritonServer
+
+ARTIFACTS = Path("artifacts")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("demo", help="serve the preset, stream the shipped samples into an MP4, stop")
+    p.add_argument("--preset", default="cpu")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--out", default="out.mp4")
+    p.add_argument("--realtime", action="store_true", help="pace the audio at real time")
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    preset = get_preset(args.preset)
+    repo = build_embedded_repository(preset.name, ARTIFACTS / preset.name / "repository", args.checkpoint,
+                                     RepositoryOptions())
+    print(f"starting tritonserver (preset {preset.name}) ...", flush=True)
+    with TritonServer(repo, args.grpc_port, args.http_port, args.metrics_port, work_dir=ARTIFACTS / "triton") as server:
+        print(f"serving on 127.0.0.1:{server.grpc_port}; streaming {REFERENCE_IMAGE.name} + {SPEECH_WAV.name}", flush=True)
+        summary = stream_file(f"127.0.0.1:{server.grpc_port}", REFERENCE_IMAGE, SPEECH_WAV, args.out,
+                              preset.height, preset.width, realtime=args.realtime)
+    print(f"server stopped\nwrote {args.out}\n{summary.lines()}")
+    return 0
