@@ -109,8 +109,10 @@ def check_against_spec(model: onnx.ModelProto, spec: NetworkSpec) -> None:
 
 def export_onnx(preset: Preset, out: str | Path, checkpoint: str | Path | None = None, seed: int = 0,
                 names: Iterable[str] | None = None, opset: int = OPSET,
-                say: Callable[[str], None] = print, nets: Networks | None = None) -> Manifest:
-    """ROOT/fp32/<network>.onnx for every network of the preset; current files are kept."""
+                say: Callable[[str], None] = print, nets: Networks | None = None) -> dict[str, Path]:
+    """ROOT/fp32/<network>.onnx for every network of the preset; current files are kept.
+
+    Returns network name -> ONNX file (the manifest beside them records hashes and shapes)."""
     directory = Path(out) / Precision.FP32.value
     directory.mkdir(parents=True, exist_ok=True)
     manifest = Manifest.open(directory, preset, Precision.FP32)
@@ -137,4 +139,4 @@ def export_onnx(preset: Preset, out: str | Path, checkpoint: str | Path | None =
         manifest.save(directory)
         say(f"{name}: exported {directory / file} in {time.perf_counter() - t0:.1f} s")
     manifest.save(directory)
-    return manifest
+    return {name: manifest.path(directory, name) for name in manifest.networks if names is None or name in names}

@@ -18,6 +18,7 @@ COMMANDS = {
     "probe": "flowact.serving.cli",
     "stream": "flowact.client.cli",
     "demo": "flowact.demo",
+    "export": "flowact.export.cli",
 }
 
 

@@ -1,0 +1,94 @@
+"""Calibration and evaluation data that look like real streams.
+
+`record_streams` runs real `StreamSession`s (the shipped reference image and speech, varied by
+stream: crops, flips, gains, offsets, behaviour prompts) through the PyTorch networks and records
+every network call's inputs, exactly as the engine makes them: memory banks that fill up over the
+chunks, the NFE timesteps of the schedule, refinement passes, batched streams. FP8 scales are
+calibrated on one seed's recording and errors are measured on another's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+
+import numpy as np
+import torch
+
+from flowact.engine import Engines, StreamSession, step_batch
+from flowact.media import load_audio, load_image, split_chunks
+from flowact.networks import Networks
+from flowact.presets import BEHAVIOURS, SAMPLES_PER_CHUNK, Preset
+from flowact.specs import NETWORK_NAMES
+
+PROMPTS = (*BEHAVIOURS, "nod and smile", "raise the left hand")
+
+
+@dataclass
+class Recording:
+    """Inputs of every call per network: calls[name] = [(array per input, ...), ...]."""
+
+    calls: dict[str, list[tuple[np.ndarray, ...]]] = field(default_factory=lambda: {n: [] for n in NETWORK_NAMES})
+
+    def count(self) -> dict[str, int]:
+        return {n: len(c) for n, c in self.calls.items()}
+
+
+class _Recorder:
+    def __init__(self, fn, sink: list):
+        self.fn, self.sink = fn, sink
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        self.sink.append(tuple(x.detach().cpu().numpy().copy() for x in inputs))
+        return self.fn(*inputs)
+
+
+def sample_media(preset: Preset) -> tuple[np.ndarray, np.ndarray]:
+    """The shipped reference image (H, W, 3) uint8 and speech (S,) float32 16 kHz."""
+    samples = resources.files("flowact") / "samples"
+    with resources.as_file(samples / "reference.png") as png, resources.as_file(samples / "speech.wav") as wav:
+        return load_image(png, preset.height, preset.width), load_audio(wav)
+
+
+def stream_media(preset: Preset, streams: int, chunks: int, seed: int) -> tuple[list, list, list]:
+    """Per stream: a varied reference image, `chunks` audio chunks and a prompt."""
+    rng = np.random.default_rng(seed)
+    image, speech = sample_media(preset)
+    images, audios, prompts = [], [], []
+    for s in range(streams):
+        img = image.astype(np.float32)
+        if rng.random() < 0.5:
+            img = img[:, ::-1]
+        shift = rng.integers(-preset.width // 8, preset.width // 8 + 1)
+        img = np.roll(img, shift, axis=1) * rng.uniform(0.7, 1.2) + rng.uniform(-20, 20)
+        images.append(np.clip(img, 0, 255).astype(np.uint8))
+        offset = int(rng.integers(0, len(speech)))
+        total = chunks * SAMPLES_PER_CHUNK
+        audio = np.resize(np.roll(speech, -offset), total) * rng.uniform(0.3, 1.5)
+        if s % 4 == 3:  # a listening stream: mostly silence with low noise
+            audio = audio * 0.02 + 0.002 * rng.standard_normal(total)
+        audios.append(split_chunks(audio.astype(np.float32))[0])
+        prompts.append(PROMPTS[int(rng.integers(0, len(PROMPTS)))])
+    return images, audios, prompts
+
+
+def record_streams(preset: Preset, nets: Networks, streams: int = 4, chunks: int = 6, seed: int = 0) -> Recording:
+    """Run `streams` batched sessions for `chunks` chunks on the PyTorch networks, recording all calls."""
+    rec = Recording()
+    base = Engines.from_networks(nets)
+    engines = Engines(**{n: _Recorder(getattr(base, n), rec.calls[n]) for n in NETWORK_NAMES})
+    images, audios, prompts = stream_media(preset, streams, chunks, seed)
+    sessions = [StreamSession(preset, engines) for _ in range(streams)]
+    for i, s in enumerate(sessions):
+        s.start(images[i], seed=seed * 1000 + i, prompt=prompts[i])
+    with torch.inference_mode():
+        for k in range(chunks):
+            # every few chunks one stream switches behaviour (prompt tokens vary within a stream)
+            step_prompts = [PROMPTS[(k + i) % len(PROMPTS)] if k % 3 == 2 and i == 0 else None for i in range(streams)]
+            step_batch(sessions, [a[k] for a in audios], step_prompts)
+    return rec
+
+
+def feeds(spec, call: tuple[np.ndarray, ...]) -> dict[str, np.ndarray]:
+    """One recorded call as an ONNX Runtime feed dict (spec dtypes)."""
+    return {t.name: np.ascontiguousarray(x.astype(t.dtype, copy=False)) for t, x in zip(spec.inputs, call)}
