@@ -159,16 +159,29 @@ BATCH_PROFILES: dict[str, BatchProfile] = {
 DEFAULT_PROFILE = BatchProfile(1, 2, 8)
 
 
-class _Call(nn.Module):
-    """An nn.Module whose forward is one method of another module (what torch.onnx.export traces)."""
+class DenoiserMemory(nn.Module):
+    """`MMDiT.memory_kv` as a module's forward (what torch.onnx.export traces)."""
 
-    def __init__(self, owner: nn.Module, method: str):
+    def __init__(self, denoiser: nn.Module):
         super().__init__()
-        self.owner = owner
-        self.method = method
+        self.denoiser = denoiser
 
-    def forward(self, *args):
-        return getattr(self.owner, self.method)(*args)
+    def forward(self, memory: torch.Tensor, memory_valid: torch.Tensor) -> torch.Tensor:
+        return self.denoiser.memory_kv(memory, memory_valid)
+
+
+class DenoiserStream(nn.Module):
+    """`MMDiT.forward_stream` as a module's forward (what torch.onnx.export traces)."""
+
+    def __init__(self, denoiser: nn.Module):
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, x, t, audio, prompt, memory_kv, memory_valid) -> torch.Tensor:
+        return self.denoiser.forward_stream(x, t, audio, prompt, memory_kv, memory_valid)
+
+
+_WRAPPERS = {"memory_kv": DenoiserMemory, "forward_stream": DenoiserStream}
 
 
 @dataclass(frozen=True)
@@ -198,7 +211,7 @@ class NetworkSpec:
     def module(self, nets) -> nn.Module:
         """The exportable nn.Module for this network (eval mode), taking the inputs in spec order."""
         owner = getattr(nets, self.owner)
-        return (owner if self.method == "forward" else _Call(owner, self.method)).eval()
+        return (owner if self.method == "forward" else _WRAPPERS[self.method](owner)).eval()
 
     def callable(self, nets) -> Callable[..., torch.Tensor]:
         """The PyTorch callable `flowact.engine.Engines` holds for this network."""
