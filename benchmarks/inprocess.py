@@ -2,13 +2,15 @@
 and the denoiser's achieved GFLOP/s next to a plain matmul's on the same machine.
 
     python -m flowact.benchmarks.inprocess --presets tiny,cpu --batches 1,2,4 [--chunks 20]
+    python -m flowact.benchmarks.inprocess --presets r1-480p --batches 1 --device cuda --bf16   # a GPU
 
-Prints a table and writes benchmarks/results/inprocess.json.
+Prints a table and writes benchmarks/results/inprocess.json (or --out).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -27,45 +29,55 @@ from flowact.stats import percentile
 RESULTS = Path(__file__).parent / "results"
 
 
-def matmul_gflops(n: int = 2048, iters: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, iters: int = 10) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
+    sync(device)
     t = time.perf_counter()
     for _ in range(iters):
         a @ b
+    sync(device)
     return 2 * n**3 * iters / (time.perf_counter() - t) / 1e9
 
 
-def denoiser_gflops(nets, batch: int, iters: int = 5) -> tuple[float, float]:
+def denoiser_gflops(nets, batch: int, device: torch.device, iters: int = 5) -> tuple[float, float]:
     """(GFLOP per NFE, achieved GFLOP/s) of forward_stream with full memory."""
     p = nets.preset
     lat = (p.latent_height, p.latent_width)
-    x = torch.randn(batch, 3, LATENT_CHANNELS, *lat)  # (B, 3, 16, h, w)
-    t = torch.rand(batch, 3)
-    audio = torch.randn(batch, AUDIO_FEATURES_PER_CHUNK, p.audio.d_model)
-    prompt = torch.randn(batch, p.prompt_tokens, p.text_dim)
-    valid = torch.ones(batch, p.memory_frames, dtype=torch.bool)
+    x = torch.randn(batch, 3, LATENT_CHANNELS, *lat, device=device)  # (B, 3, 16, h, w)
+    t = torch.rand(batch, 3, device=device)
+    audio = torch.randn(batch, AUDIO_FEATURES_PER_CHUNK, p.audio.d_model, device=device)
+    prompt = torch.randn(batch, p.prompt_tokens, p.text_dim, device=device)
+    valid = torch.ones(batch, p.memory_frames, dtype=torch.bool, device=device)
     with torch.inference_mode():
-        kv = nets.denoiser.memory_kv(torch.randn(batch, p.memory_frames, LATENT_CHANNELS, *lat), valid)
+        kv = nets.denoiser.memory_kv(torch.randn(batch, p.memory_frames, LATENT_CHANNELS, *lat, device=device), valid)
         with FlopCounterMode(display=False) as counter:
             nets.denoiser.forward_stream(x, t, audio, prompt, kv, valid)
+        sync(device)
         start = time.perf_counter()
         for _ in range(iters):
             nets.denoiser.forward_stream(x, t, audio, prompt, kv, valid)
+        sync(device)
         seconds = (time.perf_counter() - start) / iters
     flops = counter.get_total_flops()
     return flops / 1e9, flops / seconds / 1e9
 
 
-def bench_preset(name: str, batches: list[int], chunks: int) -> list[dict]:
+def bench_preset(name: str, batches: list[int], chunks: int, device: torch.device) -> list[dict]:
     preset = get_preset(name)
-    nets = build_networks(preset)
+    with device:  # weights are created where they run (r1-480p has billions of parameters)
+        nets = build_networks(preset).to(device)  # .to: buffers made from numpy start on the CPU
     engines = Engines.from_networks(nets)
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (preset.height, preset.width, 3), dtype=np.uint8)
     rows = []
     for batch in batches:
-        sessions = [StreamSession(preset, engines) for _ in range(batch)]
+        sessions = [StreamSession(preset, engines, device=device) for _ in range(batch)]
         start_times = []
         for i, s in enumerate(sessions):
             t = time.perf_counter()
@@ -74,11 +86,13 @@ def bench_preset(name: str, batches: list[int], chunks: int) -> list[dict]:
         latencies = []
         for k in range(chunks + 2):  # 2 warm-up chunks
             audio = [(0.1 * rng.standard_normal(SAMPLES_PER_CHUNK)).astype(np.float32) for _ in sessions]
+            sync(device)
             t = time.perf_counter()
             step_batch(sessions, audio, [None] * batch)
+            sync(device)
             if k >= 2:
                 latencies.append(time.perf_counter() - t)
-        gflop, gflops = denoiser_gflops(nets, batch)
+        gflop, gflops = denoiser_gflops(nets, batch, device)
         p50 = percentile(latencies, 50)
         rows.append({
             "preset": name, "sessions": batch, "chunks": chunks,
@@ -99,19 +113,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--presets", default="tiny,cpu")
     ap.add_argument("--batches", default="1,2,4")
     ap.add_argument("--chunks", type=int, default=20)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU; this CPU has no fast bf16)")
     ap.add_argument("--out", default=str(RESULTS / "inprocess.json"))
     args = ap.parse_args(argv)
-    peak = matmul_gflops()
-    print(f"plain fp32 matmul (2048^3): {peak:.1f} GFLOP/s on {torch.get_num_threads()} threads")
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    peak = matmul_gflops(device, dtype)
+    print(f"plain {dtype} matmul (2048^3) on {device}: {peak:.1f} GFLOP/s ({torch.get_num_threads()} CPU threads)")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
     rows = []
-    for name in args.presets.split(","):
-        rows += bench_preset(name, [int(b) for b in args.batches.split(",")], args.chunks)
+    with autocast:
+        for name in args.presets.split(","):
+            rows += bench_preset(name, [int(b) for b in args.batches.split(",")], args.chunks, device)
     for r in rows:
         r["denoiser_fraction_of_matmul"] = r["denoiser_gflops"] / peak
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                    "dtype": str(dtype), "load_average": os.getloadavg()},
         "matmul_gflops": peak, "rows": rows}, indent=2))
     print(f"wrote {args.out}")
     return 0
