@@ -73,11 +73,11 @@ def load_model(path: str | Path, weights: bool = True) -> onnx.ModelProto:
     return onnx.load(str(path), load_external_data=weights)
 
 
-def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Fresh shape/type inference (stale value_info removed first)."""
+def infer_shapes(model: onnx.ModelProto, strict: bool = True) -> onnx.ModelProto:
+    """Fresh shape/type inference (stale value_info removed first). `strict=False` infers what it can."""
     del model.graph.value_info[:]
     if model.ByteSize() < EXTERNAL_DATA_BYTES:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+        return onnx.shape_inference.infer_shapes(model, strict_mode=strict, data_prop=True)
     # too big for in-memory inference: infer on a weightless copy, keep its value_info
     light = onnx.ModelProto()
     light.CopyFrom(model)
