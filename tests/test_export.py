@@ -311,3 +311,20 @@ def test_tensorrt_engines_match_onnx_runtime(export_root, tiny, ort_fp32, tmp_pa
         ref = getattr(ort_fp32, name)(*inputs)
         tol = 2.0 if ref.dtype == torch.uint8 else 0.1 * float(ref.abs().max()) + 1e-3
         assert report(f"TensorRT {name}", got, ref) <= tol
+
+
+def test_gpu_denoiser_benchmark_runs_on_cpu(tmp_path):
+    """The GPU script's bf16 and FP8 (torch._scaled_mm) paths, smoke-tested on the tiny preset on CPU."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "gpu_denoiser.py"
+    spec = importlib.util.spec_from_file_location("gpu_denoiser", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "gpu.json"
+    assert module.main(["--preset", "tiny", "--device", "cpu", "--warmup", "0", "--iters", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["fp8_layers"] == 16 and result["fp8_vs_bf16_rel_l2"] < 0.05
+    assert result["bf16"]["nfe_linear_tflop_fp8_eligible"] > 0
