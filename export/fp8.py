@@ -34,8 +34,8 @@ from onnx import TensorProto, helper, numpy_helper
 from flowact.export import graph
 from flowact.export.calibrate import Recording, feeds, record_streams
 from flowact.export.manifest import Manifest, Precision, digest
-from flowact.export.onnx import export_onnx, source_hash
-from flowact.networks import Networks, build_networks
+from flowact.export.onnx import WeightSource, export_onnx, source_hash
+from flowact.networks import Networks
 from flowact.presets import Preset
 from flowact.specs import NetworkSpec, network_specs
 
@@ -115,6 +115,17 @@ def linear_layers(model: onnx.ModelProto) -> list[Linear]:
     return out
 
 
+def _ort_options():
+    """ONNX Runtime options for calibration/evaluation: quiet, and the caller's torch thread budget."""
+    import onnxruntime as ort
+    import torch
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = torch.get_num_threads()
+    return options
+
+
 # --- calibration ----------------------------------------------------------------------------------------
 
 
@@ -127,9 +138,7 @@ def activation_amax(model: onnx.ModelProto, tensors: Iterable[str], spec: Networ
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     probe.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in tensors)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(probe.SerializeToString(), _ort_options(), providers=["CPUExecutionProvider"])
     amax = dict.fromkeys(tensors, 0.0)
     for call in calls:
         values = session.run(tensors, feeds(spec, call))
@@ -250,10 +259,8 @@ def network_error(reference: str | Path | onnx.ModelProto, candidate: str | Path
     import onnxruntime as ort
 
     def session(m):
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
         src = m.SerializeToString() if isinstance(m, onnx.ModelProto) else str(m)
-        return ort.InferenceSession(src, options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(src, _ort_options(), providers=["CPUExecutionProvider"])
 
     a, b = session(reference), session(candidate)
     worst: dict[str, float] = {}
@@ -279,14 +286,15 @@ def quantize_network(fp32: onnx.ModelProto, spec: NetworkSpec, calibration: Reco
 
 def export_fp8(preset: Preset, out: str | Path, checkpoint: str | Path | None = None, seed: int = 0,
                vae: VaeMode | str = VaeMode.FP16, streams: int = 4, chunks: int = 6,
-               say: Callable[[str], None] = print, nets: Networks | None = None) -> dict[str, Path]:
+               say: Callable[[str], None] = print, nets: Networks | None = None,
+               source: WeightSource | None = None) -> dict[str, Path]:
     """ROOT/fp8/: FP8 Q/DQ transformers, FP16 (or FP8-weight) VAE, float32 text encoder.
 
     Runs (idempotently) the float32 export first. Calibrates on one recording of `streams` x
     `chunks` stream steps and records each network's error vs float32 on a second recording."""
     vae = VaeMode(vae)
-    nets = nets or build_networks(preset, seed=seed, checkpoint=checkpoint)
-    fp32_files = export_onnx(preset, out, checkpoint=checkpoint, seed=seed, say=say, nets=nets)
+    source = source or WeightSource(preset, checkpoint, seed, nets)
+    fp32_files = export_onnx(preset, out, say=say, source=source)
     fp32_dir = Path(out) / Precision.FP32.value
     fp32_manifest = Manifest.load(fp32_dir)
     directory = Path(out) / Precision.FP8.value
@@ -305,8 +313,8 @@ def export_fp8(preset: Preset, out: str | Path, checkpoint: str | Path | None = 
         t0 = time.perf_counter()
         if calibration is None:
             say(f"recording calibration streams ({streams} streams x {chunks} chunks, two seeds) ...")
-            calibration = record_streams(preset, nets, streams, chunks, seed=seed + 1)
-            evaluation = record_streams(preset, nets, streams, chunks, seed=seed + 2)
+            calibration = record_streams(preset, source.nets, streams, chunks, seed=seed + 1)
+            evaluation = record_streams(preset, source.nets, streams, chunks, seed=seed + 2)
         fp32 = graph.load_model(fp32_files[name])
         extra: dict = {}
         if mode == "fp8":

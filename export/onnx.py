@@ -53,6 +53,42 @@ def weights_hash(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+class WeightSource:
+    """The weights to export, identified without building the networks (built on first use).
+
+    Key per network owner: the weights' hash when networks are given, the checkpoint file's hash
+    for a checkpoint, else the seed (seeded init is a function of seed, code and torch version,
+    all part of the export key)."""
+
+    def __init__(self, preset: Preset, checkpoint: str | Path | None = None, seed: int = 0,
+                 nets: Networks | None = None):
+        self.preset, self.checkpoint, self.seed, self._nets = preset, checkpoint, seed, nets
+        self._given = nets is not None
+        self._keys: dict[str, str] = {}
+
+    @property
+    def nets(self) -> Networks:
+        if self._nets is None:
+            self._nets = build_networks(self.preset, seed=self.seed, checkpoint=self.checkpoint)
+        return self._nets
+
+    def key(self, owner: str) -> str:
+        if owner not in self._keys:
+            if self._given:
+                self._keys[owner] = weights_hash(getattr(self._nets, owner))
+            elif self.checkpoint is not None:
+                directory = Path(self.checkpoint)
+                self._keys[owner] = digest(graph.sha256_file(directory / f"{owner}.safetensors"),
+                                           graph.sha256_file(directory / "preset.json"))
+            else:
+                self._keys[owner] = digest("seeded", self.seed, torch.__version__)
+        return self._keys[owner]
+
+    def describe(self) -> dict:
+        return {"checkpoint": str(self.checkpoint) if self.checkpoint else None,
+                "seed": None if self.checkpoint else self.seed}
+
+
 def export_network(spec: NetworkSpec, nets: Networks, opset: int = OPSET) -> onnx.ModelProto:
     """Trace one network to an ONNX model (dynamic batch), TensorRT-ready and checked against its spec."""
     module = spec.module(nets)
@@ -108,34 +144,32 @@ def check_against_spec(model: onnx.ModelProto, spec: NetworkSpec) -> None:
 
 
 def export_onnx(preset: Preset, out: str | Path, checkpoint: str | Path | None = None, seed: int = 0,
-                names: Iterable[str] | None = None, opset: int = OPSET,
-                say: Callable[[str], None] = print, nets: Networks | None = None) -> dict[str, Path]:
+                names: Iterable[str] | None = None, opset: int = OPSET, say: Callable[[str], None] = print,
+                nets: Networks | None = None, source: WeightSource | None = None) -> dict[str, Path]:
     """ROOT/fp32/<network>.onnx for every network of the preset; current files are kept.
 
-    Returns network name -> ONNX file (the manifest beside them records hashes and shapes)."""
+    Weights: `nets` if given, else `checkpoint`, else seeded random weights (`seed`); the networks
+    are only built if something needs exporting. Returns network name -> ONNX file (the manifest
+    beside them records hashes and shapes)."""
+    source = source or WeightSource(preset, checkpoint, seed, nets)
     directory = Path(out) / Precision.FP32.value
     directory.mkdir(parents=True, exist_ok=True)
     manifest = Manifest.open(directory, preset, Precision.FP32)
-    nets = nets or build_networks(preset, seed=seed, checkpoint=checkpoint)
     code = source_hash()
-    hashes: dict[str, str] = {}
     for name, spec in network_specs(preset).items():
         if names is not None and name not in names:
             continue
-        owner = spec.owner
-        hashes.setdefault(owner, weights_hash(getattr(nets, owner)))
-        key = digest("onnx", preset_fields(preset), hashes[owner], code, opset, torch.__version__, onnx.__version__,
-                     [(t.name, t.dtype.name, t.dims) for t in spec.inputs + spec.outputs])
+        key = digest("onnx", preset_fields(preset), source.key(spec.owner), code, opset, torch.__version__,
+                     onnx.__version__, [(t.name, t.dtype.name, t.dims) for t in spec.inputs + spec.outputs])
         file = f"{name}.onnx"
         if manifest.up_to_date(name, key, directory, graph.model_hash):
             say(f"{name}: {directory / file} is up to date, skipping")
             continue
         t0 = time.perf_counter()
-        model = export_network(spec, nets, opset)
+        model = export_network(spec, source.nets, opset)
         graph.save_model(model, directory / file)
         manifest.record(name, file, graph.model_hash(directory / file), key, spec, Precision.FP32.value,
-                        opset=opset, weights_sha256=hashes[owner], source_sha256=code,
-                        checkpoint=str(checkpoint) if checkpoint else None, seed=None if checkpoint else seed)
+                        opset=opset, weights_key=source.key(spec.owner), source_sha256=code, **source.describe())
         manifest.save(directory)
         say(f"{name}: exported {directory / file} in {time.perf_counter() - t0:.1f} s")
     manifest.save(directory)

@@ -30,6 +30,7 @@ from flowact.engine import Engines
 from flowact.export import graph
 from flowact.export.fp8 import export_fp8
 from flowact.export.manifest import Manifest, Precision, digest, resolve
+from flowact.export.onnx import WeightSource
 from flowact.export.trt_check import check_tensorrt_compat, errors
 from flowact.networks import Networks
 from flowact.presets import Preset, get_preset
@@ -124,13 +125,14 @@ def build_engine(onnx_path: str | Path, spec: NetworkSpec, plan_path: str | Path
 
 def build_trt(preset: Preset, out: str | Path, checkpoint: str | Path | None = None, seed: int = 0,
               high_precision: str = "float16", opt_level: int = 3, say: Callable[[str], None] = print,
-              nets: Networks | None = None) -> dict[str, Path]:
+              nets: Networks | None = None, source: WeightSource | None = None) -> dict[str, Path]:
     """ROOT/trt-fp8/<network>.plan (+ .onnx it was built from, + .build_info.json); current plans kept."""
     if high_precision not in HIGH_PRECISION:
         raise ValueError(f"high precision must be one of {HIGH_PRECISION}, got {high_precision!r}")
     trt = import_tensorrt()
     gpu = gpu_info()
-    fp8_files = export_fp8(preset, out, checkpoint=checkpoint, seed=seed, say=say, nets=nets)
+    source = source or WeightSource(preset, checkpoint, seed, nets)
+    fp8_files = export_fp8(preset, out, seed=seed, say=say, source=source)
     fp8_manifest = Manifest.load(Path(out) / Precision.FP8.value)
     directory = Path(out) / Precision.TRT_FP8.value
     directory.mkdir(parents=True, exist_ok=True)

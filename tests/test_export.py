@@ -31,18 +31,27 @@ REL_L2_BOUND = {"audio_encoder": 0.035, "denoiser_memory": 0.15, "denoiser": 0.0
 DECODER_PSNR_BOUND, DECODER_MAX_BOUND = 50.0, 4
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny networks run as fast on one thread, and one thread does not thrash on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def export_root(tmp_path_factory, tiny, tiny_nets):
     from flowact.export.fp8 import export_fp8
 
     root = tmp_path_factory.mktemp("export")
-    export_fp8(tiny, root, nets=tiny_nets, say=lambda s: None)
+    export_fp8(tiny, root, nets=tiny_nets, streams=2, chunks=5, say=lambda s: None)
     return root
 
 
 @pytest.fixture(scope="session")
 def ort_fp32(export_root, tiny):
-    return load_onnx_engines(export_root, tiny)
+    return load_onnx_engines(export_root, tiny, threads=1)
 
 
 def report(name, got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -212,7 +221,7 @@ def test_fp8_error_bounds(export_root, tiny, tiny_nets):
 def test_fp8_stream_stays_close_to_torch(tiny, tiny_engines, export_root):
     chunks = speech_chunks(8, seed=2)
     ref = run_session(tiny, tiny_engines, 3, chunks).astype(np.float64)
-    got = run_session(tiny, load_onnx_engines(export_root, tiny, precision="fp8"), 3, chunks).astype(np.float64)
+    got = run_session(tiny, load_onnx_engines(export_root, tiny, precision="fp8", threads=1), 3, chunks).astype(np.float64)
     psnr = [10 * np.log10(255 ** 2 / max(((r - g) ** 2).mean(), 1e-12)) for r, g in zip(ref, got)]
     print("FP8 engines vs torch, PSNR per chunk:", [f"{p:.1f}" for p in psnr])
     assert min(psnr) > 45.0  # measured 57.7 dB
@@ -328,3 +337,15 @@ def test_gpu_denoiser_benchmark_runs_on_cpu(tmp_path):
     result = json.loads(out.read_text())
     assert result["fp8_layers"] == 16 and result["fp8_vs_bf16_rel_l2"] < 0.05
     assert result["bf16"]["nfe_linear_tflop_fp8_eligible"] > 0
+
+
+def test_weight_source_keys_without_building_networks(tmp_path, tiny, tiny_nets):
+    from flowact.export.onnx import WeightSource
+
+    tiny_nets.save(tmp_path / "ckpt")
+    source = WeightSource(tiny, checkpoint=tmp_path / "ckpt")
+    key = source.key("denoiser")
+    assert source._nets is None  # hashing a checkpoint builds nothing
+    assert WeightSource(tiny, seed=1).key("denoiser") != WeightSource(tiny, seed=2).key("denoiser")
+    (tmp_path / "ckpt" / "denoiser.safetensors").write_bytes(b"changed")
+    assert WeightSource(tiny, checkpoint=tmp_path / "ckpt").key("denoiser") != key
