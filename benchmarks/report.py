@@ -58,6 +58,7 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
                 ys = [(pts[n][key] or float("nan")) * 1000 for n in ns]
                 ax.plot(ns, ys, style, color=color, label=f"{label} {key.split('_')[2]}")
         ax.axhline(CHUNK_SECONDS * 1000, color="gray", lw=1, ls=":", label="real-time budget (480 ms)")
+        ax.set_xticks(sorted(set(ours) | set(base)))
         ax.set(xlabel="concurrent streams N", ylabel="chunk latency (ms)", yscale="log",
                title=f"{preset}: chunk latency vs streams")
         ax.legend(fontsize=8)
@@ -69,6 +70,7 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
                 ns = sorted(pts)
                 ax.plot(ns, [(pts[n]["stall_rate"] or 0) * 100 for n in ns], "-o", color=color, label=label)
         ax.axhline(1.0, color="gray", lw=1, ls=":", label="1 % (capacity rule)")
+        ax.set_xticks(sorted(set(ours) | set(base)))
         jitter = (result.get("settings") or {}).get("jitter_buffer_s")
         ax.set(xlabel="concurrent streams N", ylabel="stalled chunks (%)", ylim=(-2, 102),
                title=f"{preset}: stall rate vs streams (jitter buffer {jitter} s)")

@@ -64,6 +64,7 @@ class BenchConfig:
     url: str | None = None
     metrics_url: str | None = None
     prometheus_port: int | None = None
+    prometheus_addr: str = "127.0.0.1"
     soak_minutes: float = 0.0
     pipeline_streams: list[int] = field(default_factory=list)
     onnx_dir: Path | None = None
@@ -535,9 +536,9 @@ def run(cfg: BenchConfig) -> dict:
                   "benchmark's process (on the same cores as the server when it runs locally)"}
     say(f"load before measuring: {os.getloadavg()}")
     result["load_at_start"] = load_snapshot(exclude={os.getpid()})
-    metrics = ClientMetrics(cfg.prometheus_port) if cfg.prometheus_port is not None else None
+    metrics = ClientMetrics(cfg.prometheus_port, cfg.prometheus_addr) if cfg.prometheus_port is not None else None
     if metrics is not None:
-        say(f"client metrics on http://127.0.0.1:{metrics.port}/metrics")
+        say(f"client metrics on http://{cfg.prometheus_addr}:{metrics.port}/metrics")
     image, audio = inputs(cfg.preset)
     modes = set(cfg.modes)
 
@@ -631,6 +632,7 @@ def add_parser(sub) -> None:
                    help="seconds the player buffers after the first chunk before playback starts (stall rule)")
     p.add_argument("--prometheus-port", type=int, default=None,
                    help="expose the load generator's view (TTFF, chunk latency, stalls per stream) on this port")
+    p.add_argument("--prometheus-addr", default="127.0.0.1", help="address of that endpoint (loopback by default)")
     p.add_argument("--modes", type=mode_list, default=mode_list(DEFAULT_MODES), help=f"comma list of {', '.join(MODES)}")
     p.add_argument("--soak-minutes", type=float, default=0.0, help="also run the soak mode for this long")
     p.add_argument("--pipeline-streams", type=int_list, default=None,
@@ -662,7 +664,8 @@ def _serve(args) -> int:
         raise SystemExit("--modes soak needs --soak-minutes")
     cfg = BenchConfig(preset=args.preset, streams=args.streams, duration_s=args.duration, modes=modes,
                       jitter_buffer=args.jitter_buffer, url=args.url, metrics_url=args.metrics_url,
-                      prometheus_port=args.prometheus_port, soak_minutes=args.soak_minutes,
+                      prometheus_port=args.prometheus_port, prometheus_addr=args.prometheus_addr,
+                      soak_minutes=args.soak_minutes,
                       pipeline_streams=args.pipeline_streams or [], onnx_dir=args.onnx_dir, work_dir=args.work_dir,
                       out=args.out, max_in_flight=args.max_in_flight,
                       grace_s=args.grace if args.grace is not None else max(5.0, args.duration / 4),
@@ -692,7 +695,7 @@ def _report(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flowact.benchmarks.serve_bench")
+    parser = argparse.ArgumentParser(prog="flowact")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
     return args.func(args)

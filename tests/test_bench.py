@@ -195,3 +195,16 @@ def test_cli_run_writes_json_plots_and_table(tmp_path, onnx_dir):
         assert (out.parent / f"serve_tiny_{name}.png").stat().st_size > 1000
     readme = report.write_readme(out.parent, tmp_path / "README.md").read_text()
     assert "| tiny |" in readme and "Serving overhead at N=1" in readme
+
+
+def test_add_parser_plugs_into_the_flowact_cli(monkeypatch, capsys):
+    from flowact import cli
+
+    monkeypatch.setitem(cli.COMMANDS, "bench", "flowact.benchmarks.serve_bench")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "serve", "--help"])
+    assert exit_info.value.code == 0
+    assert "--jitter-buffer" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "serve", "--streams", "0,2"])
+    assert "positive integers" in capsys.readouterr().err
