@@ -1,10 +1,15 @@
 """Calibration and evaluation data that look like real streams.
 
 `record_streams` runs real `StreamSession`s (the shipped reference image and speech, varied by
-stream: crops, flips, gains, offsets, behaviour prompts) through the PyTorch networks and records
-every network call's inputs, exactly as the engine makes them: memory banks that fill up over the
-chunks, the NFE timesteps of the schedule, refinement passes, batched streams. FP8 scales are
-calibrated on one seed's recording and errors are measured on another's.
+stream: crops, flips, gains, offsets, behaviour prompts) through the PyTorch networks, exactly as
+the engine calls them: memory banks that fill up over the chunks, the NFE timesteps of the
+schedule, refinement passes, batched streams. While it runs it records
+- `amax[network][module path]`: max |input| of every nn.Linear, per network (the denoiser's weights
+  serve both `denoiser_memory` and `denoiser`, which see different activations); the FP8 inserter
+  takes its activation scales from here, so calibration runs wherever torch runs (a GPU for r1-480p);
+- `calls[network]`: the inputs of the first `keep` calls per network, for measuring errors
+  (a r1-480p denoiser call carries gigabytes of memory keys/values, so keep few there).
+FP8 scales are calibrated on one seed's recording and errors are measured on another's.
 """
 
 from __future__ import annotations
@@ -14,33 +19,59 @@ from importlib import resources
 
 import numpy as np
 import torch
+from torch import nn
 
 from flowact.engine import Engines, StreamSession, step_batch
 from flowact.media import load_audio, load_image, split_chunks
 from flowact.networks import Networks
 from flowact.presets import BEHAVIOURS, SAMPLES_PER_CHUNK, Preset
-from flowact.specs import NETWORK_NAMES
+from flowact.specs import NETWORK_NAMES, network_specs
 
 PROMPTS = (*BEHAVIOURS, "nod and smile", "raise the left hand")
 
 
 @dataclass
 class Recording:
-    """Inputs of every call per network: calls[name] = [(array per input, ...), ...]."""
+    """What the networks saw: linear-input amax per network and module path, and sample calls."""
 
     calls: dict[str, list[tuple[np.ndarray, ...]]] = field(default_factory=lambda: {n: [] for n in NETWORK_NAMES})
-
-    def count(self) -> dict[str, int]:
-        return {n: len(c) for n, c in self.calls.items()}
+    amax: dict[str, dict[str, float]] = field(default_factory=lambda: {n: {} for n in NETWORK_NAMES})
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(NETWORK_NAMES, 0))
 
 
 class _Recorder:
-    def __init__(self, fn, sink: list):
-        self.fn, self.sink = fn, sink
+    """Wraps one network callable: marks it current (for the amax hooks) and keeps its first calls."""
+
+    def __init__(self, name: str, fn, rec: Recording, state: dict, keep: int | None):
+        self.name, self.fn, self.rec, self.state, self.keep = name, fn, rec, state, keep
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        self.sink.append(tuple(x.detach().cpu().numpy().copy() for x in inputs))
-        return self.fn(*inputs)
+        self.rec.counts[self.name] += 1
+        if self.keep is None or len(self.rec.calls[self.name]) < self.keep:
+            self.rec.calls[self.name].append(tuple(x.detach().cpu().numpy().copy() for x in inputs))
+        self.state["network"] = self.name
+        try:
+            return self.fn(*inputs)
+        finally:
+            self.state["network"] = None
+
+
+def _amax_hooks(nets: Networks, rec: Recording, state: dict) -> list:
+    """forward pre-hooks on every nn.Linear of the networks: amax of its input, per current network."""
+    handles = []
+    for owner in {spec.owner for spec in network_specs(nets.preset).values()}:
+        for path, module in getattr(nets, owner).named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+
+            def hook(mod, inputs, path=path):
+                net = state["network"]
+                if net is not None:
+                    value = float(inputs[0].detach().abs().max())
+                    rec.amax[net][path] = max(rec.amax[net].get(path, 0.0), value)
+
+            handles.append(module.register_forward_pre_hook(hook))
+    return handles
 
 
 def sample_media(preset: Preset) -> tuple[np.ndarray, np.ndarray]:
@@ -72,20 +103,34 @@ def stream_media(preset: Preset, streams: int, chunks: int, seed: int) -> tuple[
     return images, audios, prompts
 
 
-def record_streams(preset: Preset, nets: Networks, streams: int = 4, chunks: int = 6, seed: int = 0) -> Recording:
-    """Run `streams` batched sessions for `chunks` chunks on the PyTorch networks, recording all calls."""
+def record_streams(preset: Preset, nets: Networks, streams: int = 4, chunks: int = 6, seed: int = 0,
+                   keep: int | None = None, device: str | torch.device = "cpu") -> Recording:
+    """Run `streams` batched sessions for `chunks` chunks on the PyTorch networks (on `device`),
+    recording linear-input amax per network and the first `keep` calls of each network (all if None)."""
     rec = Recording()
+    state: dict = {"network": None}
+    device = torch.device(device)
+    if device.type != "cpu":
+        nets.to(device)
     base = Engines.from_networks(nets)
-    engines = Engines(**{n: _Recorder(getattr(base, n), rec.calls[n]) for n in NETWORK_NAMES})
-    images, audios, prompts = stream_media(preset, streams, chunks, seed)
-    sessions = [StreamSession(preset, engines) for _ in range(streams)]
-    for i, s in enumerate(sessions):
-        s.start(images[i], seed=seed * 1000 + i, prompt=prompts[i])
-    with torch.inference_mode():
-        for k in range(chunks):
-            # every few chunks one stream switches behaviour (prompt tokens vary within a stream)
-            step_prompts = [PROMPTS[(k + i) % len(PROMPTS)] if k % 3 == 2 and i == 0 else None for i in range(streams)]
-            step_batch(sessions, [a[k] for a in audios], step_prompts)
+    engines = Engines(**{n: _Recorder(n, getattr(base, n), rec, state, keep) for n in NETWORK_NAMES})
+    handles = _amax_hooks(nets, rec, state)
+    try:
+        images, audios, prompts = stream_media(preset, streams, chunks, seed)
+        sessions = [StreamSession(preset, engines, device=device) for _ in range(streams)]
+        for i, s in enumerate(sessions):
+            s.start(images[i], seed=seed * 1000 + i, prompt=prompts[i])
+        with torch.inference_mode():
+            for k in range(chunks):
+                # every few chunks one stream switches behaviour (prompt tokens vary within a stream)
+                step_prompts = [PROMPTS[(k + i) % len(PROMPTS)] if k % 3 == 2 and i == 0 else None
+                                for i in range(streams)]
+                step_batch(sessions, [a[k] for a in audios], step_prompts)
+    finally:
+        for h in handles:
+            h.remove()
+        if device.type != "cpu":
+            nets.to("cpu")
     return rec
 
 

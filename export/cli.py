@@ -38,6 +38,9 @@ def add_parser(sub) -> None:
     p.add_argument("--vae", choices=["fp16", "fp8-weights"], default="fp16")
     p.add_argument("--streams", type=int, default=4, help="calibration streams")
     p.add_argument("--chunks", type=int, default=6, help="calibration chunks per stream")
+    p.add_argument("--device", default="cpu", help="where the calibration streams run (cuda for r1-480p)")
+    p.add_argument("--eval-calls", type=int, default=8,
+                   help="recorded calls per network for the FP8-vs-fp32 error in ONNX Runtime (0: skip)")
     p.set_defaults(func=_fp8)
 
     p = steps.add_parser("trt", help="TensorRT engines from the FP8 ONNX (needs a GPU and TensorRT 10)")
@@ -73,7 +76,7 @@ def _fp8(args) -> int:
     from flowact.export.fp8 import export_fp8
 
     export_fp8(get_preset(args.preset), args.out, checkpoint=args.checkpoint, seed=args.seed, vae=args.vae,
-               streams=args.streams, chunks=args.chunks)
+               streams=args.streams, chunks=args.chunks, eval_calls=args.eval_calls, device=args.device)
     return 0
 
 

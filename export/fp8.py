@@ -7,7 +7,8 @@ The inserter works on the float32 ONNX graphs with onnx + ml_dtypes, no NVIDIA p
   quantization pattern TensorRT fuses into FP8 GEMMs;
 - everything else stays in high precision: timestep/adaLN modulation, embeddings (patch, audio,
   prompt), the final projection, norms, softmax and the attention matmuls, and the log-mel front end.
-Activation amax comes from running the float32 graph (ONNX Runtime) on recorded stream inputs.
+Activation amax comes from real streams run through the PyTorch networks (`calibrate.record_streams`,
+on CPU or a GPU), matched to the graph's MatMuls by module path.
 
 VAE (`VaeMode`): FP16 compute with float32 norm statistics (default), or weight-only FP8
 (per-output-channel DequantizeLinear on conv weights, float32 compute). The VAE is conv-bound with
@@ -24,7 +25,7 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import ml_dtypes
 import numpy as np
@@ -124,27 +125,6 @@ def _ort_options():
     options.log_severity_level = 3
     options.intra_op_num_threads = torch.get_num_threads()
     return options
-
-
-# --- calibration ----------------------------------------------------------------------------------------
-
-
-def activation_amax(model: onnx.ModelProto, tensors: Iterable[str], spec: NetworkSpec,
-                    calls: list[tuple[np.ndarray, ...]]) -> dict[str, float]:
-    """max |x| of each tensor over every recorded call, from the float32 graph in ONNX Runtime."""
-    import onnxruntime as ort
-
-    tensors = sorted(set(tensors))
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    probe.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in tensors)
-    session = ort.InferenceSession(probe.SerializeToString(), _ort_options(), providers=["CPUExecutionProvider"])
-    amax = dict.fromkeys(tensors, 0.0)
-    for call in calls:
-        values = session.run(tensors, feeds(spec, call))
-        for t, v in zip(tensors, values):
-            amax[t] = max(amax[t], float(np.abs(v).max()))
-    return amax
 
 
 # --- Q/DQ insertion -------------------------------------------------------------------------------------
@@ -276,22 +256,36 @@ def network_error(reference: str | Path | onnx.ModelProto, candidate: str | Path
 
 
 def quantize_network(fp32: onnx.ModelProto, spec: NetworkSpec, calibration: Recording) -> tuple[onnx.ModelProto, dict]:
+    """FP8 Q/DQ on `spec`'s float32 graph with activation amax from the PyTorch calibration run."""
     policy = POLICIES[spec.name]
     layers = [l for l in linear_layers(fp32) if policy.decide(l.path)]
     if not layers:
         raise ValueError(f"{spec.name}: the quantization policy matched no linear layer (module paths lost?)")
-    amax = activation_amax(fp32, [l.activation for l in layers], spec, calibration.calls[spec.name])
+    seen = calibration.amax[spec.name]
+    amax: dict[str, float] = {}
+    for layer in layers:
+        path = torch_path(layer.path, spec)
+        if path not in seen:
+            raise ValueError(f"{spec.name}: no calibration amax for {layer.path} (torch module {path!r} never ran)")
+        amax[layer.activation] = max(amax.get(layer.activation, 0.0), seen[path])
     return insert_fp8(fp32, policy, amax)
 
 
+def torch_path(onnx_path: str, spec: NetworkSpec) -> str:
+    """Module path in the exported graph -> path inside the owning network (the wrapper's prefix removed)."""
+    return onnx_path.split(".", 1)[1] if spec.method != "forward" else onnx_path
+
+
 def export_fp8(preset: Preset, out: str | Path, checkpoint: str | Path | None = None, seed: int = 0,
-               vae: VaeMode | str = VaeMode.FP16, streams: int = 4, chunks: int = 6,
-               say: Callable[[str], None] = print, nets: Networks | None = None,
+               vae: VaeMode | str = VaeMode.FP16, streams: int = 4, chunks: int = 6, eval_calls: int | None = 8,
+               device: str = "cpu", say: Callable[[str], None] = print, nets: Networks | None = None,
                source: WeightSource | None = None) -> dict[str, Path]:
     """ROOT/fp8/: FP8 Q/DQ transformers, FP16 (or FP8-weight) VAE, float32 text encoder.
 
-    Runs (idempotently) the float32 export first. Calibrates on one recording of `streams` x
-    `chunks` stream steps and records each network's error vs float32 on a second recording."""
+    Runs (idempotently) the float32 export first. Activation scales come from `streams` x `chunks`
+    stream steps run in PyTorch on `device`; each network's error vs float32 is measured in ONNX
+    Runtime on the first `eval_calls` calls of a second recording (0: skip; a r1-480p denoiser call
+    costs tens of seconds on CPU)."""
     vae = VaeMode(vae)
     source = source or WeightSource(preset, checkpoint, seed, nets)
     fp32_files = export_onnx(preset, out, say=say, source=source)
@@ -305,16 +299,17 @@ def export_fp8(preset: Preset, out: str | Path, checkpoint: str | Path | None = 
     calibration = evaluation = None
     for name, spec in specs.items():
         mode = "fp8" if name in FP8_NETWORKS else vae.value if name in VAE_NETWORKS else "fp32"
-        key = digest("fp8", fp32_manifest.networks[name]["sha256"], code, mode, streams, chunks, seed)
+        key = digest("fp8", fp32_manifest.networks[name]["sha256"], code, mode, streams, chunks, seed, eval_calls)
         file = f"{name}.onnx"
         if manifest.up_to_date(name, key, directory, graph.model_hash):
             say(f"{name}: {directory / file} is up to date, skipping")
             continue
         t0 = time.perf_counter()
         if calibration is None:
-            say(f"recording calibration streams ({streams} streams x {chunks} chunks, two seeds) ...")
-            calibration = record_streams(preset, source.nets, streams, chunks, seed=seed + 1)
-            evaluation = record_streams(preset, source.nets, streams, chunks, seed=seed + 2)
+            say(f"recording calibration streams ({streams} streams x {chunks} chunks on {device}) ...")
+            calibration = record_streams(preset, source.nets, streams, chunks, seed=seed + 1, keep=0, device=device)
+            evaluation = record_streams(preset, source.nets, min(streams, 2), chunks, seed=seed + 2,
+                                        keep=eval_calls, device=device) if eval_calls != 0 else None
         fp32 = graph.load_model(fp32_files[name])
         extra: dict = {}
         if mode == "fp8":
@@ -327,10 +322,13 @@ def export_fp8(preset: Preset, out: str | Path, checkpoint: str | Path | None = 
         else:
             model = fp32
         graph.save_model(model, directory / file)
-        error = network_error(fp32_files[name], directory / file, spec, evaluation.calls[name]) if mode != "fp32" else {}
+        error = {}
+        if mode != "fp32" and evaluation is not None:
+            error = network_error(fp32_files[name], directory / file, spec, evaluation.calls[name])
         manifest.record(name, file, graph.model_hash(directory / file), key, spec, mode,
                         source_onnx_sha256=fp32_manifest.networks[name]["sha256"], error_vs_fp32=error,
-                        calibration={"streams": streams, "chunks": chunks, "seed": seed + 1}, **extra)
+                        calibration={"streams": streams, "chunks": chunks, "seed": seed + 1, "device": device},
+                        **extra)
         manifest.save(directory)
         detail = ", ".join(f"{k} {v:.3g}" for k, v in error.items())
         say(f"{name}: {mode} -> {directory / file} in {time.perf_counter() - t0:.1f} s" + (f" (vs fp32: {detail})" if detail else ""))

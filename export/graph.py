@@ -44,13 +44,17 @@ def model_hash(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def weights_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of initializer data held in memory (protobuf's ByteSize is unreliable past 2 GB)."""
+    return sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
+
+
 def save_model(model: onnx.ModelProto, path: str | Path) -> None:
     """Write atomically; weights go to `<name>.onnx.data` when the model is too big for one protobuf."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     data = path.with_name(path.name + ".data")
-    big = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
-    if big:
+    if weights_bytes(model) > EXTERNAL_DATA_BYTES:
         tmp_data = data.name + ".tmp"
         onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=tmp_data, size_threshold=1024)
@@ -73,20 +77,35 @@ def load_model(path: str | Path, weights: bool = True) -> onnx.ModelProto:
     return onnx.load(str(path), load_external_data=weights)
 
 
-def infer_shapes(model: onnx.ModelProto, strict: bool = True) -> onnx.ModelProto:
-    """Fresh shape/type inference (stale value_info removed first). `strict=False` infers what it can."""
-    del model.graph.value_info[:]
-    if model.ByteSize() < EXTERNAL_DATA_BYTES:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=strict, data_prop=True)
-    # too big for in-memory inference: infer on a weightless copy, keep its value_info
+def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy without the data of big initializers (names, dims and types kept): cheap to serialise and infer."""
     light = onnx.ModelProto()
-    light.CopyFrom(model)
-    for t in light.graph.initializer:
-        t.ClearField("raw_data")
-        t.ClearField("float_data")
-        t.data_location = TensorProto.DEFAULT
-        del t.external_data[:]
-    inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+    for f in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(light, f, getattr(model, f))
+    light.opset_import.extend(model.opset_import)
+    light.metadata_props.extend(model.metadata_props)
+    light.functions.extend(model.functions)
+    g, src = light.graph, model.graph
+    g.name = src.name
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    for t in src.initializer:  # big weights: type and shape only (inference reads values of small ones)
+        if len(t.raw_data) > 65536:
+            g.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
+        else:
+            g.initializer.append(t)
+    return light
+
+
+def infer_shapes(model: onnx.ModelProto, strict: bool = True) -> onnx.ModelProto:
+    """Fresh shape/type inference (stale value_info removed first). `strict=False` infers what it can.
+    Big models are inferred on a weightless copy and get its value_info."""
+    del model.graph.value_info[:]
+    if weights_bytes(model) < EXTERNAL_DATA_BYTES:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=strict, data_prop=True)
+    inferred = onnx.shape_inference.infer_shapes(weightless(model), strict_mode=strict, data_prop=True)
     model.graph.value_info.extend(inferred.graph.value_info)
     return model
 
@@ -344,6 +363,6 @@ def to_half(model: onnx.ModelProto, dtype: str = "float16", keep_ops=KEEP_FLOAT3
     g.node.extend(new_nodes)
     rebuild_order(model)
     model = infer_shapes(model)
-    if model.ByteSize() < EXTERNAL_DATA_BYTES:
+    if weights_bytes(model) < EXTERNAL_DATA_BYTES:
         onnx.checker.check_model(model)
     return model

@@ -349,3 +349,20 @@ def test_weight_source_keys_without_building_networks(tmp_path, tiny, tiny_nets)
     assert WeightSource(tiny, seed=1).key("denoiser") != WeightSource(tiny, seed=2).key("denoiser")
     (tmp_path / "ckpt" / "denoiser.safetensors").write_bytes(b"changed")
     assert WeightSource(tiny, checkpoint=tmp_path / "ckpt").key("denoiser") != key
+
+
+def test_big_models_use_external_data(tmp_path, tiny, tiny_nets, monkeypatch):
+    """Models past protobuf's 2 GB (r1-480p) keep weights in <name>.onnx.data; every step handles it."""
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_BYTES", 10_000)
+    files = export_onnx(tiny, tmp_path, names=["text_encoder"], nets=tiny_nets, say=lambda s: None)
+    path = files["text_encoder"]
+    assert path.with_name(path.name + ".data").is_file() and path.stat().st_size < 100_000
+    spec = network_specs(tiny)["text_encoder"]
+    (ids,) = spec.sample_inputs(2)
+    with torch.no_grad():
+        assert report("external data", OrtEngine(path, spec)(ids), tiny_nets.text_encoder(ids)) < 1e-4
+    half = tensorrt_onnx(path)  # weightless shape inference path
+    assert not errors(check_tensorrt_compat(half, spec))
+    graph.save_model(half, tmp_path / "half.onnx")
+    assert (tmp_path / "half.onnx.data").is_file()
+    assert OrtEngine(tmp_path / "half.onnx", spec)(ids).shape == (2, tiny.prompt_tokens, tiny.text_dim)
