@@ -208,3 +208,16 @@ def test_add_parser_plugs_into_the_flowact_cli(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "serve", "--streams", "0,2"])
     assert "positive integers" in capsys.readouterr().err
+
+
+def test_baseline_tries_both_thread_counts_and_keeps_the_better(monkeypatch):
+    from flowact.benchmarks import serve_bench
+
+    monkeypatch.setattr(serve_bench.os, "cpu_count", lambda: 2)
+    assert serve_bench.baseline_threads(1) == [2, 1]
+    assert serve_bench.baseline_threads(2) == serve_bench.baseline_threads(4) == [1]
+    assert serve_bench.baseline_threads(1, fixed=3) == [3]
+    fast, slow = point(1, chunk_latency_p99_s=0.2), point(1, chunk_latency_p99_s=0.3)
+    assert serve_bench.better(slow, fast) is fast and serve_bench.better(fast, slow) is fast
+    failing = point(1, False)
+    assert serve_bench.better(failing, slow) is slow
