@@ -1,0 +1,203 @@
+"""Resumable streams: an opaque, versioned, signed snapshot of one `StreamSession`'s state.
+
+A snapshot holds everything a session carries between chunks (memory bank, decode context, audio
+context window, RNG state, chunk index, last audio features and prompts), so a START with it on
+any server of the same deployment continues the stream with the frames an uninterrupted run would
+have produced: a stream survives the loss of its pod.
+
+Integrity: HMAC-SHA256 under a deployment secret (FLOWACT_SNAPSHOT_KEY, shared by every replica,
+e.g. a Kubernetes Secret). A plain SHA-256 would only catch accidents; the client holds the
+snapshot, so it could rewrite the state (memory, RNG, chunk index) and re-hash it. With the HMAC
+a client can only hand back a snapshot this deployment made. Without a key, snapshots are off.
+Rotate the key when the weights change: old snapshots then fail the check instead of resuming
+onto other weights.
+
+Layout (little-endian):
+    MAGIC (4) | version u16 | header length u32 | header JSON | arrays, in ARRAY order | HMAC (32)
+The header names the preset and its fingerprint; the array layout is derived from the preset,
+never read from the header, so a snapshot cannot make the server allocate what it did not expect.
+
+This module knows nothing about Triton; it reads and writes a session's attributes
+(flowact.engine.StreamSession) and raises `SnapshotError` (an InputError) naming `field`, the
+request input the snapshot came in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import json
+import os
+import struct
+
+import numpy as np
+import torch
+
+from flowact.engine import MAX_PROMPT_BYTES, InputError, MemoryBank, StreamSession, check_prompt
+from flowact.presets import AUDIO_FEATURES_PER_CHUNK, LATENT_CHANNELS, Preset
+
+VERSION = 1
+MAGIC = b"FASN"
+KEY_ENV = "FLOWACT_SNAPSHOT_KEY"
+MIN_KEY_BYTES = 16
+MAX_HEADER_BYTES = 4 * MAX_PROMPT_BYTES + 1024  # two prompts, JSON-escaped, plus a few fields
+_PREFIX = struct.Struct("<4sHI")  # magic, version, header length
+_MAC_BYTES = 32
+RNG_STATE_BYTES = int(torch.Generator().get_state().numel())  # torch's CPU generator (mt19937): 5,056
+
+
+class SnapshotError(InputError):
+    """A snapshot this server refuses; the message says why."""
+
+
+def preset_fingerprint(preset: Preset) -> str:
+    """Hash of every preset field: two servers resume each other's streams only if it matches."""
+    fields = json.dumps(dataclasses.asdict(preset), sort_keys=True, default=str)
+    return hashlib.sha256(fields.encode()).hexdigest()[:16]
+
+
+def array_layout(preset: Preset) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+    """(name, dtype, shape) of every array a snapshot of this preset holds, in order."""
+    lat = (LATENT_CHANNELS, preset.latent_height, preset.latent_width)
+    return [
+        ("memory_latents", np.dtype(np.float32), (preset.memory_frames, *lat)),  # MemoryBank.latents
+        ("memory_valid", np.dtype(np.bool_), (preset.memory_frames,)),  # MemoryBank.valid
+        ("decode_context", np.dtype(np.float32), (1, *lat)),  # last latent frame shown
+        ("audio_window", np.dtype(np.float32), (preset.audio_window_samples,)),  # audio context + last chunk
+        ("rng_state", np.dtype(np.uint8), (RNG_STATE_BYTES,)),  # torch.Generator.get_state()
+        ("last_audio_features", np.dtype(np.float32), (AUDIO_FEATURES_PER_CHUNK, preset.audio.d_model)),
+    ]
+
+
+def max_snapshot_bytes(preset: Preset) -> int:
+    arrays = sum(int(np.prod(shape)) * dtype.itemsize for _, dtype, shape in array_layout(preset))
+    return _PREFIX.size + MAX_HEADER_BYTES + arrays + _MAC_BYTES
+
+
+def key_from_env(env: dict[str, str] | None = None) -> bytes | None:
+    """The deployment's snapshot key, or None (snapshots off). A short key is a configuration error."""
+    value = (os.environ if env is None else env).get(KEY_ENV, "")
+    if not value:
+        return None
+    key = value.encode()
+    if len(key) < MIN_KEY_BYTES:
+        raise ValueError(f"{KEY_ENV} must be at least {MIN_KEY_BYTES} bytes (e.g. `openssl rand -hex 32`)")
+    return key
+
+
+class SnapshotCodec:
+    """Encode a session's state into a signed snapshot and restore a session from one."""
+
+    def __init__(self, preset: Preset, key: bytes, field: str = "snapshot"):
+        if len(key) < MIN_KEY_BYTES:
+            raise ValueError(f"snapshot key must be at least {MIN_KEY_BYTES} bytes")
+        self.preset, self.key, self.field = preset, key, field
+        self.fingerprint = preset_fingerprint(preset)
+        self.layout = array_layout(preset)
+        self.max_bytes = max_snapshot_bytes(preset)
+
+    def _mac(self, body: bytes) -> bytes:
+        return hmac.new(self.key, body, hashlib.sha256).digest()
+
+    # --- export -----------------------------------------------------------------------------------
+
+    def encode(self, session: StreamSession, version: int = VERSION) -> bytes:
+        """The state of a started session after its last chunk. (`version` exists for tests.)"""
+        if not session.started:
+            raise ValueError("cannot snapshot a session that has not started")
+        lat = session.last_audio_features
+        header = {"preset": self.preset.name, "fingerprint": self.fingerprint, "chunk_index": session.chunk_index,
+                  "prompt": session.prompt, "last_prompt": session.last_prompt, "has_last_audio": lat is not None}
+        values = {
+            "memory_latents": session.memory.latents.numpy(),
+            "memory_valid": session.memory.valid.numpy(),
+            "decode_context": session.decode_context.numpy(),
+            "audio_window": session.audio_window,
+            "rng_state": session.generator.get_state().numpy(),
+            "last_audio_features": np.zeros(self.layout[-1][2], np.float32) if lat is None else lat.numpy(),
+        }
+        header_bytes = json.dumps(header, separators=(",", ":")).encode()
+        parts = [_PREFIX.pack(MAGIC, version, len(header_bytes)), header_bytes]
+        for name, dtype, shape in self.layout:
+            array = np.ascontiguousarray(values[name], dtype=dtype.newbyteorder("<"))
+            assert array.shape == shape, (name, array.shape, shape)
+            parts.append(array.tobytes())
+        body = b"".join(parts)
+        return body + self._mac(body)
+
+    # --- import -----------------------------------------------------------------------------------
+
+    def decode(self, blob: bytes) -> dict:
+        """Check a snapshot (size, magic, version, signature, preset, values) -> its parts by name."""
+        if len(blob) > self.max_bytes:
+            raise SnapshotError(f"{self.field}: {len(blob)} bytes is more than a {self.preset.name} snapshot "
+                                f"can be ({self.max_bytes})")
+        if len(blob) < _PREFIX.size + _MAC_BYTES:
+            raise SnapshotError(f"{self.field}: {len(blob)} bytes is too short to be a snapshot")
+        magic, version, header_len = _PREFIX.unpack_from(blob)
+        if magic != MAGIC:
+            raise SnapshotError(f"{self.field}: not a flowact stream snapshot (bad magic)")
+        if version != VERSION:
+            raise SnapshotError(f"{self.field}: version {version} is not supported (this server reads version {VERSION})")
+        body, mac = blob[:-_MAC_BYTES], blob[-_MAC_BYTES:]
+        if not hmac.compare_digest(mac, self._mac(body)):
+            raise SnapshotError(f"{self.field}: integrity check failed (tampered, truncated, or made by a deployment "
+                                "with another snapshot key)")
+        # Signed by this deployment from here on; still checked, as a second line of defence.
+        if header_len > MAX_HEADER_BYTES or _PREFIX.size + header_len > len(body):
+            raise SnapshotError(f"{self.field}: header length out of range")
+        try:
+            header = json.loads(body[_PREFIX.size:_PREFIX.size + header_len])
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise SnapshotError(f"{self.field}: unreadable header") from None
+        if not isinstance(header, dict):
+            raise SnapshotError(f"{self.field}: unreadable header")
+        if header.get("preset") != self.preset.name or header.get("fingerprint") != self.fingerprint:
+            raise SnapshotError(f"{self.field}: made for preset {header.get('preset')!r} (fingerprint "
+                                f"{header.get('fingerprint')}), this server runs {self.preset.name!r} "
+                                f"(fingerprint {self.fingerprint})")
+        offset = _PREFIX.size + header_len
+        arrays = {}
+        for name, dtype, shape in self.layout:
+            n = int(np.prod(shape)) * dtype.itemsize
+            if offset + n > len(body):
+                raise SnapshotError(f"{self.field}: shorter than its preset's state")
+            arrays[name] = np.frombuffer(body, dtype=dtype.newbyteorder("<"), count=int(np.prod(shape)),
+                                         offset=offset).reshape(shape).astype(dtype)
+            offset += n
+        if offset != len(body):
+            raise SnapshotError(f"{self.field}: longer than its preset's state")
+        chunk_index = header.get("chunk_index")
+        if isinstance(chunk_index, bool) or not isinstance(chunk_index, int) or not 0 <= chunk_index < 2**53:
+            raise SnapshotError(f"{self.field}: chunk index {chunk_index!r} out of range")
+        for name in ("memory_latents", "decode_context", "audio_window", "last_audio_features"):
+            if not np.isfinite(arrays[name]).all():
+                raise SnapshotError(f"{self.field}: {name} holds NaN or Inf")
+        if not arrays["memory_valid"][0]:
+            raise SnapshotError(f"{self.field}: the reference slot of the memory bank is empty")
+        prompts = {k: check_prompt(header.get(k), f"{self.field} {k}") for k in ("prompt", "last_prompt")}
+        return {**arrays, **prompts, "chunk_index": chunk_index, "has_last_audio": bool(header.get("has_last_audio"))}
+
+    def restore(self, session: StreamSession, blob: bytes) -> StreamSession:
+        """Put a checked snapshot's state into a fresh session (instead of `session.start`)."""
+        state = self.decode(blob)
+        generator = torch.Generator()
+        try:
+            generator.set_state(torch.from_numpy(state["rng_state"].copy()))
+        except RuntimeError as e:
+            raise SnapshotError(f"{self.field}: invalid RNG state ({e})") from None
+        latents = torch.from_numpy(state["memory_latents"].copy())
+        memory = MemoryBank(latents[0], self.preset.long_term_size)
+        memory.latents.copy_(latents)
+        memory.valid.copy_(torch.from_numpy(state["memory_valid"].copy()))
+        session.memory = memory
+        session.decode_context = torch.from_numpy(state["decode_context"].copy())
+        session.audio_window = state["audio_window"].copy()
+        session.generator = generator
+        session.chunk_index = state["chunk_index"]
+        session.last_audio_features = torch.from_numpy(state["last_audio_features"].copy()) if state["has_last_audio"] else None
+        session.prompt = state["prompt"]
+        session.last_prompt = state["last_prompt"]
+        session.started = True
+        return session
