@@ -5,6 +5,11 @@ of audio; every response carries 12 frames. Requests are paced at real time (`re
 chunk i is sent 0.48 s * i after the first) or sent as fast as the server answers with at most
 `max_in_flight` chunks outstanding. One gRPC stream per avatar stream keeps all its chunks on one
 server behind any HTTP/2-aware load balancer.
+
+Resumable streams: with `want_snapshots=True` every response also carries the stream's signed
+state (`AvatarStream.snapshot`, opaque bytes). If the server goes away, a new AvatarStream on any
+server of the same deployment continues the stream with `run(None, remaining_chunks,
+snapshot=that_snapshot)`: the frames are those an uninterrupted run would have produced.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from flowact.presets import CHUNK_SECONDS
 from flowact.stats import StreamSummary
@@ -27,12 +33,13 @@ _ids = itertools.count(1)
 
 
 class StreamError(RuntimeError):
-    """The server refused or failed a chunk of this stream; the message is the server's."""
+    """The server refused or failed a chunk of this stream, or could not be reached; the message says which."""
 
 
 @dataclass
 class StreamResult:
     frames: list[np.ndarray] = field(default_factory=list)  # one (12, H, W, 3) uint8 per chunk
+    snapshot: bytes | None = None  # the stream's state after the last chunk (want_snapshots=True)
     send_times: list[float] = field(default_factory=list)  # monotonic seconds
     arrival_times: list[float] = field(default_factory=list)
 
@@ -44,7 +51,8 @@ class StreamResult:
 
 
 def make_inputs(audio: np.ndarray, image: np.ndarray | None = None, seed: int | None = None,
-                prompt: str | None = None) -> list[grpcclient.InferInput]:
+                prompt: str | None = None, behaviour: str | None = None, snapshot: bytes | None = None,
+                want_snapshot: bool = False) -> list[grpcclient.InferInput]:
     tensors: list[tuple[str, np.ndarray, str]] = [("AUDIO", audio[None], "FP32")]
     if image is not None:
         tensors.append(("REF_IMAGE", image[None], "UINT8"))
@@ -52,6 +60,12 @@ def make_inputs(audio: np.ndarray, image: np.ndarray | None = None, seed: int | 
         tensors.append(("SEED", np.array([[seed]], dtype=np.int64), "INT64"))
     if prompt is not None:
         tensors.append(("PROMPT", np.array([[prompt.encode("utf-8")]], dtype=np.object_), "BYTES"))
+    if behaviour is not None:
+        tensors.append(("BEHAVIOUR", np.array([[behaviour.encode("utf-8")]], dtype=np.object_), "BYTES"))
+    if snapshot is not None:
+        tensors.append(("RESUME", np.frombuffer(snapshot, dtype=np.uint8)[None], "UINT8"))
+    if want_snapshot:
+        tensors.append(("WANT_SNAPSHOT", np.array([[True]]), "BOOL"))
     inputs = []
     for name, array, dtype in tensors:
         tensor = grpcclient.InferInput(name, list(array.shape), dtype)
@@ -63,19 +77,34 @@ def make_inputs(audio: np.ndarray, image: np.ndarray | None = None, seed: int | 
 class AvatarStream:
     """One avatar stream over one gRPC bidirectional stream."""
 
-    def __init__(self, url: str, stream_id: int | str | None = None, model: str = MODEL, timeout_s: float = 60.0):
+    def __init__(self, url: str, stream_id: int | str | None = None, model: str = MODEL, timeout_s: float = 60.0,
+                 want_snapshots: bool = False):
         self.url, self.model, self.timeout_s = url, model, timeout_s
         self.stream_id = stream_id if stream_id is not None else next(_ids)
+        self.want_snapshots = want_snapshots
+        self.snapshot: bytes | None = None  # the latest snapshot received
+        self.outputs = ["FRAMES", "SNAPSHOT"] if want_snapshots else ["FRAMES"]
         self.client = grpcclient.InferenceServerClient(url)
         self.responses: queue.Queue = queue.Queue()
+        self.last_error: str | None = None  # the latest error the stream callback saw
         self.client.start_stream(callback=self._on_response)
 
     def _on_response(self, result, error):  # tritonclient needs these parameter names
+        if error is not None:
+            self.last_error = error.message() if hasattr(error, "message") else str(error)
         self.responses.put((time.monotonic(), result, error))
 
-    def send(self, audio: np.ndarray, start: bool = False, end: bool = False, image=None, seed=None, prompt=None):
-        self.client.async_stream_infer(self.model, make_inputs(audio, image, seed, prompt), sequence_id=self.stream_id,
-                                       sequence_start=start, sequence_end=end, outputs=[grpcclient.InferRequestedOutput("FRAMES")])
+    def send(self, audio: np.ndarray, start: bool = False, end: bool = False, image=None, seed=None, prompt=None,
+             behaviour=None, snapshot: bytes | None = None):
+        inputs = make_inputs(audio, image, seed, prompt, behaviour, snapshot, self.want_snapshots)
+        try:
+            self.client.async_stream_infer(self.model, inputs, sequence_id=self.stream_id, sequence_start=start,
+                                           sequence_end=end,
+                                           outputs=[grpcclient.InferRequestedOutput(name) for name in self.outputs])
+        except InferenceServerException as e:  # the gRPC stream broke (server gone); the cause came to the callback
+            cause = self.last_error or e.message()
+            raise StreamError(f"stream {self.stream_id}: connection to the server lost ({cause}); open a new "
+                              "AvatarStream (with RESUME to continue from the last snapshot)") from None
 
     def receive(self) -> tuple[float, np.ndarray]:
         try:
@@ -83,13 +112,22 @@ class AvatarStream:
         except queue.Empty:
             raise StreamError(f"stream {self.stream_id}: no response within {self.timeout_s:.0f} s") from None
         if error is not None:
-            raise StreamError(f"stream {self.stream_id}: {error.message() if hasattr(error, 'message') else error}")
+            message = error.message() if hasattr(error, "message") else str(error)
+            if getattr(error, "status", lambda: None)() is not None:  # a gRPC status: the stream itself broke
+                raise StreamError(f"stream {self.stream_id}: connection to the server lost ({error.status()}: {message}); "
+                                  "open a new AvatarStream (with RESUME to continue from the last snapshot)")
+            raise StreamError(f"stream {self.stream_id}: {message}")  # the server's answer to this request
+        if self.want_snapshots:
+            self.snapshot = result.as_numpy("SNAPSHOT")[0].tobytes()
         return arrival, result.as_numpy("FRAMES")[0]
 
-    def run(self, image: np.ndarray, chunks: Iterable[np.ndarray], seed: int = 0, prompt: str | None = None,
+    def run(self, image: np.ndarray | None, chunks: Iterable[np.ndarray], seed: int = 0, prompt: str | None = None,
             realtime: bool = False, max_in_flight: int = 2,
-            on_chunk: Callable[[np.ndarray], None] | None = None, end: bool = True) -> StreamResult:
-        """Send every chunk (START with the first, END with the last) and collect the frames in order."""
+            on_chunk: Callable[[np.ndarray], None] | None = None, end: bool = True,
+            snapshot: bytes | None = None, behaviour: str | None = None) -> StreamResult:
+        """Send every chunk (START with the first, END with the last) and collect the frames in order.
+
+        With `snapshot` the stream resumes from it (image and seed are then not needed)."""
         chunks = list(chunks)
         result = StreamResult()
         in_flight = threading.Semaphore(max_in_flight)
@@ -106,9 +144,12 @@ class AvatarStream:
                         return
                     result.send_times.append(time.monotonic())
                     first = i == 0
+                    resume = first and snapshot is not None
                     self.send(audio, start=first, end=end and i == len(chunks) - 1,
-                              image=image if first else None, seed=seed if first else None,
-                              prompt=prompt if first else None)
+                              image=image if first and not resume else None,
+                              seed=seed if first and not resume else None,
+                              prompt=prompt if first else None, behaviour=behaviour if first else None,
+                              snapshot=snapshot if resume else None)
             except BaseException as e:  # surfaced by the receiving loop
                 errors.append(e)
 
@@ -120,6 +161,7 @@ class AvatarStream:
                 in_flight.release()
                 result.arrival_times.append(arrival)
                 result.frames.append(frames)
+                result.snapshot = self.snapshot
                 if on_chunk is not None:
                     on_chunk(frames)
         finally:

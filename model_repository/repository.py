@@ -34,6 +34,10 @@ AUDIO = "AUDIO"
 REF_IMAGE_IN = "REF_IMAGE"
 SEED = "SEED"
 PROMPT = "PROMPT"
+BEHAVIOUR = "BEHAVIOUR"  # one of flowact.presets.BEHAVIOURS (PROMPT is free text)
+SNAPSHOT = "SNAPSHOT"  # output: the stream's signed state after this chunk (flowact.snapshot), on request
+WANT_SNAPSHOT = "WANT_SNAPSHOT"  # input: ask for SNAPSHOT
+RESUME = "RESUME"  # input with START: a SNAPSHOT to continue from (an ensemble input must not share an output's name)
 CHUNK_INDEX = "CHUNK_INDEX"
 
 
@@ -89,11 +93,22 @@ def engine_config(spec: NetworkSpec, target: Target, opts: RepositoryOptions, on
 def stream_inputs(preset: Preset) -> list[mc.ModelInput]:
     image = network_specs(preset)["vae_encoder"].inputs[0]
     return [
-        mc.ModelInput(name=AUDIO, data_type=mc.TYPE_FP32, dims=[SAMPLES_PER_CHUNK]),
+        # AUDIO is required in every request, but marked optional so that the stream model answers a
+        # request without it ("AUDIO: required ..."): Triton 2.51's ensemble would report "unexpected deadlock".
+        mc.ModelInput(name=AUDIO, data_type=mc.TYPE_FP32, dims=[SAMPLES_PER_CHUNK], optional=True),
         mc.ModelInput(name=REF_IMAGE_IN, data_type=mc.TYPE_UINT8, dims=list(image.dims_without_batch), optional=True),
         mc.ModelInput(name=SEED, data_type=mc.TYPE_INT64, dims=[1], optional=True),
         mc.ModelInput(name=PROMPT, data_type=mc.TYPE_STRING, dims=[1], optional=True),
+        mc.ModelInput(name=BEHAVIOUR, data_type=mc.TYPE_STRING, dims=[1], optional=True),
+        mc.ModelInput(name=RESUME, data_type=mc.TYPE_UINT8, dims=[-1], optional=True),
+        mc.ModelInput(name=WANT_SNAPSHOT, data_type=mc.TYPE_BOOL, dims=[1], optional=True),
     ]
+
+
+def stream_outputs() -> list[mc.ModelOutput]:
+    """The stream model's outputs besides the chunk itself (both mapped through the ensemble)."""
+    return [mc.ModelOutput(name=CHUNK_INDEX, data_type=mc.TYPE_INT64, dims=[1]),
+            mc.ModelOutput(name=SNAPSHOT, data_type=mc.TYPE_UINT8, dims=[-1])]  # empty unless WANT_SNAPSHOT
 
 
 def stream_config(preset: Preset, opts: RepositoryOptions) -> mc.ModelConfig:
@@ -101,8 +116,7 @@ def stream_config(preset: Preset, opts: RepositoryOptions) -> mc.ModelConfig:
     out = specs["vae_decoder"].outputs[0] if opts.pipeline == Pipeline.SERIAL else specs["vae_decoder"].inputs[0]
     cfg = mc.ModelConfig(name=STREAM_MODEL, backend="python", max_batch_size=opts.capacity)
     cfg.input.extend(stream_inputs(preset))
-    cfg.output.extend([tensor_config(out, mc.ModelOutput),
-                       mc.ModelOutput(name=CHUNK_INDEX, data_type=mc.TYPE_INT64, dims=[1])])
+    cfg.output.extend([tensor_config(out, mc.ModelOutput), *stream_outputs()])
     cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)  # one process holds every stream
     seq = cfg.sequence_batching
     seq.max_sequence_idle_microseconds = int(opts.idle_ttl_s * 1e6)
@@ -124,12 +138,12 @@ def ensemble_config(preset: Preset, opts: RepositoryOptions) -> mc.ModelConfig:
     frames = network_specs(preset)["vae_decoder"].outputs[0]
     cfg = mc.ModelConfig(name=ENSEMBLE_MODEL, platform="ensemble", max_batch_size=opts.capacity)
     cfg.input.extend(stream_inputs(preset))
-    cfg.output.extend([tensor_config(frames, mc.ModelOutput),
-                       mc.ModelOutput(name=CHUNK_INDEX, data_type=mc.TYPE_INT64, dims=[1])])
+    cfg.output.extend([tensor_config(frames, mc.ModelOutput), *stream_outputs()])
     step = cfg.ensemble_scheduling.step.add(model_name=STREAM_MODEL, model_version=-1)
-    for name in (AUDIO, REF_IMAGE_IN, SEED, PROMPT):
+    for name in (i.name for i in stream_inputs(preset)):
         step.input_map[name] = name
-    step.output_map[CHUNK_INDEX] = CHUNK_INDEX
+    for name in (CHUNK_INDEX, SNAPSHOT):
+        step.output_map[name] = name
     if opts.pipeline == Pipeline.SERIAL:
         step.output_map[FRAMES] = FRAMES
     else:

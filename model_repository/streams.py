@@ -1,23 +1,142 @@
-"""The stream model's state: sessions by correlation id, admission, drain and idle eviction.
+"""The stream model's state: request validation, sessions by correlation id, admission, drain and
+idle eviction.
 
-No Triton import: the Triton `stream` model (stream/1/model.py) only converts tensors and calls
-this. Thread-safe: the idle reaper runs beside execute().
+No Triton import: the Triton `stream` model (stream/1/model.py) only converts tensors to numpy
+arrays by input name and calls this. Thread-safe: the idle reaper runs beside execute().
+
+The request contract (each refusal an InputError naming the input and the rule):
+    AUDIO          float32 (7680,): 0.48 s at 16 kHz, finite, |x| <= 1e3        every request
+    REF_IMAGE      uint8 (H, W, 3) of the preset                                START (unless SNAPSHOT)
+    SEED           int64, 0 <= seed <= 2**63 - 1                                START only, optional
+    RESUME         uint8 bytes: a SNAPSHOT this deployment signed, to continue  START only, optional
+    PROMPT         UTF-8 text, <= 1024 bytes, no control characters             optional, any request
+    BEHAVIOUR      one of speaking | listening | thinking | idle                optional, any request
+    WANT_SNAPSHOT  bool: answer with SNAPSHOT, the stream's state after this chunk  optional, any request
+Every input holds exactly one chunk (batch dim 1). PROMPT is a free-text action (an external
+planner's); BEHAVIOUR is the closed set of states. A request sends one of them or neither (the
+stream keeps the prompt it started with, "speaking" by default); both at once is refused.
+Triton itself refuses dtypes and dims that contradict config.pbtxt, and unknown inputs.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Hashable
+from typing import Callable, Hashable, Mapping
 
-from flowact.engine import InputError, StreamSession
+import numpy as np
+
+from flowact.engine import MAX_SEED, InputError, StreamSession, check_audio_chunk, check_image, check_prompt
+from flowact.presets import BEHAVIOURS, Preset
+from flowact.serving.repository import AUDIO, BEHAVIOUR, PROMPT, REF_IMAGE_IN, RESUME, SEED, WANT_SNAPSHOT
 from flowact.serving.server import DEFAULT_DRAIN_FILE
+
+DEFAULT_PROMPT = "speaking"
 
 
 class AdmissionError(InputError):
     """A START the server refuses now (capacity, draining); the client may retry elsewhere."""
+
+
+@dataclass(frozen=True)
+class ChunkRequest:
+    """One validated request of the stream model."""
+
+    audio: np.ndarray  # (7680,) float32
+    start: bool
+    end: bool
+    prompt: str | None = None  # this chunk's conditioning text (PROMPT or BEHAVIOUR), None: the stream's own
+    ref_image: np.ndarray | None = None  # (H, W, 3) uint8, START only
+    seed: int = 0
+    snapshot: bytes | None = None  # RESUME, START only: continue from this instead of REF_IMAGE/SEED
+    want_snapshot: bool = False
+
+
+def single(array: np.ndarray, name: str) -> np.ndarray:
+    """The one chunk of a request: strip the batch dim (Triton's inputs are (batch, ...))."""
+    if not isinstance(array, np.ndarray) or array.ndim == 0:
+        raise InputError(f"{name}: expected a (1, ...) tensor, got {getattr(array, 'shape', type(array).__name__)}")
+    if array.shape[0] != 1:
+        raise InputError(f"{name}: one chunk per request, got a batch of {array.shape[0]}")
+    return array[0]
+
+
+def scalar(array: np.ndarray, name: str):
+    value = single(array, name).reshape(-1)
+    if value.size != 1:
+        raise InputError(f"{name}: expected one value, got {value.size}")
+    return value[0]
+
+
+def text(array: np.ndarray, name: str) -> str:
+    value = scalar(array, name)
+    if not isinstance(value, (bytes, str)):
+        raise InputError(f"{name}: expected a string (BYTES), got {type(value).__name__}")
+    if isinstance(value, bytes):
+        if len(value) > 4 * 1024:
+            raise InputError(f"{name}: {len(value)} bytes is far too long")
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"{name}: not valid UTF-8") from None
+    value = check_prompt(value, name)
+    bad = next((c for c in value if unicodedata.category(c) == "Cc" and c not in "\t\n"), None)
+    if bad is not None:
+        raise InputError(f"{name}: control character U+{ord(bad):04X} is not allowed")
+    return value
+
+
+def parse_request(inputs: Mapping[str, np.ndarray | None], start: bool, end: bool, preset: Preset,
+                  max_snapshot_bytes: int) -> ChunkRequest:
+    """Triton inputs by name (None: not sent) -> a ChunkRequest, or an InputError naming the input."""
+    get = inputs.get
+    if get(AUDIO) is None:
+        raise InputError(f"{AUDIO}: required in every request (0.48 s of 16 kHz float32 audio)")
+    audio = check_audio_chunk(single(get(AUDIO), AUDIO), AUDIO)
+    prompt = None if get(PROMPT) is None else text(get(PROMPT), PROMPT)
+    behaviour = None if get(BEHAVIOUR) is None else text(get(BEHAVIOUR), BEHAVIOUR)
+    if behaviour is not None and behaviour not in BEHAVIOURS:
+        raise InputError(f"{BEHAVIOUR}: unknown behaviour {behaviour[:40]!r}: must be one of {', '.join(BEHAVIOURS)} "
+                         f"(send free text as {PROMPT})")
+    if behaviour is not None and prompt is not None:
+        raise InputError(f"{BEHAVIOUR} and {PROMPT}: send one (a behaviour state or a free-text action), not both")
+    want = False
+    if get(WANT_SNAPSHOT) is not None:
+        flag = scalar(get(WANT_SNAPSHOT), WANT_SNAPSHOT)
+        if not isinstance(flag, (bool, np.bool_)):
+            raise InputError(f"{WANT_SNAPSHOT}: expected a bool, got {type(flag).__name__}")
+        want = bool(flag)
+    if not start:
+        for name in (REF_IMAGE_IN, SEED, RESUME):
+            if get(name) is not None:
+                raise InputError(f"{name}: only allowed with START (the first request of a stream)")
+        return ChunkRequest(audio, False, end, prompt or behaviour, want_snapshot=want)
+    snapshot = None
+    if get(RESUME) is not None:
+        raw = single(get(RESUME), RESUME)
+        if raw.dtype != np.uint8 or raw.ndim != 1:
+            raise InputError(f"{RESUME}: expected uint8 bytes (1, n), got {raw.dtype} {tuple(get(RESUME).shape)}")
+        if not 0 < raw.size <= max_snapshot_bytes:
+            raise InputError(f"{RESUME}: {raw.size} bytes is outside (0, {max_snapshot_bytes}]")
+        snapshot = raw.tobytes()
+    image = None
+    if get(REF_IMAGE_IN) is not None:
+        image = check_image(single(get(REF_IMAGE_IN), REF_IMAGE_IN), preset, REF_IMAGE_IN)
+    elif snapshot is None:
+        raise InputError(f"{REF_IMAGE_IN}: required with START (the stream's reference image), "
+                         f"unless resuming from {RESUME}")
+    seed = 0
+    if get(SEED) is not None:
+        value = scalar(get(SEED), SEED)
+        if not isinstance(value, np.integer):
+            raise InputError(f"{SEED}: expected an integer, got {type(value).__name__}")
+        seed = int(value)
+        if not 0 <= seed <= MAX_SEED:
+            raise InputError(f"{SEED}: {seed} is out of range [0, {MAX_SEED}]")
+    return ChunkRequest(audio, True, end, prompt or behaviour, image, seed, snapshot, want)
 
 
 @dataclass
@@ -33,8 +152,12 @@ class Counters:
     """Monotonic counts the metrics export (the registry never resets them)."""
 
     chunks: int = 0
+    started: int = 0  # streams admitted (fresh or resumed)
+    resumed: int = 0  # of which from a snapshot
+    ended: int = 0  # freed by END or by a failed chunk
     rejected: int = 0
     evicted: int = 0
+    invalid: int = 0  # requests refused for their content (InputError other than admission)
     chunk_seconds: float = 0.0
     ttff_seconds: float = 0.0
     ttff_count: int = 0
@@ -59,6 +182,17 @@ class StreamRegistry:
 
     def start(self, stream_id: Hashable, ref_image, seed: int, prompt: str) -> StreamSession:
         """Admit a new stream (replacing nothing) and start its session, or raise a clear error."""
+        return self.admit(stream_id, lambda session: session.start(ref_image, seed=seed, prompt=prompt))
+
+    def resume(self, stream_id: Hashable, restore: Callable[[StreamSession], object]) -> StreamSession:
+        """Admit a stream whose session `restore` fills from a snapshot (instead of starting it)."""
+        session = self.admit(stream_id, restore)
+        with self.lock:
+            self.counters.resumed += 1
+        return session
+
+    def admit(self, stream_id: Hashable, begin: Callable[[StreamSession], object]) -> StreamSession:
+        """Admission (duplicate id, drain, capacity), then `begin(session)`; nothing is kept if either refuses."""
         with self.lock:
             if stream_id in self.streams:
                 raise InputError(f"stream {stream_id!r} is already active: END it before starting it again")
@@ -69,9 +203,10 @@ class StreamRegistry:
                 self.counters.rejected += 1
                 raise AdmissionError(f"at capacity ({self.active()}/{self.capacity} streams): retry later or on another replica")
             session = self.new_session()
-            session.start(ref_image, seed=seed, prompt=prompt)  # raises InputError on a bad image/seed/prompt
+            begin(session)  # raises InputError on a bad image/seed/prompt/snapshot
             now = self.clock()
             self.streams[stream_id] = Stream(session, now, now)
+            self.counters.started += 1
             return session
 
     def get(self, stream_id: Hashable) -> Stream:
@@ -95,7 +230,14 @@ class StreamRegistry:
 
     def end(self, stream_id: Hashable) -> None:
         with self.lock:
-            self.streams.pop(stream_id, None)
+            if self.streams.pop(stream_id, None) is not None:
+                self.counters.ended += 1
+
+    def refused(self, error: Exception) -> None:
+        """Count a request refused for its content (admission refusals count themselves)."""
+        if isinstance(error, InputError) and not isinstance(error, AdmissionError):
+            with self.lock:
+                self.counters.invalid += 1
 
     def evict_idle(self) -> list[Hashable]:
         """Free streams idle longer than the TTL (Triton never tells a model about its idle timeout)."""

@@ -4,10 +4,16 @@ This file only adapts: it turns Triton requests into engine calls and answers ev
 Sessions, admission, drain and eviction live in flowact.serving.streams; the chunk maths in
 flowact.engine; the networks run in the engine models, reached through BLS.
 
-Per request: AUDIO (7,680 float32 samples) and an optional PROMPT; with START also REF_IMAGE and
-an optional SEED. The requests of many streams arriving in one execute() run as one batch per
-network call. Output: LATENTS ([context | chunk], decoded by the next ensemble step so decoding of
-chunk n overlaps denoising of chunk n+1), or FRAMES when the repository is rendered `serial`.
+Per request: AUDIO (7,680 float32 samples), optional PROMPT or BEHAVIOUR, WANT_SNAPSHOT; with
+START also REF_IMAGE (or RESUME, a snapshot to continue a stream from) and an optional SEED. The
+contract and its checks live in flowact.serving.streams.parse_request. The requests of many
+streams arriving in one execute() run as one batch per network call. Outputs: LATENTS ([context |
+chunk], decoded by the next ensemble step so decoding of chunk n overlaps denoising of chunk n+1),
+or FRAMES when the repository is rendered `serial`; CHUNK_INDEX; SNAPSHOT (the stream's signed
+state after this chunk when WANT_SNAPSHOT was set, else empty; flowact.snapshot).
+
+Triton does not tell this model when a client goes away (measured on 2.51: requests of a
+cancelled gRPC stream still arrive, none reports is_cancelled()); the idle TTL frees such streams.
 """
 
 from __future__ import annotations
@@ -22,11 +28,15 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from flowact.engine import InputError, StreamSession, check_audio_chunk, check_prompt, denoise_batch
+from flowact.engine import InputError, StreamSession, denoise_batch
 from flowact.presets import get_preset
 from flowact.serving.bls import bls_engines
+from flowact.serving.repository import CHUNK_INDEX, RESUME, SNAPSHOT, WANT_SNAPSHOT, stream_inputs
 from flowact.serving.server import DEFAULT_DRAIN_FILE, DRAIN_FILE_ENV
-from flowact.serving.streams import StreamRegistry
+from flowact.serving.streams import DEFAULT_PROMPT, StreamRegistry, parse_request, scalar
+from flowact.snapshot import KEY_ENV, SnapshotCodec, key_from_env, max_snapshot_bytes
+
+NO_SNAPSHOT = np.zeros((1, 0), dtype=np.uint8)
 
 METRICS = {  # name -> (kind, help); names are the chart's contract (helm/flowact)
     "flowact_active_streams": ("GAUGE", "streams with state on this server"),
@@ -35,6 +45,10 @@ METRICS = {  # name -> (kind, help); names are the chart's contract (helm/flowac
     "flowact_chunks_total": ("COUNTER", "chunks generated"),
     "flowact_streams_rejected_total": ("COUNTER", "STARTs refused (capacity, draining)"),
     "flowact_streams_evicted_total": ("COUNTER", "streams freed by the idle TTL"),
+    "flowact_streams_started_total": ("COUNTER", "streams admitted (fresh or resumed)"),
+    "flowact_streams_resumed_total": ("COUNTER", "streams admitted from a snapshot"),
+    "flowact_streams_ended_total": ("COUNTER", "streams freed by END or by a failed chunk"),
+    "flowact_requests_invalid_total": ("COUNTER", "requests refused for their content (bad input)"),
     "flowact_chunk_latency_seconds_sum": ("COUNTER", "seconds spent generating chunks (stream model)"),
     "flowact_chunk_latency_seconds_count": ("COUNTER", "chunks timed"),
     "flowact_ttff_seconds_sum": ("COUNTER", "seconds from START to its first chunk (stream model)"),
@@ -54,28 +68,6 @@ def optional_input(request, name: str) -> np.ndarray | None:
     return None if tensor is None else tensor.as_numpy()
 
 
-def one(array: np.ndarray, name: str) -> np.ndarray:
-    """Strip the batch dim of a single-chunk request."""
-    if array.shape[0] != 1:
-        raise InputError(f"{name}: one chunk per request, got a batch of {array.shape[0]}")
-    return array[0]
-
-
-def text_input(request, name: str) -> str | None:
-    array = optional_input(request, name)
-    if array is None:
-        return None
-    raw = one(array, name).reshape(-1)
-    if raw.size != 1:
-        raise InputError(f"{name}: expected one string, got {raw.size}")
-    value = raw[0]
-    try:
-        text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
-    except UnicodeDecodeError:
-        raise InputError(f"{name}: not valid UTF-8") from None
-    return check_prompt(text, name)
-
-
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -84,6 +76,13 @@ class TritonPythonModel:
         capacity = int(parameter(config, "capacity"))
         engines = bls_engines(self.preset)
         self.engines = engines
+        try:
+            key = key_from_env()
+        except ValueError as e:
+            raise pb_utils.TritonModelException(str(e)) from None
+        self.codec = None if key is None else SnapshotCodec(self.preset, key, field=RESUME)  # None: snapshots off
+        self.max_snapshot_bytes = max_snapshot_bytes(self.preset)
+        self.input_names = [i.name for i in stream_inputs(self.preset)]
         torch.set_num_threads(1)  # the engine models do the heavy lifting
         self.registry = StreamRegistry(
             capacity=capacity, idle_ttl_s=float(parameter(config, "idle_ttl_s")),
@@ -115,6 +114,10 @@ class TritonPythonModel:
             self.metrics["flowact_draining"].set(1 if r.draining() else 0)
             for name, value in (("flowact_chunks_total", c.chunks), ("flowact_streams_rejected_total", c.rejected),
                                 ("flowact_streams_evicted_total", c.evicted),
+                                ("flowact_streams_started_total", c.started),
+                                ("flowact_streams_resumed_total", c.resumed),
+                                ("flowact_streams_ended_total", c.ended),
+                                ("flowact_requests_invalid_total", c.invalid),
                                 ("flowact_chunk_latency_seconds_sum", c.chunk_seconds),
                                 ("flowact_chunk_latency_seconds_count", c.chunks),
                                 ("flowact_ttff_seconds_sum", c.ttff_seconds),
@@ -124,23 +127,19 @@ class TritonPythonModel:
                     self.metrics[name].increment(delta)
                     self.reported[name] = value
 
-    def admit(self, request):
-        """Validate one request and find (or start) its session -> (id, session, audio, prompt, end)."""
+    def admit(self, request, start: bool, end: bool):
+        """Validate one request and find (or start, or resume) its session -> (id, session, ChunkRequest)."""
         sid = request.correlation_id()
-        start = bool(one(optional_input(request, "START"), "START").reshape(-1)[0])
-        end = bool(one(optional_input(request, "END"), "END").reshape(-1)[0])
-        audio = check_audio_chunk(one(pb_utils.get_input_tensor_by_name(request, "AUDIO").as_numpy(), "AUDIO"), "AUDIO")
-        prompt = text_input(request, "PROMPT")
-        if start:
-            image = optional_input(request, "REF_IMAGE")
-            if image is None:
-                raise InputError("REF_IMAGE: required with START (the stream's reference image)")
-            seed_array = optional_input(request, "SEED")
-            seed = 0 if seed_array is None else int(one(seed_array, "SEED").reshape(-1)[0])
-            session = self.registry.start(sid, one(image, "REF_IMAGE"), seed, prompt or "speaking")
-        else:
-            session = self.registry.get(sid).session
-        return sid, session, audio, prompt, end
+        req = parse_request({name: optional_input(request, name) for name in self.input_names}, start, end, self.preset,
+                            self.max_snapshot_bytes)
+        if self.codec is None and (req.want_snapshot or req.snapshot is not None):
+            name = RESUME if req.snapshot is not None else WANT_SNAPSHOT
+            raise InputError(f"{name}: snapshots are disabled on this server (it has no {KEY_ENV})")
+        if not req.start:
+            return sid, self.registry.get(sid).session, req
+        if req.snapshot is not None:  # resume: the snapshot replaces REF_IMAGE and SEED
+            return sid, self.registry.resume(sid, lambda session: self.codec.restore(session, req.snapshot)), req
+        return sid, self.registry.start(sid, req.ref_image, req.seed, req.prompt or DEFAULT_PROMPT), req
 
     def execute(self, requests):
         t0 = time.monotonic()
@@ -148,25 +147,34 @@ class TritonPythonModel:
         batch, ends = [], []
         for i, request in enumerate(requests):
             try:
-                sid, session, audio, prompt, end = self.admit(request)
-                batch.append((i, sid, session, audio, prompt))
+                start = bool(scalar(optional_input(request, "START"), "START"))
+                end = bool(scalar(optional_input(request, "END"), "END"))
+            except Exception as e:  # Triton sets the control inputs; this is not expected
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"internal error: {e!r}"))
+                continue
+            if end:  # Triton has ended the sequence: free its state even if this request is refused
+                ends.append(request.correlation_id())
+            try:
+                sid, session, req = self.admit(request, start, end)
+                batch.append((i, sid, session, req))
             except Exception as e:  # every request gets an answer; InputError messages name the field
+                self.registry.refused(e)
                 message = str(e) if isinstance(e, InputError) else f"internal error in stream model: {e!r}"
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
-                end = False
-            if end:
-                ends.append(request.correlation_id())
         if batch:
             try:
-                out = self.generate([b[2] for b in batch], [b[3] for b in batch], [b[4] for b in batch])
+                out = self.generate([b[2] for b in batch], [b[3].audio for b in batch], [b[3].prompt for b in batch])
                 seconds = time.monotonic() - t0
-                for j, (i, sid, _, _, _) in enumerate(batch):
-                    index = np.array([[batch[j][2].chunk_index - 1]], dtype=np.int64)
+                for j, (i, sid, session, req) in enumerate(batch):
+                    index = np.array([[session.chunk_index - 1]], dtype=np.int64)
+                    snapshot = (np.frombuffer(self.codec.encode(session), dtype=np.uint8)[None] if req.want_snapshot
+                                else NO_SNAPSHOT)
                     responses[i] = pb_utils.InferenceResponse(output_tensors=[
-                        pb_utils.Tensor(self.output_name, out[j:j + 1]), pb_utils.Tensor("CHUNK_INDEX", index)])
+                        pb_utils.Tensor(self.output_name, out[j:j + 1]), pb_utils.Tensor(CHUNK_INDEX, index),
+                        pb_utils.Tensor(SNAPSHOT, snapshot)])
                     self.registry.chunk_done(sid, seconds)
             except Exception as e:  # an engine failed: these streams' state is unknown, free them
-                for i, sid, _, _, _ in batch:
+                for i, sid, _, _ in batch:
                     responses[i] = pb_utils.InferenceResponse(
                         error=pb_utils.TritonError(f"chunk generation failed, stream {sid!r} ended: {e}"))
                     self.registry.end(sid)
