@@ -6,6 +6,13 @@ the stub finds its environment through `python3` on PATH and needs libpython on
 LD_LIBRARY_PATH (without it the server hangs in "loading" forever, hence the readiness timeout);
 the server runs in its own process group and is stopped with SIGTERM, waiting for the whole group,
 so no stub process or /dev/shm region is left behind.
+
+Stub watchdog. Measured on Triton 2.51: when a python stub process dies (OOM kill, crash), Triton
+does not restart it; server and model readiness stay 200 while every request to that model fails
+with "Stub process '<model>_0_0' is not healthy.", and its streams' state is gone. So the
+launcher watches its stubs and, when one dies, logs it and stops the server (`on_stub_exit="stop"`:
+`flowact serve` then exits non-zero and its supervisor, e.g. Kubernetes, restarts it) or restarts
+it in place (`"restart"`). Clients see a clear error and resume from their last snapshot.
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SHM_PREFIX = "triton_python_backend_shm_region"
+STUB_BINARY = "triton_python_backend_stub"
+STUB_EXIT_POLICIES = ("stop", "restart", "ignore")
+SERVER_LINGER_S = 3.0  # how long a stopping tritonserver may outlive its stubs before SIGKILL
 DRAIN_FILE_ENV = "FLOWACT_DRAIN_FILE"  # while this file exists the stream model refuses new streams
 DEFAULT_DRAIN_FILE = "/tmp/flowact/draining"
 # Protocols no client needs: restricted behind a key only the operator knows.
@@ -80,8 +90,19 @@ class TritonServer:
     extra_env: dict[str, str] = field(default_factory=dict)
     echo_log: bool = False  # also copy the server log to our stdout (containers: `kubectl logs`)
     admin_key: str = field(default_factory=lambda: secrets.token_hex(16))
+    on_stub_exit: str = "stop"  # a python stub died: "stop" the server, "restart" it, or "ignore" (STUB_EXIT_POLICIES)
+    watch_period_s: float = 0.5
     process: subprocess.Popen | None = None
     log_lines: collections.deque = field(default_factory=lambda: collections.deque(maxlen=400))
+    stubs: dict[int, "Stub"] = field(default_factory=dict)  # pid -> stub, found when the server became ready
+    restarts: int = 0  # in-place restarts after a stub died
+    failures: list[str] = field(default_factory=list)  # what the watchdog saw, in order
+    _watchdog_stop: threading.Event = field(default_factory=threading.Event)
+    _lifecycle: threading.RLock = field(default_factory=threading.RLock)
+
+    def __post_init__(self):
+        if self.on_stub_exit not in STUB_EXIT_POLICIES:
+            raise ValueError(f"on_stub_exit must be one of {STUB_EXIT_POLICIES}, got {self.on_stub_exit!r}")
 
     def command(self) -> list[str]:
         restricted = f"{RESTRICTED_PROTOCOLS}:admin-key={self.admin_key}"
@@ -106,6 +127,11 @@ class TritonServer:
         return f"http://{self.host}:{self.http_port}"
 
     def start(self, timeout_s: float = 120.0) -> "TritonServer":
+        with self._lifecycle:
+            self._start(timeout_s)
+        return self
+
+    def _start(self, timeout_s: float) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         env = server_env() | self.extra_env
         self.process = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
@@ -117,10 +143,42 @@ class TritonServer:
                 self.stop()
                 raise RuntimeError(f"tritonserver exited with code {self.process.returncode}:\n{self.log_tail()}")
             if self.ready():
-                return self
+                self.stubs = find_stubs(self.process.pid)
+                self._watchdog_stop = threading.Event()
+                if self.on_stub_exit != "ignore":
+                    threading.Thread(target=self._watch, args=(self._watchdog_stop, timeout_s), daemon=True).start()
+                return
             time.sleep(0.25)
         self.stop()
         raise TimeoutError(f"tritonserver not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def dead_stubs(self) -> list["Stub"]:
+        """Stubs found at readiness that have exited since (Triton would not restart them)."""
+        return [stub for stub in self.stubs.values() if not stub.alive()]
+
+    def _watch(self, stop: threading.Event, timeout_s: float) -> None:
+        while not stop.wait(self.watch_period_s):
+            dead = self.dead_stubs()
+            if not dead:
+                continue
+            with self._lifecycle:
+                if stop.is_set():  # stopped on purpose meanwhile
+                    return
+                names = ", ".join(f"{s.model} (pid {s.pid})" for s in dead)
+                action = "restarting the server" if self.on_stub_exit == "restart" else "stopping the server"
+                message = (f"flowact: python stub of model {names} exited; Triton does not restart stubs and its "
+                           f"requests would fail from now on: {action}")
+                self.failures.append(message)
+                self.log_lines.append(message)
+                self.stop()
+                if self.on_stub_exit == "restart":
+                    self.restarts += 1
+                    try:
+                        self._start(timeout_s)
+                    except (RuntimeError, TimeoutError) as e:
+                        self.failures.append(f"flowact: restart failed: {e}")
+                        self.log_lines.append(self.failures[-1])
+                return  # a restarted server has its own watchdog
 
     def ready(self) -> bool:
         try:
@@ -148,6 +206,11 @@ class TritonServer:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM the process group, wait for every member, and only then SIGKILL what remains."""
+        with self._lifecycle:
+            self._watchdog_stop.set()
+            self._stop(timeout_s)
+
+    def _stop(self, timeout_s: float) -> None:
         if self.process is None:
             return
         pgid = self.process.pid
@@ -156,19 +219,98 @@ class TritonServer:
         except ProcessLookupError:
             pass
         deadline = time.monotonic() + timeout_s
+        alone_since = None
         while time.monotonic() < deadline and group_alive(pgid):
             self.process.poll()  # reap the server itself
+            # Measured on 2.51: while a client holds a gRPC stream open, tritonserver never exits, even
+            # after its exit timeout ("Exiting immediately"). Once its stubs are gone nothing of
+            # value is left to lose: a lingering server alone in its group gets SIGKILL.
+            if self.process.returncode is None and len(group_processes(pgid)) == 1:
+                alone_since = alone_since or time.monotonic()
+                if time.monotonic() - alone_since > SERVER_LINGER_S:
+                    break
+            else:
+                alone_since = None
             time.sleep(0.1)
         if group_alive(pgid):
             os.killpg(pgid, signal.SIGKILL)
         self.process.wait()
         self.process = None
+        for stub in self.stubs.values():  # a killed stub cannot remove its shared memory region
+            (Path("/dev/shm") / stub.shm_region).unlink(missing_ok=True)
+        self.stubs = {}
 
     def __enter__(self) -> "TritonServer":
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@dataclass(frozen=True)
+class Stub:
+    """One python backend stub process (one per python model instance)."""
+
+    pid: int
+    model: str
+    shm_region: str
+    create_time: float
+
+    def alive(self) -> bool:
+        import psutil
+
+        try:
+            proc = psutil.Process(self.pid)
+            return proc.create_time() == self.create_time and proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+
+def find_stubs(pgid: int) -> dict[int, Stub]:
+    """The python stubs in a server's process group: pid -> Stub (model name from the model.py path)."""
+    import psutil
+
+    stubs = {}
+    for proc in psutil.process_iter(["pid", "cmdline", "create_time"]):
+        cmd = proc.info["cmdline"] or []
+        try:
+            if len(cmd) >= 3 and cmd[0].endswith(STUB_BINARY) and os.getpgid(proc.pid) == pgid:
+                model = Path(cmd[1]).parent.parent.name  # <repo>/<model>/<version>/model.py
+                stubs[proc.pid] = Stub(proc.pid, model, Path(cmd[2]).name, proc.info["create_time"])
+        except (ProcessLookupError, PermissionError):
+            continue
+    return stubs
+
+
+def group_processes(pgid: int) -> list:
+    """psutil.Process of every live member of a process group (the server and its stubs)."""
+    import psutil
+
+    members = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(proc.pid) == pgid:
+                members.append(proc)
+        except (ProcessLookupError, PermissionError):
+            continue
+    return members
+
+
+def group_rss(pgid: int, proportional: bool = False) -> int:
+    """Resident memory of a process group in bytes (tritonserver and its stubs).
+
+    RSS counts pages shared between processes once per process: the python backend's shared
+    memory regions (mapped by the server and by a stub) count twice. `proportional=True` sums PSS
+    instead (shared pages split among their users): the group's real footprint."""
+    import psutil
+
+    total = 0
+    for proc in group_processes(pgid):
+        try:
+            total += proc.memory_full_info().pss if proportional else proc.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return total
 
 
 def group_alive(pgid: int) -> bool:
