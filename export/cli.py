@@ -1,23 +1,18 @@
-"""`flowact export onnx|fp8|trt|check`: the export steps, each idempotent (current files are skipped).
+"""`flowact export onnx|fp8|trt|check|repository`: the export steps, each idempotent (current files are skipped).
 
     flowact export onnx  --preset P [--checkpoint DIR] --out ROOT   -> ROOT/fp32/
     flowact export fp8   --preset P [--checkpoint DIR] --out ROOT   -> ROOT/fp8/ (runs onnx first)
     flowact export trt   --preset P [--checkpoint DIR] --out ROOT   -> ROOT/trt-fp8/ (runs fp8 first; GPU + TensorRT)
     flowact export check --out ROOT [--precision fp8]               TensorRT parser check on CPU
-
-Other packages add `flowact export ...` subcommands by defining `add_export_parser(subparsers)` in
-a module listed in EXPORT_EXTENSIONS.
+    flowact export repository --preset P --target embedded|trt --out DIR [--capacity N]
+                                                                    a Triton model repository (exports as needed)
 """
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 from flowact.presets import PRESETS, get_preset
-
-EXPORT_EXTENSIONS = ("flowact.serving.cli",)
-
 
 def add_parser(sub) -> None:
     parser = sub.add_parser("export", help="export the networks: ONNX, FP8 ONNX, TensorRT engines")
@@ -54,15 +49,15 @@ def add_parser(sub) -> None:
     p.add_argument("--precision", choices=["fp32", "fp8"], default=None)
     p.set_defaults(func=_check)
 
-    for name in EXPORT_EXTENSIONS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name and name.startswith(e.name):
-                continue
-            raise
-        if hasattr(module, "add_export_parser"):
-            module.add_export_parser(steps)
+    p = steps.add_parser("repository", help="a complete Triton model repository (exports what it needs)")
+    common(p)
+    p.add_argument("--target", choices=["embedded", "trt"], default="embedded",
+                   help="embedded: python-backend engines running the ONNX files; trt: tensorrt_plan engines")
+    p.add_argument("--engines", type=Path, default=None, help="export root for the engines (default artifacts/<preset>)")
+    p.add_argument("--capacity", type=int, default=4, help="streams the server admits at once")
+    p.add_argument("--idle-ttl", type=float, default=30.0, help="seconds before an idle stream is freed")
+    p.add_argument("--pipeline", choices=["overlap", "serial"], default="overlap")
+    p.set_defaults(func=_repository)
 
 
 def _onnx(args) -> int:
@@ -89,6 +84,28 @@ def _trt(args) -> int:
     except TensorRTUnavailable as e:
         print(f"flowact export trt: {e}")
         return 2
+    return 0
+
+
+def _repository(args) -> int:
+    from flowact.serving.repository import (Pipeline, RepositoryOptions, Target, build_embedded_repository,
+                                            render_repository)
+
+    preset = get_preset(args.preset)
+    opts = RepositoryOptions(capacity=args.capacity, idle_ttl_s=args.idle_ttl, pipeline=Pipeline(args.pipeline))
+    engines = args.engines or Path("artifacts") / preset.name
+    if args.target == Target.EMBEDDED.value:
+        repo = build_embedded_repository(preset.name, args.out, args.checkpoint, opts, engines, seed=args.seed)
+    else:
+        from flowact.export.tensorrt import TensorRTUnavailable, build_trt
+
+        try:
+            plans = build_trt(preset, engines, checkpoint=args.checkpoint, seed=args.seed)
+        except TensorRTUnavailable as e:
+            print(f"flowact export repository --target trt: {e}")
+            return 2
+        repo = render_repository(preset, Target.TRT, args.out, plans, opts)
+    print(f"model repository ready: {repo}")
     return 0
 
 

@@ -168,8 +168,13 @@ def render_repository(preset: Preset, target: Target, out: Path, engine_files: d
     """Write every model of the repository. `engine_files`: network name -> ONNX file (embedded: the
     engine model reads it in place) or TensorRT plan (trt: copied in as model.plan)."""
     target, out = Target(target), Path(out)
+    specs = network_specs(preset)
+    engine_max = min(spec.profile.max for spec in specs.values())
+    if target == Target.TRT and opts.capacity > engine_max:
+        raise ValueError(f"capacity {opts.capacity} exceeds the engines' batch profile max {engine_max} "
+                         f"for preset {preset.name}: lower --capacity or rebuild with a larger profile")
     out.mkdir(parents=True, exist_ok=True)
-    for name, spec in network_specs(preset).items():
+    for name, spec in specs.items():
         src = Path(engine_files[name]).resolve()
         if target == Target.EMBEDDED:  # ONNX Runtime reads the export directory's file (and its external data)
             write_model(out, engine_config(spec, target, opts, src), HERE / "engine" / "1" / "model.py")
@@ -186,11 +191,12 @@ def render_repository(preset: Preset, target: Target, out: Path, engine_files: d
 
 
 def build_embedded_repository(preset_name: str, out: Path, checkpoint: str | Path | None = None,
-                              opts: RepositoryOptions = RepositoryOptions(), onnx_dir: Path | None = None) -> Path:
+                              opts: RepositoryOptions = RepositoryOptions(), onnx_dir: Path | None = None,
+                              seed: int = 0) -> Path:
     """ONNX export (idempotent) + repository rendering for the embedded server."""
     from flowact.export.onnx import export_onnx
 
     preset = get_preset(preset_name)
     onnx_dir = onnx_dir or Path("artifacts") / preset.name / "onnx"
-    files = export_onnx(preset, onnx_dir, checkpoint=checkpoint)
+    files = export_onnx(preset, onnx_dir, checkpoint=checkpoint, seed=seed)
     return render_repository(preset, Target.EMBEDDED, out, files, opts)
