@@ -138,12 +138,21 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
 # --- README table -------------------------------------------------------------------------------------------
 
 
+def short_command(command: str, width: int = 60) -> str:
+    """`/x/.venv/bin/python -m flowact.train.vae --preset tiny ...` -> `python -m flowact.train.vae --preset tiny`."""
+    words = command.split()
+    if words:
+        words[0] = words[0].rsplit("/", 1)[-1]
+    text = " ".join(w.rsplit("/", 1)[-1] if "/" in w and len(w) > 30 else w for w in words)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 def tables(result: dict) -> str:
     preset = result["preset"]
     s = result.get("summary", {})
     m = result.get("machine", {})
     load = (result.get("load_at_start") or {})
-    busy = ", ".join(f"{b['command'].split()[0].rsplit('/', 1)[-1]} {b['cpu_percent']:.0f} %"
+    busy = "; ".join(f"`{short_command(b['command'])}` {b['cpu_percent']:.0f} %" + (f" (nice {b['nice']})" if b.get("nice") else "")
                      for b in load.get("busy_processes", [])) or "nothing busy"
     st = result.get("settings", {})
     lines = [f"### `{preset}`", "",

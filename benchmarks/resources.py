@@ -169,7 +169,7 @@ def other_processes(top: int = 6, exclude: set[int] | None = None) -> list[dict]
     """The busiest processes over one second (what else was running when we measured)."""
     exclude = exclude or set()
     procs = []
-    for p in psutil.process_iter(["pid", "cmdline", "name"]):
+    for p in psutil.process_iter(["pid", "cmdline", "name", "nice"]):
         if p.pid in exclude:
             continue
         try:
@@ -186,7 +186,7 @@ def other_processes(top: int = 6, exclude: set[int] | None = None) -> list[dict]
             continue
         if pct >= 5.0:
             cmd = " ".join(p.info.get("cmdline") or [p.info.get("name") or "?"])
-            busy.append({"pid": p.pid, "cpu_percent": round(pct, 1), "command": cmd[:120]})
+            busy.append({"pid": p.pid, "cpu_percent": round(pct, 1), "nice": p.info.get("nice"), "command": cmd[:120]})
     return sorted(busy, key=lambda x: -x["cpu_percent"])[:top]
 
 

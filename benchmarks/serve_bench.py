@@ -52,7 +52,10 @@ from flowact.presets import CHUNK_SECONDS
 RESULTS = Path(__file__).parent / "results"
 MODES = ("capacity", "baseline", "overhead", "pipeline", "soak")
 DEFAULT_MODES = "capacity,baseline,overhead,pipeline"
-IDLE_TTL_S = 5.0  # the benchmark's servers free abandoned streams quickly, so points do not leak into each other
+# The product default. Shorter would free the streams a point abandons (overload) sooner, but Triton
+# then drops the sequence of a stream that could not send for that long because the server was
+# behind, and its next chunk fails ("must specify the START flag").
+IDLE_TTL_S = 30.0
 
 
 @dataclass
@@ -694,7 +697,18 @@ def add_parser(sub) -> None:
     r.set_defaults(func=_report)
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a job runner, `kill`) unwinds like Ctrl-C, so the servers this run started are stopped."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def _serve(args) -> int:
+    _stop_on_sigterm()
     modes = list(args.modes)
     if args.soak_minutes > 0 and "soak" not in modes:
         modes.append("soak")
