@@ -6,12 +6,12 @@ arrays by input name and calls this. Thread-safe: the idle reaper runs beside ex
 
 The request contract (each refusal an InputError naming the input and the rule):
     AUDIO          float32 (7680,): 0.48 s at 16 kHz, finite, |x| <= 1e3        every request
-    REF_IMAGE      uint8 (H, W, 3) of the preset                                START (unless SNAPSHOT)
+    REF_IMAGE      uint8 (H, W, 3) of the preset                                START (unless RESUME)
     SEED           int64, 0 <= seed <= 2**63 - 1                                START only, optional
     RESUME         uint8 bytes: a SNAPSHOT this deployment signed, to continue  START only, optional
     PROMPT         UTF-8 text, <= 1024 bytes, no control characters             optional, any request
     BEHAVIOUR      one of speaking | listening | thinking | idle                optional, any request
-    WANT_SNAPSHOT  bool: answer with SNAPSHOT, the stream's state after this chunk  optional, any request
+    WANT_SNAPSHOT  bool: answer with SNAPSHOT (the state after this chunk)      optional, any request
 Every input holds exactly one chunk (batch dim 1). PROMPT is a free-text action (an external
 planner's); BEHAVIOUR is the closed set of states. A request sends one of them or neither (the
 stream keeps the prompt it started with, "speaking" by default); both at once is refused.
