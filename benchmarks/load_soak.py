@@ -243,13 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     url, metrics_url, pgid = args.url, args.metrics_url, None
     if url is None:
         from flowact.serving.repository import RepositoryOptions, build_embedded_repository
-        from flowact.serving.server import TritonServer
+        from flowact.serving.server import TritonServer, free_ports
 
         work = Path(tempfile.mkdtemp(prefix="flowact-soak-"))
         opts = RepositoryOptions(capacity=args.capacity or args.streams + 2, idle_ttl_s=10.0)
         repo = build_embedded_repository(args.preset, work / "repository", opts=opts,
                                          onnx_dir=Path("artifacts") / args.preset / "onnx")
-        ports = _free_ports(3)
+        ports = free_ports(3)
         server = TritonServer(repo, ports[0], ports[1], ports[2], work_dir=work / "triton",
                               extra_env={"FLOWACT_DRAIN_FILE": str(work / "draining")}).start(timeout_s=180)
         url, metrics_url, pgid = f"127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[2]}/metrics", server.process.pid
@@ -268,18 +268,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.out}")
     print("PASS" if not failed else "FAIL: " + "; ".join(failed))
     return 0 if not failed else 1
-
-
-def _free_ports(n: int) -> list[int]:
-    import socket
-
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from flowact.engine import InputError, MAX_PROMPT_BYTES
 from flowact.presets import BEHAVIOURS, SAMPLES_PER_CHUNK, get_preset
 from flowact.serving.cli import metric_value
 from flowact.serving.repository import RepositoryOptions, build_embedded_repository
-from flowact.serving.server import TritonServer, group_alive, group_rss, shm_regions
+from flowact.serving.server import TritonServer, free_ports, group_alive, group_rss, shm_regions
 from flowact.serving.streams import parse_request
 from flowact.snapshot import KEY_ENV, SnapshotCodec, SnapshotError, key_from_env, max_snapshot_bytes
 
@@ -50,16 +50,6 @@ TINY = get_preset("tiny")
 
 
 # --- servers --------------------------------------------------------------------------------------
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def launch(tmp: Path, onnx_dir: Path, capacity: int, **kwargs) -> TritonServer:

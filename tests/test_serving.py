@@ -1,6 +1,5 @@
 """End to end against a real tritonserver (the nvidia-pytriton binary), tiny preset, CPU."""
 
-import socket
 import threading
 import time
 import urllib.request
@@ -16,19 +15,9 @@ from conftest import ref_image, run_session, speech_chunks
 from flowact.client.stream import AvatarStream, StreamError
 from flowact.serving.cli import metric_value
 from flowact.serving.repository import RepositoryOptions, build_embedded_repository
-from flowact.serving.server import TritonServer, group_alive, shm_regions
+from flowact.serving.server import TritonServer, free_ports, group_alive, shm_regions
 
 IDLE_TTL_S = 3.0
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def start_server(tmp: Path, onnx_dir: Path, capacity: int = 12) -> TritonServer:
