@@ -15,6 +15,15 @@ from flowact.train.data import make_clip
 from flowact.train.latents import LatentSet, latent_weights, make_bank, memory_chunks, sample_batch
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small training steps run fastest on one thread (and the stages set one); restore afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_decode_float_matches_the_decoder(tiny, tiny_nets):
     latents = torch.randn(2, 4, LATENT_CHANNELS, tiny.latent_height, tiny.latent_width)
     with torch.no_grad():
@@ -77,7 +86,7 @@ def test_few_forcing_steps_lower_the_loss(tiny):
     opt = torch.optim.Adam(params, lr=2e-3)
     weights = latent_weights(tiny)
     losses = []
-    for step in range(25):
+    for step in range(20):
         loss, _ = forcing.forcing_loss(nets, head, batch, torch.Generator().manual_seed(step % 2), weights, 3.0)
         opt.zero_grad()
         loss.backward()

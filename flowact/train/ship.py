@@ -8,7 +8,8 @@ Writes, when the run has them:
     DEST/<preset>-df/            the control without self-forcing: stage 2 fine-tuned as long as the
                                  teacher, on ground-truth memory only (ablation)
     DEST/<preset>-df-distilled/  ... distilled to 3 NFE the same way (ablation)
-each with training.json (stage steps and wall times), and updates DEST/README.md.
+each with training.json (stage steps and wall times) and the loss curves of the stages that made
+it (loss_<stage>.png), and updates DEST/README.md.
 
 fp16 weights load into the fp32 modules unchanged (`load_state_dict` casts), through
 `networks.build_networks(preset, checkpoint=...)`; a network above 19 MiB in fp16 (the cpu
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -54,6 +56,9 @@ def main(argv=None) -> int:
         target = dest / f"{preset.name}{suffix}"
         sizes = save_networks(nets, target, dtype=torch.float16)
         stages = {s: stage_summary(run, s) for s in LINEAGE[suffix]}
+        for s in LINEAGE[suffix]:  # the loss curves travel with the weights
+            if (run / s / "loss.png").is_file():
+                shutil.copyfile(run / s / "loss.png", target / f"loss_{s}.png")
         (target / "training.json").write_text(json.dumps({"preset": preset.name, "stages": stages, "files": sizes}, indent=1))
         total = sum(sizes.values())
         print(f"{target}: {total / 2**20:.2f} MiB in {len(sizes)} files (largest {max(sizes.values()) / 2**20:.2f} MiB)")
