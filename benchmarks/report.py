@@ -71,7 +71,7 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
                 ax.plot(ns, [(pts[n]["stall_rate"] or 0) * 100 for n in ns], "-o", color=color, label=label)
         ax.axhline(1.0, color="gray", lw=1, ls=":", label="1 % (capacity rule)")
         ax.set_xticks(sorted(set(ours) | set(base)))
-        jitter = (result.get("settings") or {}).get("jitter_buffer_s")
+        jitter = (run_of(result, "capacity" if ours else "baseline").get("settings") or {}).get("jitter_buffer_s")
         ax.set(xlabel="concurrent streams N", ylabel="stalled chunks (%)", ylim=(-2, 102),
                title=f"{preset}: stall rate vs streams (jitter buffer {jitter} s)")
         ax.legend(fontsize=8)
@@ -147,16 +147,23 @@ def short_command(command: str, width: int = 60) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
+def run_of(result: dict, section: str) -> dict:
+    """What the run that measured `section` recorded (command, machine, settings, load)."""
+    run_id = (result.get(section) or {}).get("run_id")
+    return (result.get("runs") or {}).get(run_id, {}) | {"run_id": run_id}
+
+
 def tables(result: dict) -> str:
     preset = result["preset"]
-    s = result.get("summary", {})
-    m = result.get("machine", {})
-    load = (result.get("load_at_start") or {})
+    first = next((name for name in ("capacity", "baseline", "overhead", "pipeline", "soak") if result.get(name)), None)
+    run = run_of(result, first) if first else {}
+    m = run.get("machine", {})
+    load = run.get("load_at_start") or {}
     busy = "; ".join(f"`{short_command(b['command'])}` {b['cpu_percent']:.0f} %" + (f" (nice {b['nice']})" if b.get("nice") else "")
                      for b in load.get("busy_processes", [])) or "nothing busy"
-    st = result.get("settings", {})
+    st = run.get("settings", {})
     lines = [f"### `{preset}`", "",
-             f"Run {result.get('run_id', '?')} on {m.get('cpu', '?')} ({m.get('cores', '?')} cores, "
+             f"Run {run.get('run_id', '?')} on {m.get('cpu', '?')} ({m.get('cores', '?')} cores, "
              f"{m.get('memory_gb', '?')} GiB); load average at start {load.get('loadavg_1_5_15')}, "
              f"busy at start: {busy}. {st.get('duration_s')} s of audio per stream per point, jitter buffer "
              f"{st.get('jitter_buffer_s')} s.", ""]
@@ -212,8 +219,11 @@ def tables(result: dict) -> str:
         lines.append("")
     soak = result.get("soak")
     if soak:
-        lines += [f"Soak ({soak['minutes']:g} min, one stream, measured {soak.get('measured_at', '?')}, load "
-                  f"{soak.get('loadavg_at_start')}): chunk latency p50 {soak['latency_p50_first_ms']:.0f} ms in the "
+        soak_run = run_of(result, "soak")
+        soak_busy = "; ".join(f"`{short_command(b['command'])}` {b['cpu_percent']:.0f} %"
+                              for b in (soak_run.get("load_at_start") or {}).get("busy_processes", [])) or "nothing busy"
+        lines += [f"Soak ({soak['minutes']:g} min, one stream, run {soak.get('run_id', '?')}, load average "
+                  f"{soak.get('loadavg_at_start')}, busy at start: {soak_busy}): chunk latency p50 {soak['latency_p50_first_ms']:.0f} ms in the "
                   f"first tenth, {soak['latency_p50_last_ms']:.0f} ms in the last (p99 {soak['latency_p99_ms']:.0f} ms, "
                   f"slope {soak['latency_slope_ms_per_min']:+.2f} ms/min); {soak.get('memory_source', 'memory')} "
                   f"{soak['memory_first_mb']:.0f} -> {soak['memory_last_mb']:.0f} MB, slope "
@@ -239,7 +249,10 @@ def summary_table(results: list[dict]) -> str:
             return f"{s[key]}{'+' if c.get('lower_bound') else ''}{' (noisy)' if c.get('non_monotonic') else ''}"
 
         ratio = s.get("ratio")
-        ratio_text = "–" if ratio is None else (f"{ratio:.1f}x" + (" (lower bound)" if cap.get("lower_bound") else ""))
+        if ratio is None:
+            ratio_text = "– (baseline 0)" if s.get("baseline_capacity") == 0 and s.get("capacity") else "–"
+        else:
+            ratio_text = f"{ratio:.1f}x" + (" (lower bound)" if cap.get("lower_bound") else "")
         over = "–" if s.get("overhead_p50_ms") is None else f"{s['overhead_p50_ms']:+.0f} ms"
         ovs = s.get("overlap_vs_serial") or {}
         ovs_text = ", ".join(f"N={n}: {v:.2f}x" for n, v in ovs.items()) or "–"

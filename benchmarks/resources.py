@@ -19,6 +19,7 @@ import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import psutil
@@ -211,6 +212,10 @@ def machine_facts() -> dict:
             facts[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             facts[dist] = None
+    try:  # with autogroup, CPU is shared per session first: nice values of other sessions' processes do not count
+        facts["sched_autogroup"] = Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
+    except OSError:
+        facts["sched_autogroup"] = None
     try:
         import torch
 

@@ -537,16 +537,21 @@ def soak_verdict(chunk_t: list[float], latency: list[float], mem_t: list[float],
 # --- the run ----------------------------------------------------------------------------------------------
 
 
+RUN_FIELDS = ("command", "modes", "machine", "settings", "load_at_start", "load_at_end", "server")
+
+
 def merge_previous(path: Path, preset: str) -> dict:
-    """Sections of an earlier run that this run does not redo are kept (e.g. a later long soak)."""
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-            if old.get("preset") == preset:
-                return old
-        except json.JSONDecodeError:
-            pass
-    return {}
+    """Sections of an earlier run that this run does not redo are kept (e.g. a later long soak), with
+    what their run recorded (`runs[run_id]`: command, machine, settings, load)."""
+    try:
+        old = json.loads(path.read_text()) if path.exists() else {}
+    except json.JSONDecodeError:
+        return {}
+    if old.get("preset") != preset:
+        return {}
+    if "run_id" in old:  # the first format kept one run's facts at the top level
+        old.setdefault("runs", {})[old.pop("run_id")] = {k: old.pop(k) for k in RUN_FIELDS if k in old}
+    return old
 
 
 def summary(result: dict) -> dict:
@@ -579,8 +584,10 @@ def run(cfg: BenchConfig) -> dict:
 
     run_id = now_iso()
     result = merge_previous(cfg.out, cfg.preset)
-    result |= {"preset": cfg.preset, "run_id": run_id, "command": " ".join(sys.argv), "machine": machine_facts()}
-    result["settings"] = {
+    result["preset"] = cfg.preset
+    info = result.setdefault("runs", {})[run_id] = {
+        "command": " ".join(sys.argv), "modes": sorted(cfg.modes), "machine": machine_facts()}
+    info["settings"] = {
         "streams": cfg.streams, "duration_s": cfg.duration_s, "jitter_buffer_s": cfg.jitter_buffer,
         "max_in_flight_per_stream": cfg.max_in_flight, "grace_s": cfg.grace_s, "engine_threads": cfg.engine_threads,
         "pipeline_streams": cfg.pipeline_streams,
@@ -592,7 +599,7 @@ def run(cfg: BenchConfig) -> dict:
         "client": "asyncio tritonclient (tritonclient.grpc.aio), one gRPC stream per avatar stream, in the "
                   "benchmark's process (on the same cores as the server when it runs locally)"}
     say(f"load before measuring: {os.getloadavg()}")
-    result["load_at_start"] = load_snapshot(exclude={os.getpid()})
+    info["load_at_start"] = load_snapshot(exclude={os.getpid()})
     metrics = ClientMetrics(cfg.prometheus_port, cfg.prometheus_addr) if cfg.prometheus_port is not None else None
     if metrics is not None:
         say(f"client metrics on http://{cfg.prometheus_addr}:{metrics.port}/metrics")
@@ -614,7 +621,7 @@ def run(cfg: BenchConfig) -> dict:
             if "pipeline" in modes:
                 endpoints["serial"] = start_local(cfg, "serial")
             main = endpoints["overlap"]
-            result["server"] = {"url": main.url, "started_by_benchmark": cfg.url is None,
+            info["server"] = {"url": main.url, "started_by_benchmark": cfg.url is None,
                                 "resources": "psutil over the tritonserver process group" if cfg.url is None else
                                 "host-wide nv_cpu_* metrics from the server's metrics endpoint",
                                 **server_version(main)}
@@ -631,7 +638,9 @@ def run(cfg: BenchConfig) -> dict:
     finally:
         for endpoint in endpoints.values():
             endpoint.stop()
-    result["load_at_end"] = {"loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()]}
+    info["load_at_end"] = {"loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()]}
+    used = {section["run_id"] for section in result.values() if isinstance(section, dict) and "run_id" in section}
+    result["runs"] = {k: v for k, v in result["runs"].items() if k in used or k == run_id}
     result["summary"] = summary(result)
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     result = finite(result)

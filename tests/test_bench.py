@@ -124,8 +124,8 @@ def test_soak_verdict():
 
 
 def test_readme_block_is_replaced_in_place(tmp_path):
-    result = {"preset": "tiny", "run_id": "x", "settings": {"duration_s": 1, "jitter_buffer_s": 0.2},
-              "capacity": {"points": [summarise([stream([0.2] + [0.1] * 5)], 0.2)],
+    result = {"preset": "tiny", "runs": {"x": {"settings": {"duration_s": 1, "jitter_buffer_s": 0.2}}},
+              "capacity": {"run_id": "x", "points": [summarise([stream([0.2] + [0.1] * 5)], 0.2)],
                            "result": {"capacity": 1, "lower_bound": True}},
               "summary": {"capacity": 1}}
     (tmp_path / "serve_tiny.json").write_text(json.dumps(result))
@@ -182,7 +182,7 @@ def test_cli_run_writes_json_plots_and_table(tmp_path, onnx_dir):
     result = json.loads(out.read_text())
     assert [p["streams"] for p in result["capacity"]["points"]] == [1, 2]
     assert [p["streams"] for p in result["baseline"]["points"]] == [1, 2]
-    assert result["capacity"]["run_id"] == result["baseline"]["run_id"] == result["run_id"]
+    assert result["capacity"]["run_id"] == result["baseline"]["run_id"] == result["soak"]["run_id"]
     for p in result["capacity"]["points"]:
         assert p["errors"] == [] and p["chunks"] == p["chunks_expected"] == p["streams"] * 3
         assert p["server_resources"]["cpu_cores"] >= 0 and p["server_resources"]["rss_mb_max"] > 50
@@ -190,7 +190,8 @@ def test_cli_run_writes_json_plots_and_table(tmp_path, onnx_dir):
     assert result["pipeline"]["overlap"][0]["chunks"] > 0 and result["pipeline"]["serial"][0]["chunks"] > 0
     assert result["soak"]["chunk_latency_s"] and result["soak"]["memory_mb"]
     assert {"capacity", "baseline_capacity", "ratio", "overlap_vs_serial", "soak_flat"} <= set(result["summary"])
-    assert result["load_at_start"]["loadavg_1_5_15"] and result["machine"]["cores"]
+    run = result["runs"][result["capacity"]["run_id"]]
+    assert run["load_at_start"]["loadavg_1_5_15"] and run["machine"]["cores"] and run["settings"]["streams"] == [1, 2]
     for name in ("latency", "stalls", "ttff", "longstream", "pipeline"):
         assert (out.parent / f"serve_tiny_{name}.png").stat().st_size > 1000
     readme = report.write_readme(out.parent, tmp_path / "README.md").read_text()
@@ -221,3 +222,16 @@ def test_baseline_tries_both_thread_counts_and_keeps_the_better(monkeypatch):
     assert serve_bench.better(slow, fast) is fast and serve_bench.better(fast, slow) is fast
     failing = point(1, False)
     assert serve_bench.better(failing, slow) is slow
+
+
+def test_a_later_run_keeps_earlier_sections_and_their_run_facts(tmp_path):
+    from flowact.benchmarks.serve_bench import merge_previous
+
+    path = tmp_path / "serve_cpu.json"
+    path.write_text(json.dumps({"preset": "cpu", "run_id": "r1", "command": "c1", "settings": {"streams": [1, 2]},
+                                "load_at_start": {"loadavg_1_5_15": [1, 1, 1]}, "capacity": {"run_id": "r1"}}))
+    merged = merge_previous(path, "cpu")
+    assert merged["runs"] == {"r1": {"command": "c1", "settings": {"streams": [1, 2]},
+                                     "load_at_start": {"loadavg_1_5_15": [1, 1, 1]}}}
+    assert merged["capacity"] == {"run_id": "r1"} and "run_id" not in merged
+    assert merge_previous(path, "tiny") == {}
