@@ -28,7 +28,7 @@ from flowact.networks import Networks, build_networks
 from flowact.presets import LATENT_FRAMES_PER_CHUNK, VAE_TEMPORAL_STRIDE, Preset, get_preset
 from flowact.models.vae import CONTEXT_FRAMES
 
-SHARD_BYTES = 19 * 1024 * 1024  # tracked files stay under 20 MB: larger networks are split
+SHARD_BYTES = 16 * 1024 * 1024  # tracked files stay well under 20 MB: larger networks are split
 
 
 # ------------------------------------------------------------------------------------------------

@@ -99,7 +99,7 @@ def main(argv=None) -> None:
     teacher_dir = args.teacher or str(out / "self_forcing" / "checkpoint")
     teacher = load_networks(preset, teacher_dir).to(device)
     student = copy.deepcopy(teacher)
-    clips = args.clips or (160 if preset.height <= 64 else 96)
+    clips = args.clips or (160 if preset.height <= 64 else 192)
     ds = build_latent_set(preset, teacher.vae_encoder.cpu(), out / "vae" / "checkpoint", out / "latents.pt", clips, args.chunks)
     teacher.vae_encoder.to(device)
 

@@ -143,7 +143,7 @@ def main(argv=None) -> None:
     init = args.init or str(out / ("forcing" if finetune else "vae") / "checkpoint")
     nets = load_networks(preset, init)
     vae_ckpt = out / "vae" / "checkpoint"
-    clips = args.clips or (160 if preset.height <= 64 else 96)
+    clips = args.clips or (160 if preset.height <= 64 else 192)
     ds = build_latent_set(preset, nets.vae_encoder, vae_ckpt if vae_ckpt.is_dir() else init, out / "latents.pt",
                           clips, args.chunks)
 

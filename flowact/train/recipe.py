@@ -4,8 +4,10 @@
 
 Each stage is the same command one would type (see flowact/train/README.md); a stage whose
 summary.json already reports its step count is skipped, and an interrupted stage resumes from
-its state.pt. `--minutes-scale` bounds every stage's wall time (per-stage minutes x scale), for
-the CPU budget of the cpu preset; on a GPU pass a large value.
+its state.pt. Every stage also stops (and writes its checkpoint) after its wall-time bound times
+`--minutes-scale`; a later run of the recipe continues it. The tiny settings are the ones the
+shipped checkpoints were trained with on this shared 2-core CPU (about 1.5 hours in all); the cpu
+settings are sized for one GPU (`--device cuda`).
 """
 
 from __future__ import annotations
@@ -19,19 +21,24 @@ from flowact.presets import get_preset
 # stage name -> (module, extra arguments, steps, batch, minutes on this 2-core machine)
 RECIPES: dict[str, list[tuple[str, str, list[str], int, int, float]]] = {
     "tiny": [
-        ("vae", "vae", [], 2000, 6, 20),
-        ("forcing", "forcing", [], 2500, 32, 25),
+        ("vae", "vae", [], 4000, 6, 40),
+        ("forcing", "forcing", [], 3000, 32, 30),
         ("self_forcing", "forcing", ["--self-forcing"], 600, 32, 12),
         ("forcing_control", "forcing", ["--control"], 600, 32, 6),
-        ("distill", "distill", [], 1200, 16, 20),
+        ("distill", "distill", [], 1000, 16, 20),
         ("distill_no_sf", "distill", ["--teacher", "{out}/forcing_control/checkpoint", "--name", "distill_no_sf"],
-         1200, 16, 20),
+         1000, 16, 20),
     ],
+    # cpu preset: sized for a GPU (about an hour on one); on this 2-core CPU a VAE step costs ~2 s and
+    # a denoiser step (batch 16) ~8 s of CPU time, so the recipe would take about a day here.
     "cpu": [
-        ("vae", "vae", [], 3000, 6, 8),
-        ("forcing", "forcing", [], 4000, 16, 10),
-        ("self_forcing", "forcing", ["--self-forcing"], 1000, 16, 3),
-        ("distill", "distill", ["--teacher-steps", "12"], 1000, 8, 4),
+        ("vae", "vae", [], 8000, 8, 60),
+        ("forcing", "forcing", [], 12000, 32, 120),
+        ("self_forcing", "forcing", ["--self-forcing"], 2000, 32, 40),
+        ("forcing_control", "forcing", ["--control"], 2000, 32, 30),
+        ("distill", "distill", [], 3000, 16, 60),
+        ("distill_no_sf", "distill", ["--teacher", "{out}/forcing_control/checkpoint", "--name", "distill_no_sf"],
+         3000, 16, 60),
     ],
 }
 

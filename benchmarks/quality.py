@@ -1,0 +1,214 @@
+"""Objective quality of trained checkpoints over long streams: lip sync, identity drift, seams.
+
+    python -m flowact.benchmarks.quality --preset tiny [--minutes 5] [--identities 4] [--checkpoints checkpoints]
+
+Every configuration streams the same held-out avatars (the demo identity plus unseen random
+ones, each with its own reference image) through the real engine (`engine.step_batch`, all
+avatars batched), chunk by chunk, with held-out speech-and-pause audio and the behaviour prompt
+of each chunk, for `--minutes` of video. Metrics (flowact.train.metrics): lip sync (correlation
+of the audio envelope with the mouth opening measured in the frames), identity drift (distance
+to the reference per chunk, first vs last 10% of the stream), seam ratio (change across chunk
+boundaries / change inside chunks). Rows:
+
+    ground truth            the procedural renderer's own video for the same audio (upper bound)
+    distilled 3-NFE         the shipped checkpoint as `make demo` runs it (refinement on, long-term 3)
+    teacher 24-step         the self-forcing teacher, 24 Euler steps
+    teacher 3-step          the same teacher at 3 steps without distillation
+    no self-forcing 24-step the diffusion-forcing teacher (ground-truth memory only), 24 steps
+    no self-forcing 3-NFE   ... distilled the same way (when that checkpoint exists)
+    no refinement           distilled, refine_every = 0
+    long-term 0 / 1         distilled with preset.with_(long_term_size=...) (3 is the distilled row)
+    random weights          seeded random networks (what the project ran before training)
+
+Prints a table and writes benchmarks/results/quality_<preset>.json and quality_<preset>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from flowact.engine import Engines, StreamSession, step_batch
+from flowact.networks import Networks, build_networks
+from flowact.presets import SAMPLES_PER_CHUNK, Preset, get_preset
+from flowact.train.common import load_networks
+from flowact.train.data import (DEMO_IDENTITY, Motion, audio_envelope, behaviour_motion, chunk_states, frame_states,
+                                random_identity, render, speech_timeline)
+from flowact.train.metrics import StreamMeter, drift
+
+RESULTS = Path(__file__).parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+EVAL_SEED0 = 900_000  # held out: training clips use seeds 1000..
+
+
+@dataclass
+class Avatar:
+    reference: np.ndarray  # (H, W, 3) uint8
+    audio: np.ndarray  # (chunks * 7680,) float32
+    states: list[str]  # behaviour prompt per chunk
+    identity: object
+
+
+def eval_avatars(preset: Preset, n: int, chunks: int, speech: str) -> list[Avatar]:
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng(EVAL_SEED0 + i)
+        idn = DEMO_IDENTITY if i == 0 else random_identity(rng)
+        audio, silent = speech_timeline(rng, chunks * SAMPLES_PER_CHUNK / 16_000, speech)
+        ref = render(idn, Motion.still(1, mouth=float(rng.uniform(0, 0.5))), preset.height)[0]
+        out.append(Avatar(ref, audio, chunk_states(audio, silent), idn))
+    return out
+
+
+def ground_truth_meters(preset: Preset, avatars: list[Avatar]) -> list[StreamMeter]:
+    meters = []
+    for i, a in enumerate(avatars):
+        rng = np.random.default_rng(EVAL_SEED0 + 10_000 + i)
+        motion = behaviour_motion(rng, audio_envelope(a.audio), frame_states(a.states))
+        m = StreamMeter(a.reference)
+        for c in range(len(a.states)):  # render chunk by chunk: constant memory
+            sl = slice(c * 12, (c + 1) * 12)
+            m.add(render(a.identity, Motion(motion.dx[sl], motion.dy[sl], motion.mouth[sl], motion.eyes[sl]), preset.height))
+        meters.append(m)
+    return meters
+
+
+def stream_meters(preset: Preset, nets: Networks, avatars: list[Avatar], seed: int, desc: str) -> tuple[list[StreamMeter], float]:
+    engines = Engines.from_networks(nets)
+    sessions = [StreamSession(preset, engines) for _ in avatars]
+    for i, (s, a) in enumerate(zip(sessions, avatars)):
+        s.start(a.reference, seed=seed + i, prompt=a.states[0])
+    meters = [StreamMeter(a.reference) for a in avatars]
+    chunks = len(avatars[0].states)
+    t0 = time.perf_counter()
+    for c in tqdm(range(chunks), desc=desc, unit="chunk", leave=False):
+        audio = [a.audio[c * SAMPLES_PER_CHUNK:(c + 1) * SAMPLES_PER_CHUNK] for a in avatars]
+        frames = step_batch(sessions, audio, [a.states[c] for a in avatars])
+        for m, f in zip(meters, frames):
+            m.add(f)
+    return meters, time.perf_counter() - t0
+
+
+def summarise(meters: list[StreamMeter], avatars: list[Avatar]) -> dict:
+    curves = np.stack([m.drift_curve() for m in meters])  # (A, chunks)
+    early, late, d = drift(curves.mean(axis=0))
+    lips = [m.lip_sync(a.audio) for m, a in zip(meters, avatars)]
+    return {"lip_sync": float(np.mean(lips)), "lip_sync_per_avatar": lips, "distance_early": early,
+            "distance_late": late, "drift": d, "seam_ratio": float(np.mean([m.seam_ratio() for m in meters])),
+            "curve": curves.mean(axis=0).tolist()}
+
+
+def configurations(preset: Preset, root: Path) -> list[tuple[str, Path | None, dict]]:
+    """(row name, checkpoint directory or None for random weights, preset changes)."""
+    name = preset.name
+    student, teacher, df, df_student = (root / name, root / f"{name}-teacher", root / f"{name}-df",
+                                        root / f"{name}-df-distilled")
+    rows = [("distilled 3-NFE", student, {}),
+            ("teacher 24-step", teacher, {"nfe": 24}),
+            ("teacher 3-step", teacher, {}),
+            ("no self-forcing 24-step", df, {"nfe": 24}),
+            ("no self-forcing 3-NFE", df_student, {}),
+            ("no refinement", student, {"refine_every": 0}),
+            ("long-term 0", student, {"long_term_size": 0}),
+            ("long-term 1", student, {"long_term_size": 1}),
+            ("random weights", None, {})]
+    return [r for r in rows if r[1] is None or (r[1] / "preset.json").is_file()]
+
+
+def plot(results: dict, path: Path, preset: Preset) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    names = list(rows)
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.6), gridspec_kw={"width_ratios": [2.2, 1, 1]})
+    ax = axes[0]
+    for n in names:
+        curve = np.asarray(rows[n]["curve"])
+        k = max(1, len(curve) // 60)
+        smooth = np.convolve(curve, np.ones(k) / k, mode="valid")
+        ax.plot(np.arange(len(smooth)) * 0.48 / 60, smooth, label=n, lw=1.3, ls="--" if n in ("ground truth", "random weights") else "-")
+    ax.set_xlabel("stream time (min)")
+    ax.set_ylabel("distance to reference (0..1)")
+    ax.set_title("identity drift over the stream")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    for ax, key, title in ((axes[1], "lip_sync", "lip sync (corr. envelope vs mouth)"), (axes[2], "seam_ratio", "seam ratio (1 = no jump)")):
+        ax.barh(names, [rows[n][key] for n in names], color=["0.6" if n in ("ground truth", "random weights") else "C0" for n in names])
+        ax.invert_yaxis()
+        ax.set_title(title)
+        ax.grid(alpha=0.3, axis="x")
+        ax.tick_params(axis="y", labelsize=7)
+    fig.suptitle(f"quality, preset {preset.name}: {results['minutes']:.1f} min streams x {results['avatars']} held-out avatars")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def table(rows: dict) -> str:
+    head = f"{'configuration':26s} {'lip sync':>8s} {'dist early':>10s} {'dist late':>9s} {'drift':>7s} {'seam':>6s}"
+    lines = [head, "-" * len(head)]
+    for n, r in rows.items():
+        lines.append(f"{n:26s} {r['lip_sync']:8.3f} {r['distance_early']:10.4f} {r['distance_late']:9.4f} "
+                     f"{r['drift']:+7.4f} {r['seam_ratio']:6.2f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--checkpoints", default=str(REPO / "checkpoints"), help="folder with <preset>, <preset>-teacher, ...")
+    p.add_argument("--minutes", type=float, default=5.0, help="stream length")
+    p.add_argument("--identities", type=int, default=4, help="avatars streamed in one batch (first: the demo identity)")
+    p.add_argument("--speech", default="synth", choices=("synth", "espeak", "mixed"))
+    p.add_argument("--only", default=None, help="comma-separated row names to run")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    preset = get_preset(args.preset)
+    chunks = max(2, int(round(args.minutes * 60 / 0.48)))
+    avatars = eval_avatars(preset, args.identities, chunks, args.speech)
+
+    rows = {}
+    t = time.perf_counter()
+    rows["ground truth"] = summarise(ground_truth_meters(preset, avatars), avatars)
+    rows["ground truth"]["seconds_per_chunk"] = 0.0
+    wanted = set(args.only.split(",")) if args.only else None
+    for name, ckpt, changes in configurations(preset, Path(args.checkpoints)):
+        if wanted and name not in wanted:
+            continue
+        nets = build_networks(preset, seed=args.seed) if ckpt is None else load_networks(preset, ckpt)
+        variant = preset.with_(**changes)
+        meters, seconds = stream_meters(variant, nets, avatars, args.seed, name)
+        rows[name] = summarise(meters, avatars)
+        rows[name]["seconds_per_chunk"] = seconds / chunks  # all avatars batched; not a speed benchmark
+        rows[name]["checkpoint"] = None if ckpt is None else str(ckpt.relative_to(REPO) if ckpt.is_relative_to(REPO) else ckpt)
+        rows[name]["preset_changes"] = changes
+        print(f"{name}: lip sync {rows[name]['lip_sync']:.3f}, drift {rows[name]['drift']:+.4f}, "
+              f"seam {rows[name]['seam_ratio']:.2f} ({seconds:.0f} s)", flush=True)
+
+    results = {"preset": preset.name, "minutes": chunks * 0.48 / 60, "chunks": chunks, "avatars": len(avatars),
+               "speech": args.speech, "seconds": time.perf_counter() - t, "machine": platform.processor() or platform.machine(),
+               "torch_threads": args.threads, "rows": rows}
+    out = Path(args.out) if args.out else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"quality_{preset.name}.json").write_text(json.dumps(results, indent=1))
+    plot(results, out / f"quality_{preset.name}.png", preset)
+    print(table(rows))
+    print(f"wrote {out / f'quality_{preset.name}.json'} and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
