@@ -2,7 +2,6 @@
 
 import json
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,6 +120,8 @@ def test_soak_verdict():
     assert not leaking["flat"] and leaking["memory_slope_mb_per_min"] == pytest.approx(6.0)
     slowing = soak_verdict(t, [0.3] + list(np.linspace(0.1, 0.2, len(t) - 1)), mem_t, [800.0] * len(mem_t))
     assert not slowing["flat"]
+    speeding_up = soak_verdict(t, [0.3] + list(np.linspace(0.2, 0.1, len(t) - 1)), mem_t, [800.0] * len(mem_t))
+    assert speeding_up["flat"] and speeding_up["latency_drift"] < -0.3
 
 
 def test_readme_block_is_replaced_in_place(tmp_path):
