@@ -39,7 +39,6 @@ from tqdm import tqdm
 from flowact.engine import Engines, StreamSession, step_batch
 from flowact.networks import Networks, build_networks
 from flowact.presets import SAMPLES_PER_CHUNK, Preset, get_preset
-from flowact.train.common import load_networks
 from flowact.train.data import (DEMO_IDENTITY, Motion, audio_envelope, behaviour_motion, chunk_states, frame_states,
                                 random_identity, render, speech_timeline)
 from flowact.train.metrics import StreamMeter, drift
@@ -188,7 +187,7 @@ def main(argv=None) -> int:
     for name, ckpt, changes in configurations(preset, Path(args.checkpoints)):
         if wanted and name not in wanted:
             continue
-        nets = build_networks(preset, seed=args.seed) if ckpt is None else load_networks(preset, ckpt)
+        nets = build_networks(preset, seed=args.seed) if ckpt is None else build_networks(preset, checkpoint=ckpt)
         variant = preset.with_(**changes)
         meters, seconds = stream_meters(variant, nets, avatars, args.seed, name)
         rows[name] = summarise(meters, avatars)

@@ -147,7 +147,6 @@ def insert_fp8(model: onnx.ModelProto, policy: QuantPolicy, amax: dict[str, floa
     taken = graph.all_names(model)
     inits = {t.name: t for t in g.initializer}
     nodes = {n.name: n for n in g.node}
-    uses = graph.consumers(model)
     zero = numpy_helper.from_array(np.array(0, dtype=ml_dtypes.float8_e4m3fn), graph.unique_name(taken, "fp8_zero"))
     g.initializer.append(zero)
     new_nodes, act_dq, weight_dq = [], {}, {}

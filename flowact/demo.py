@@ -16,12 +16,19 @@ from flowact.serving.repository import RepositoryOptions, build_embedded_reposit
 from flowact.serving.server import TritonServer
 
 ARTIFACTS = Path("artifacts")
+SHIPPED_CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"  # trained presets (repo checkout)
+
+
+def default_checkpoint(preset_name: str) -> Path | None:
+    """The shipped trained checkpoint of a preset, if there is one (tiny has one; cpu is untrained)."""
+    path = SHIPPED_CHECKPOINTS / preset_name
+    return path if (path / "preset.json").is_file() else None
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="serve the preset, stream the shipped samples into an MP4, stop")
     p.add_argument("--preset", default="cpu")
-    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--checkpoint", default=None, help="default: checkpoints/<preset> if shipped, else random weights")
     p.add_argument("--out", default="out.mp4")
     p.add_argument("--realtime", action="store_true", help="pace the audio at real time")
     p.add_argument("--grpc-port", type=int, default=8001)
@@ -32,7 +39,9 @@ def add_parser(sub) -> None:
 
 def _run(args) -> int:
     preset = get_preset(args.preset)
-    repo = build_embedded_repository(preset.name, ARTIFACTS / preset.name / "repository", args.checkpoint,
+    checkpoint = args.checkpoint or default_checkpoint(preset.name)
+    print(f"weights: {checkpoint or 'seeded random (no trained checkpoint for this preset)'}", flush=True)
+    repo = build_embedded_repository(preset.name, ARTIFACTS / preset.name / "repository", checkpoint,
                                      RepositoryOptions())
     print(f"starting tritonserver (preset {preset.name}) ...", flush=True)
     with TritonServer(repo, args.grpc_port, args.http_port, args.metrics_port, work_dir=ARTIFACTS / "triton") as server:

@@ -7,7 +7,9 @@ Checkpoint layout (a directory):
     vae_decoder.safetensors     VAEDecoder
     denoiser.safetensors        MMDiT
     text_encoder.safetensors    TextEncoder
-A checkpoint whose preset.json disagrees with the requested preset is refused.
+A network too large for one file may instead be split into NAME-0000k-of-0000n.safetensors shards
+(the loader merges them). Weights may be stored in float16; loading casts them to the parameters'
+dtype. A checkpoint whose preset.json disagrees with the requested preset is refused.
 """
 
 from __future__ import annotations
@@ -80,4 +82,11 @@ def load_checkpoint(nets: Networks, directory: str | Path) -> None:
         diff = sorted(k for k in expected if fields.get(k) != expected[k])
         raise ValueError(f"checkpoint {directory} was saved for a different preset (fields differ: {', '.join(diff)})")
     for name, module in nets.modules().items():
-        module.load_state_dict(load_file(str(directory / f"{name}.safetensors")), strict=True)
+        single = directory / f"{name}.safetensors"
+        files = [single] if single.is_file() else sorted(directory.glob(f"{name}-*-of-*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"checkpoint {directory} has no weights for {name} ({single.name} or shards)")
+        state = {}
+        for f in files:
+            state.update(load_file(str(f)))
+        module.load_state_dict(state, strict=True)

@@ -12,7 +12,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from conftest import ref_image, run_session, speech_chunks
-from flowact.client.stream import AvatarStream, StreamError
+from flowact.client.stream import AvatarStream
 from flowact.serving.cli import metric_value
 from flowact.serving.repository import RepositoryOptions, build_embedded_repository
 from flowact.serving.server import TritonServer, free_ports, group_alive, shm_regions

@@ -129,7 +129,7 @@ def test_stages_run_resume_and_ship(tiny, tmp_path):
         assert (tmp_path / "run" / stage / "loss.png").is_file()
     ship.main(["--preset", "tiny", "--out", out, "--dest", str(tmp_path / "ckpt")])
     nets = build_networks(tiny, checkpoint=tmp_path / "ckpt" / "tiny")
-    direct = common.load_networks(tiny, tmp_path / "run" / "distill" / "checkpoint")
+    direct = build_networks(tiny, checkpoint=tmp_path / "run" / "distill" / "checkpoint")
     for a, b in zip(nets.denoiser.state_dict().values(), direct.denoiser.state_dict().values()):
         assert torch.allclose(a, b.half().float())
 
@@ -138,8 +138,8 @@ def test_sharded_checkpoint_roundtrip(tiny, tiny_nets, tmp_path, monkeypatch):
     monkeypatch.setattr(common, "SHARD_BYTES", 100_000)
     sizes = common.save_networks(tiny_nets, tmp_path, dtype=torch.float16)
     assert any("-of-" in name for name in sizes)
-    loaded = common.load_networks(tiny, tmp_path)
+    loaded = build_networks(tiny, checkpoint=tmp_path)
     for a, b in zip(loaded.denoiser.state_dict().values(), tiny_nets.denoiser.state_dict().values()):
         assert a.dtype == torch.float32 and torch.allclose(a, b.half().float())
     with pytest.raises(ValueError, match="different preset"):
-        common.load_networks(tiny.with_(dim=32, heads=2), tmp_path)
+        build_networks(tiny.with_(dim=32, heads=2), checkpoint=tmp_path)

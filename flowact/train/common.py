@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from flowact.networks import Networks, build_networks
+from flowact.networks import Networks
 from flowact.presets import LATENT_FRAMES_PER_CHUNK, VAE_TEMPORAL_STRIDE, Preset, get_preset
 from flowact.models.vae import CONTEXT_FRAMES
 
@@ -67,7 +67,7 @@ def save_networks(nets: Networks, directory: str | Path, dtype: torch.dtype = to
     """Write a checkpoint directory that networks.load_checkpoint reads; returns bytes per file.
 
     A network whose weights exceed SHARD_BYTES in `dtype` is written as NAME-0000k-of-0000n.safetensors
-    shards instead (load with `load_networks`)."""
+    shards instead (flowact.networks.load_checkpoint merges them)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for stale in directory.glob("*.safetensors"):
@@ -96,28 +96,6 @@ def save_networks(nets: Networks, directory: str | Path, dtype: torch.dtype = to
             save_file(shard, str(directory / fname))
             sizes[fname] = (directory / fname).stat().st_size
     return sizes
-
-
-def load_networks(preset: Preset, directory: str | Path) -> Networks:
-    """build_networks(preset, checkpoint=directory), also accepting sharded networks (fp16 or fp32)."""
-    directory = Path(directory)
-    if all((directory / f"{n}.safetensors").is_file() for n in Networks.NAMES):
-        return build_networks(preset, checkpoint=directory)
-    nets = build_networks(preset)
-    meta = json.loads((directory / "preset.json").read_text())["fields"]
-    import dataclasses
-    if meta != json.loads(json.dumps(dataclasses.asdict(preset))):
-        raise ValueError(f"checkpoint {directory} was saved for a different preset")
-    for name, module in nets.modules().items():
-        files = [directory / f"{name}.safetensors"] if (directory / f"{name}.safetensors").is_file() \
-            else sorted(directory.glob(f"{name}-*-of-*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"{directory}: no weights for {name}")
-        state = {}
-        for f in files:
-            state.update(load_file(str(f)))
-        module.load_state_dict(state, strict=True)
-    return nets
 
 
 # ------------------------------------------------------------------------------------------------

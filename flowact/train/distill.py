@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from flowact.engine import sampling_times
 from flowact.presets import LATENT_FRAMES_PER_CHUNK
-from flowact.train.common import EMA, Stage, load_networks, lr_at, setup, stage_parser, step_generator
+from flowact.networks import build_networks
+from flowact.train.common import EMA, Stage, lr_at, setup, stage_parser, step_generator
 from flowact.train.latents import build_latent_set, latent_weights, sample_batch, sample_long_term
 
 STUDENT_NFE = 3
@@ -39,7 +40,6 @@ STUDENT_NFE = 3
 def teacher_targets(teacher, feats, prompt, b, g: torch.Generator, preset, teacher_steps: int):
     """Student inputs and targets: (x (N, 3, 16, h, w), t (N, 3), target velocity, sample index (N,))."""
     dev = b.x0.device
-    n = len(b.x0)
     refine = torch.tensor(b.refine, device=dev)
     kv = teacher.denoiser.memory_kv(b.memory, b.valid)
     xs, ts, vs, idx = [], [], [], []
@@ -97,7 +97,7 @@ def main(argv=None) -> None:
         p.error(f"preset {preset.name} samples with {preset.nfe} NFE; this stage distils to {STUDENT_NFE}")
     stage = Stage(out, args.name)
     teacher_dir = args.teacher or str(out / "self_forcing" / "checkpoint")
-    teacher = load_networks(preset, teacher_dir).to(device)
+    teacher = build_networks(preset, checkpoint=teacher_dir).to(device)
     student = copy.deepcopy(teacher)
     clips = args.clips or (160 if preset.height <= 64 else 192)
     ds = build_latent_set(preset, teacher.vae_encoder.cpu(), out / "vae" / "checkpoint", out / "latents.pt", clips, args.chunks)

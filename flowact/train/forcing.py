@@ -38,10 +38,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from flowact.engine import sampling_times
 from flowact.networks import build_networks
 from flowact.presets import LATENT_FRAMES_PER_CHUNK, Preset
-from flowact.train.common import EMA, Stage, load_networks, lr_at, setup, stage_parser, step_generator
+from flowact.train.common import EMA, Stage, lr_at, setup, stage_parser, step_generator
 from flowact.train.latents import (Batch, LatentSet, build_latent_set, latent_weights, make_bank, memory_chunks,
                                    sample_batch, sample_long_term)
 from flowact.train.data import STATES
@@ -141,7 +140,7 @@ def main(argv=None) -> None:
     name = "self_forcing" if args.self_forcing else "forcing_control" if args.control else "forcing"
     stage = Stage(out, name)
     init = args.init or str(out / ("forcing" if finetune else "vae") / "checkpoint")
-    nets = load_networks(preset, init)
+    nets = build_networks(preset, checkpoint=init)
     vae_ckpt = out / "vae" / "checkpoint"
     clips = args.clips or (160 if preset.height <= 64 else 192)
     ds = build_latent_set(preset, nets.vae_encoder, vae_ckpt if vae_ckpt.is_dir() else init, out / "latents.pt",
