@@ -19,6 +19,7 @@ COMMANDS = {
     "stream": "flowact.client.cli",
     "demo": "flowact.demo",
     "export": "flowact.export.cli",
+    "bench": "flowact.benchmarks.serve_bench",
 }
 
 
