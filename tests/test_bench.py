@@ -236,3 +236,13 @@ def test_a_later_run_keeps_earlier_sections_and_their_run_facts(tmp_path):
                                      "load_at_start": {"loadavg_1_5_15": [1, 1, 1]}}}
     assert merged["capacity"] == {"run_id": "r1"} and "run_id" not in merged
     assert merge_previous(path, "tiny") == {}
+
+
+def test_best_of_repeats_keeps_every_attempt():
+    from flowact.benchmarks.serve_bench import best_of
+
+    noisy, clean = point(2, False, loadavg_at_start=6.0), point(2, loadavg_at_start=1.0)
+    best = best_of([noisy, clean])
+    assert best["realtime"] and best["loadavg_at_start"] == 1.0
+    assert [a["realtime"] for a in best["attempts"]] == [False, True]
+    assert best_of([clean]) is clean
