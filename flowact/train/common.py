@@ -262,6 +262,16 @@ class Stage:
             f.write(json.dumps({"step": self.step, "seconds": round(self.history.seconds, 1),
                                 **{k: self.history.recent(k) for k in self.history.values}}) + "\n")
 
+    def end_of_step(self, modules: dict[str, object], args) -> bool:
+        """Save every --save-every steps and at the last; True when --minutes is spent (save, then stop)."""
+        if self.step % args.save_every == 0 or self.step == args.steps:
+            self.save(modules)
+        if args.minutes and self.elapsed() > 60 * args.minutes:
+            self.save(modules)
+            print(f"stopping at step {self.step}: --minutes {args.minutes} reached")
+            return True
+        return False
+
     def done(self, nets: Networks, extra: dict | None = None) -> None:
         """Write the stage's checkpoint (fp32) and a summary."""
         save_networks(nets, self.checkpoint)

@@ -131,11 +131,7 @@ def main(argv=None) -> None:
         stage.history.add(stage.step, loss=loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{stage.history.recent('loss'):.4f}")
-        if stage.step % args.save_every == 0 or stage.step == args.steps:
-            stage.save(modules)
-        if args.minutes and stage.elapsed() > 60 * args.minutes:
-            stage.save(modules)
-            print(f"stopping at step {stage.step}: --minutes {args.minutes} reached")
+        if stage.end_of_step(modules, args):
             break
     bar.close()
     student.denoiser.load_state_dict(ema.module.state_dict())

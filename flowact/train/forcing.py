@@ -182,11 +182,7 @@ def main(argv=None) -> None:
         stage.history.add(stage.step, loss=loss.item(), **parts)
         bar.update(1)
         bar.set_postfix(flow=f"{stage.history.recent('flow'):.4f}", aux=f"{stage.history.recent('mouth_aux'):.4f}")
-        if stage.step % args.save_every == 0 or stage.step == args.steps:
-            stage.save(modules)
-        if args.minutes and stage.elapsed() > 60 * args.minutes:
-            stage.save(modules)
-            print(f"stopping at step {stage.step}: --minutes {args.minutes} reached")
+        if stage.end_of_step(modules, args):
             break
     bar.close()
     for k, e in emas.items():

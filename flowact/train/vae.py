@@ -133,11 +133,7 @@ def main(argv=None) -> None:
         stage.history.add(stage.step, loss=loss.item(), **parts)
         bar.update(1)
         bar.set_postfix(loss=f"{stage.history.recent('loss'):.4f}", mse=f"{stage.history.recent('mse'):.4f}")
-        if stage.step % args.save_every == 0 or stage.step == args.steps:
-            stage.save(modules)
-        if args.minutes and stage.elapsed() > 60 * args.minutes:
-            stage.save(modules)
-            print(f"stopping at step {stage.step}: --minutes {args.minutes} reached")
+        if stage.end_of_step(modules, args):
             break
     bar.close()
 
