@@ -53,3 +53,26 @@ def run_session(preset, engines, seed: int, chunks, image=None) -> np.ndarray:
     session = StreamSession(preset, engines)
     session.start(ref_image(preset) if image is None else image, seed=seed)
     return np.stack([session.step(c) for c in chunks])  # (N, 12, H, W, 3)
+
+
+def start_server(tmp, onnx_dir, capacity: int = 12, idle_ttl_s: float = 3.0, extra_env=None, **kwargs):
+    """A real tiny-preset tritonserver on free loopback ports, with its own drain file under `tmp`."""
+    from flowact.serving.repository import RepositoryOptions, build_embedded_repository
+    from flowact.serving.server import TritonServer, free_ports
+
+    repo = build_embedded_repository("tiny", tmp / "repo", opts=RepositoryOptions(capacity=capacity, idle_ttl_s=idle_ttl_s),
+                                     onnx_dir=onnx_dir)
+    http, grpc, metrics_port = free_ports(3)
+    env = {"FLOWACT_DRAIN_FILE": str(tmp / "draining"), **(extra_env or {})}
+    return TritonServer(repo, grpc, http, metrics_port, work_dir=tmp / "triton", extra_env=env, **kwargs).start(timeout_s=120)
+
+
+def url(srv) -> str:
+    return f"127.0.0.1:{srv.grpc_port}"
+
+
+def metrics(srv) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=5) as r:
+        return r.read().decode()

@@ -9,9 +9,8 @@ import time
 
 import pytest
 
-from conftest import ref_image, speech_chunks
+from conftest import ref_image, speech_chunks, start_server, url
 from flowact.client.stream import AvatarStream, StreamError
-from test_serving import start_server, url
 
 
 def flowact(*args, env) -> subprocess.CompletedProcess:

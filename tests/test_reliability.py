@@ -26,12 +26,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.utils import InferenceServerException
 
-from conftest import ref_image, run_session, speech_chunks
+from conftest import metrics, ref_image, run_session, speech_chunks, start_server, url
 from flowact.client.stream import AvatarStream, StreamError
 from flowact.engine import InputError, MAX_PROMPT_BYTES
 from flowact.presets import BEHAVIOURS, SAMPLES_PER_CHUNK, get_preset
 from flowact.serving.cli import metric_value
-from flowact.serving.repository import RepositoryOptions, build_embedded_repository
 from flowact.serving.server import TritonServer, free_ports, group_alive, group_rss, shm_regions
 from flowact.serving.streams import parse_request
 from flowact.snapshot import KEY_ENV, SnapshotCodec, SnapshotError, key_from_env, max_snapshot_bytes
@@ -53,12 +52,7 @@ TINY = get_preset("tiny")
 
 
 def launch(tmp: Path, onnx_dir: Path, capacity: int, **kwargs) -> TritonServer:
-    repo = build_embedded_repository("tiny", tmp / "repo", opts=RepositoryOptions(capacity=capacity, idle_ttl_s=IDLE_TTL_S),
-                                     onnx_dir=onnx_dir)
-    http, grpc, metrics = free_ports(3)
-    server = TritonServer(repo, grpc, http, metrics, work_dir=tmp / "triton",
-                          extra_env={"FLOWACT_DRAIN_FILE": str(tmp / "draining"), KEY_ENV: KEY}, **kwargs)
-    return server.start(timeout_s=120)
+    return start_server(tmp, onnx_dir, capacity, IDLE_TTL_S, extra_env={KEY_ENV: KEY}, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -75,15 +69,6 @@ def spare(tmp_path_factory, onnx_dir):
                  extra_args=["--exit-timeout-secs=3"])
     yield srv
     srv.stop()
-
-
-def url(srv: TritonServer) -> str:
-    return f"127.0.0.1:{srv.grpc_port}"
-
-
-def metrics(srv: TritonServer) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=5) as r:
-        return r.read().decode()
 
 
 def gauge(srv: TritonServer, name: str) -> float:

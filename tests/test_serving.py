@@ -2,7 +2,6 @@
 
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -11,38 +10,19 @@ import tritonclient.grpc as grpcclient
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from conftest import ref_image, run_session, speech_chunks
+from conftest import metrics, ref_image, run_session, speech_chunks, start_server, url
 from flowact.client.stream import AvatarStream
 from flowact.serving.cli import metric_value
-from flowact.serving.repository import RepositoryOptions, build_embedded_repository
-from flowact.serving.server import TritonServer, free_ports, group_alive, shm_regions
+from flowact.serving.server import group_alive, shm_regions
 
 IDLE_TTL_S = 3.0
 
 
-def start_server(tmp: Path, onnx_dir: Path, capacity: int = 12) -> TritonServer:
-    repo = build_embedded_repository("tiny", tmp / "repo", opts=RepositoryOptions(capacity=capacity, idle_ttl_s=IDLE_TTL_S),
-                                     onnx_dir=onnx_dir)
-    http, grpc, metrics = free_ports(3)
-    server = TritonServer(repo, grpc, http, metrics, work_dir=tmp / "triton",
-                          extra_env={"FLOWACT_DRAIN_FILE": str(tmp / "draining")})
-    return server.start(timeout_s=120)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, onnx_dir):
-    srv = start_server(tmp_path_factory.mktemp("serving"), onnx_dir)
+    srv = start_server(tmp_path_factory.mktemp("serving"), onnx_dir, idle_ttl_s=IDLE_TTL_S)
     yield srv
     srv.stop()
-
-
-def url(srv: TritonServer) -> str:
-    return f"127.0.0.1:{srv.grpc_port}"
-
-
-def metrics(srv: TritonServer) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=5) as r:
-        return r.read().decode()
 
 
 def assert_frames_match(got: list[np.ndarray], want: np.ndarray) -> None:
