@@ -113,10 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--presets", default="tiny,cpu")
     ap.add_argument("--batches", default="1,2,4")
     ap.add_argument("--chunks", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; "
+                    "1 is steadier on a machine shared with other jobs)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU; this CPU has no fast bf16)")
     ap.add_argument("--out", default=str(RESULTS / "inprocess.json"))
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     peak = matmul_gflops(device, dtype)
