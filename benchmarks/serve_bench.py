@@ -667,6 +667,12 @@ def run(cfg: BenchConfig) -> dict:
         for endpoint in endpoints.values():
             endpoint.stop()
     info["load_at_end"] = {"loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()]}
+    # Merge with the file as it is now, not as it was when this run started: another run (a long soak)
+    # may have written its sections meanwhile.
+    mine = {name: section for name, section in result.items()
+            if isinstance(section, dict) and section.get("run_id") == run_id}
+    result = merge_previous(cfg.out, cfg.preset) | {"preset": cfg.preset} | mine
+    result["runs"] = result.get("runs", {}) | {run_id: info}
     used = {section["run_id"] for section in result.values() if isinstance(section, dict) and "run_id" in section}
     result["runs"] = {k: v for k, v in result["runs"].items() if k in used or k == run_id}
     result["summary"] = summary(result)

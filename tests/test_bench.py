@@ -246,3 +246,21 @@ def test_best_of_repeats_keeps_every_attempt():
     assert best["realtime"] and best["loadavg_at_start"] == 1.0
     assert [a["realtime"] for a in best["attempts"]] == [False, True]
     assert best_of([clean]) is clean
+
+
+def test_results_written_meanwhile_by_another_run_are_kept(tmp_path, monkeypatch):
+    from flowact.benchmarks import serve_bench
+
+    out = tmp_path / "serve_tiny.json"
+
+    def fake_sweep(cfg, modes, endpoint, spec, metrics):  # another run writes its soak while this one measures
+        out.write_text(json.dumps({"preset": "tiny", "runs": {"other": {"command": "soak"}},
+                                   "soak": {"run_id": "other", "minutes": 30, "flat": True}}))
+        return {"baseline": {"points": [], "result": {"capacity": 0}}}
+
+    monkeypatch.setattr(serve_bench, "run_sweep", fake_sweep)
+    monkeypatch.setattr(serve_bench, "load_snapshot", lambda exclude=None: {})
+    cfg = serve_bench.BenchConfig("tiny", [1], 1.0, ["baseline"], out=out)
+    result = serve_bench.run(cfg)
+    assert result["soak"]["run_id"] == "other" and set(result["runs"]) == {"other", result["baseline"]["run_id"]}
+    assert json.loads(out.read_text())["soak"]["minutes"] == 30
