@@ -34,7 +34,6 @@ import datetime as dt
 import json
 import math
 import os
-import socket
 import sys
 import time
 import traceback
@@ -96,16 +95,6 @@ def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def inputs(preset_name: str) -> tuple[np.ndarray, np.ndarray]:
     """The shipped reference image at the preset's size and the shipped speech (16 kHz)."""
     from flowact.media import REFERENCE_IMAGE, SPEECH_WAV, load_audio, load_image
@@ -152,7 +141,7 @@ class Endpoint:
 
 def start_local(cfg: BenchConfig, pipeline: str) -> Endpoint:
     from flowact.serving.repository import Pipeline, RepositoryOptions, build_embedded_repository
-    from flowact.serving.server import DRAIN_FILE_ENV, TritonServer
+    from flowact.serving.server import DRAIN_FILE_ENV, TritonServer, free_ports
 
     capacity = max([*cfg.streams, *cfg.pipeline_streams, 1])
     opts = RepositoryOptions(capacity=capacity, idle_ttl_s=IDLE_TTL_S, pipeline=Pipeline(pipeline),
