@@ -209,13 +209,16 @@ def tables(result: dict) -> str:
                   f"TTFF p50 {_ms(srv['ttff_p50_s'])} vs {_ms(inp['ttff_p50_s'])} ms.", ""]
     pipe = result.get("pipeline") or {}
     if pipe.get("overlap") and pipe.get("serial"):
-        lines += ["| pipeline throughput, N | overlap (chunks/s) | serial (chunks/s) | overlap / serial "
-                  "| overlap p50 (ms) | serial p50 (ms) |", "|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"Overlap vs serial pipeline (run {pipe.get('run_id', '?')}, load average {pipe.get('loadavg_at_start')}): "
+                  "streams send as fast as a 2-chunk window allows for the duration.", "",
+                  "| pipeline throughput, N | overlap (chunks/s) | serial (chunks/s) | overlap / serial "
+                  "| overlap p50 (ms) | serial p50 (ms) | failed streams (overlap / serial) |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
         for a, b in zip(pipe["overlap"], pipe["serial"]):
             ratio = a["chunks_per_s"] / b["chunks_per_s"] if b.get("chunks_per_s") else None
             lines.append(f"| {a['streams']} | {a['chunks_per_s']:.2f} | {b['chunks_per_s']:.2f} | "
                          f"{'–' if ratio is None else f'{ratio:.2f}'} | {_ms(a.get('chunk_latency_p50_s'))} | "
-                         f"{_ms(b.get('chunk_latency_p50_s'))} |")
+                         f"{_ms(b.get('chunk_latency_p50_s'))} | {len(a.get('errors') or [])} / {len(b.get('errors') or [])} |")
         lines.append("")
     soak = result.get("soak")
     if soak:
@@ -229,6 +232,9 @@ def tables(result: dict) -> str:
                   f"{soak['memory_first_mb']:.0f} -> {soak['memory_last_mb']:.0f} MB, slope "
                   f"{soak['memory_slope_mb_per_min']:+.2f} MB/min after the first fifth: "
                   f"**{'flat' if soak['flat'] else 'not flat'}** ({soak['flat_rule']}).", ""]
+    for run_id, run_info in (result.get("runs") or {}).items():
+        for name, fault in (run_info.get("server_faults") or {}).items():
+            lines += [f"**The `{name}` server crashed in run {run_id}** (its log: {'; '.join(list(dict.fromkeys(fault['lines']))[:3])}).", ""]
     pngs = [f"[{name}](results/serve_{preset}_{name}.png)" for name in
             ("latency", "stalls", "ttff", "longstream", "pipeline")]
     lines += ["Plots: " + " · ".join(pngs), ""]

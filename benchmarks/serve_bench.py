@@ -133,10 +133,25 @@ class Endpoint:
             time.sleep(0.5)
         say(f"warning: server still reports {active} active streams after {timeout_s:.0f} s")
 
-    def stop(self) -> None:
+    def stop(self) -> list[str]:
+        """Stop sampling (and the server, if this run started it) -> fatal signals in the server's log:
+        a crash of the server under test is a result, not a footnote."""
         self.sampler.stop()
-        if self.server is not None:
-            self.server.stop()
+        if self.server is None:
+            return []
+        self.server.stop()
+        return log_faults(self.server.log_path)
+
+
+FAULTS = ("Signal (11)", "Signal (6)", "Non-graceful termination", "malloc()")
+
+
+def log_faults(path: Path, limit: int = 8) -> list[str]:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    return [line.strip()[:200] for line in lines if any(f in line for f in FAULTS)][:limit]
 
 
 def start_local(cfg: BenchConfig, pipeline: str) -> Endpoint:
@@ -653,8 +668,11 @@ def run(cfg: BenchConfig) -> dict:
         if "soak" in modes and cfg.soak_minutes > 0:
             result["soak"] = stamp(run_soak(cfg, endpoints["overlap"], specs["overlap"], metrics))
     finally:
-        for endpoint in endpoints.values():
-            endpoint.stop()
+        for name, endpoint in endpoints.items():
+            faults = endpoint.stop()
+            if faults:
+                info.setdefault("server_faults", {})[name] = {"log": str(endpoint.server.log_path), "lines": faults}
+                say(f"WARNING: the {name} server's log shows a crash ({endpoint.server.log_path}): {faults[0]}")
     info["load_at_end"] = {"loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()]}
     # Merge with the file as it is now, not as it was when this run started: another run (a long soak)
     # may have written its sections meanwhile.

@@ -264,3 +264,12 @@ def test_results_written_meanwhile_by_another_run_are_kept(tmp_path, monkeypatch
     result = serve_bench.run(cfg)
     assert result["soak"]["run_id"] == "other" and set(result["runs"]) == {"other", result["baseline"]["run_id"]}
     assert json.loads(out.read_text())["soak"]["minutes"] == 30
+
+
+def test_server_crashes_in_the_log_are_reported(tmp_path):
+    from flowact.benchmarks.serve_bench import log_faults
+
+    log = tmp_path / "tritonserver.log"
+    log.write_text("I1122 started\nSignal (11) received.\n 0# 0x1 in tritonserver\nmalloc(): invalid size (unsorted)\n")
+    assert log_faults(log) == ["Signal (11) received.", "malloc(): invalid size (unsorted)"]
+    assert log_faults(tmp_path / "missing.log") == []
