@@ -29,7 +29,9 @@ import argparse
 import json
 import platform
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -67,22 +69,26 @@ def eval_avatars(preset: Preset, n: int, chunks: int, speech: str) -> list[Avata
     return out
 
 
+def ground_truth_meter(size: int, index: int, a: Avatar) -> StreamMeter:
+    rng = np.random.default_rng(EVAL_SEED0 + 10_000 + index)
+    motion = behaviour_motion(rng, audio_envelope(a.audio), frame_states(a.states))
+    m = StreamMeter(a.reference)
+    for c in range(len(a.states)):  # render chunk by chunk: constant memory
+        sl = slice(c * 12, (c + 1) * 12)
+        m.add(render(a.identity, Motion(motion.dx[sl], motion.dy[sl], motion.mouth[sl], motion.eyes[sl]), size))
+    return m
+
+
 def ground_truth_meters(preset: Preset, avatars: list[Avatar]) -> list[StreamMeter]:
-    meters = []
-    for i, a in enumerate(avatars):
-        rng = np.random.default_rng(EVAL_SEED0 + 10_000 + i)
-        motion = behaviour_motion(rng, audio_envelope(a.audio), frame_states(a.states))
-        m = StreamMeter(a.reference)
-        for c in range(len(a.states)):  # render chunk by chunk: constant memory
-            sl = slice(c * 12, (c + 1) * 12)
-            m.add(render(a.identity, Motion(motion.dx[sl], motion.dy[sl], motion.mouth[sl], motion.eyes[sl]), preset.height))
-        meters.append(m)
-    return meters
+    """The renderer's own video of every avatar (one process per avatar)."""
+    with ProcessPoolExecutor(len(avatars)) as pool:
+        return list(pool.map(partial(ground_truth_meter, preset.height), range(len(avatars)), avatars))
 
 
-def stream_meters(preset: Preset, nets: Networks, avatars: list[Avatar], seed: int, desc: str) -> tuple[list[StreamMeter], float]:
-    engines = Engines.from_networks(nets)
-    sessions = [StreamSession(preset, engines) for _ in avatars]
+def stream_meters(preset: Preset, nets: Networks, avatars: list[Avatar], seed: int, desc: str,
+                  device: str = "cpu") -> tuple[list[StreamMeter], float]:
+    engines = Engines.from_networks(nets.to(device))
+    sessions = [StreamSession(preset, engines, device=device) for _ in avatars]
     for i, (s, a) in enumerate(zip(sessions, avatars)):
         s.start(a.reference, seed=seed + i, prompt=a.states[0])
     meters = [StreamMeter(a.reference) for a in avatars]
@@ -171,6 +177,7 @@ def main(argv=None) -> int:
     p.add_argument("--speech", default="synth", choices=("synth", "espeak", "mixed"))
     p.add_argument("--only", default=None, help="comma-separated row names to run")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="torch device the networks run on (cpu, cuda)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = p.parse_args(argv)
@@ -189,7 +196,7 @@ def main(argv=None) -> int:
             continue
         nets = build_networks(preset, seed=args.seed) if ckpt is None else build_networks(preset, checkpoint=ckpt)
         variant = preset.with_(**changes)
-        meters, seconds = stream_meters(variant, nets, avatars, args.seed, name)
+        meters, seconds = stream_meters(variant, nets, avatars, args.seed, name, args.device)
         rows[name] = summarise(meters, avatars)
         rows[name]["seconds_per_chunk"] = seconds / chunks  # all avatars batched; not a speed benchmark
         rows[name]["checkpoint"] = None if ckpt is None else str(ckpt.relative_to(REPO) if ckpt.is_relative_to(REPO) else ckpt)
@@ -199,7 +206,7 @@ def main(argv=None) -> int:
 
     results = {"preset": preset.name, "minutes": chunks * 0.48 / 60, "chunks": chunks, "avatars": len(avatars),
                "speech": args.speech, "seconds": time.perf_counter() - t, "machine": platform.processor() or platform.machine(),
-               "torch_threads": args.threads, "rows": rows}
+               "torch_threads": args.threads, "device": args.device, "rows": rows}
     out = Path(args.out) if args.out else RESULTS
     out.mkdir(parents=True, exist_ok=True)
     (out / f"quality_{preset.name}.json").write_text(json.dumps(results, indent=1))

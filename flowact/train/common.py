@@ -45,6 +45,7 @@ def stage_parser(description: str, steps: int, batch: int, lr: float) -> argpars
     p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--resume", action="store_true", help="continue from OUT/<stage>/state.pt")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared 2-core machine)")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes rendering the training clips")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=200, help="steps between resumable saves")
     p.add_argument("--minutes", type=float, default=None, help="stop (and save) after this much wall time")
@@ -56,6 +57,9 @@ def setup(args) -> tuple[Preset, Path, torch.device]:
     preset = get_preset(args.preset)
     out = Path(args.out or f"runs/{preset.name}")
     device = torch.device(args.device)
+    if device.type == "cuda":  # TF32 matmuls and convolutions: fp32 training at tensor-core speed
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     return preset, out, device
 
 
@@ -247,6 +251,13 @@ class Stage:
 
     def elapsed(self) -> float:
         return self.seconds_before + time.perf_counter() - self.t_start
+
+    def schedule_step(self, args) -> int:
+        """The step the learning-rate schedule is at: the step count, or further along when the
+        --minutes budget will run out first (so a time-bounded run still decays its rate)."""
+        if not args.minutes:
+            return self.step
+        return max(self.step, int(args.steps * self.elapsed() / (60 * args.minutes)))
 
     def save(self, modules: dict[str, object]) -> None:
         self.history.seconds = self.elapsed()

@@ -20,10 +20,13 @@ about torch or the model.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -324,14 +327,32 @@ _WORDS = ("hello welcome today we can talk about the weather music science and t
 _ESPEAK_VOICES = ("en-us", "en-gb", "en-us+f2", "en-gb+f3", "en-us+m3", "en-gb-scotland", "en-us+f4")
 
 
+ESPEAK_BANK_ENV = "FLOWACT_ESPEAK_BANK"  # an .npz of phrases pre-read by espeak-ng (`write_espeak_bank`)
+_espeak_bank: list[np.ndarray] | None = None
+
+
+def espeak_bank() -> list[np.ndarray] | None:
+    """The phrases of $FLOWACT_ESPEAK_BANK, for machines without espeak-ng (a GPU box), else None."""
+    global _espeak_bank
+    if _espeak_bank is None and os.environ.get(ESPEAK_BANK_ENV):
+        with np.load(os.environ[ESPEAK_BANK_ENV]) as z:
+            audio = z["audio"].astype(np.float64) / 32767.0  # (total,) all phrases end to end
+            _espeak_bank = np.split(audio, z["ends"][:-1])
+    return _espeak_bank
+
+
 def espeak_available() -> bool:
-    return shutil.which("espeak-ng") is not None
+    return espeak_bank() is not None or shutil.which("espeak-ng") is not None
 
 
 def espeak_phrase(rng: np.random.Generator) -> np.ndarray:
-    """A random English phrase read by espeak-ng, 16 kHz, peak-normalised like the demo speech."""
+    """A random English phrase read by espeak-ng, 16 kHz, peak-normalised like the demo speech
+    (drawn from the phrase bank instead when $FLOWACT_ESPEAK_BANK names one)."""
     from flowact.media import load_audio
 
+    bank = espeak_bank()
+    if bank is not None:
+        return bank[int(rng.integers(len(bank)))]
     text = " ".join(rng.choice(_WORDS, size=int(rng.integers(3, 12))))
     voice = _ESPEAK_VOICES[rng.integers(len(_ESPEAK_VOICES))]
     with tempfile.TemporaryDirectory() as tmp:
@@ -456,3 +477,32 @@ def make_clip(seed: int, size: int, chunks: int, speech: str = "synth", identity
     ref_motion = Motion.still(1, mouth=float(rng.uniform(0.0, 0.6)), dx=float(rng.uniform(-MAX_DX, MAX_DX)),
                               dy=float(rng.uniform(-MAX_DY, MAX_DY)))
     return Clip(frames, audio, mouth, states, render(idn, ref_motion, size)[0], idn)
+
+
+def make_clips(seeds: list[int], size: int, chunks: int, speech: str = "synth", workers: int = 1) -> list[Clip]:
+    """make_clip for many seeds, in `workers` processes (same clips as one by one)."""
+    make = partial(make_clip, size=size, chunks=chunks, speech=speech)
+    if workers <= 1:
+        return [make(s) for s in seeds]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(make, seeds, chunksize=max(1, len(seeds) // (4 * workers))))
+
+
+def write_espeak_bank(path: str | Path, phrases: int, seed: int = 0) -> None:
+    """Read `phrases` random phrases with espeak-ng into an int16 .npz (for $FLOWACT_ESPEAK_BANK)."""
+    rng = np.random.default_rng(seed)
+    audio = [espeak_phrase(rng) for _ in range(phrases)]
+    audio = [a / np.abs(a).max() for a in audio]  # each phrase peak 1: the timeline sets its level
+    np.savez(path, audio=np.round(np.concatenate(audio) * 32767).astype(np.int16),
+             ends=np.cumsum([len(a) for a in audio]))
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description="write a phrase bank of espeak-ng speech for machines without it")
+    p.add_argument("out")
+    p.add_argument("--phrases", type=int, default=256)
+    a = p.parse_args()
+    write_espeak_bank(a.out, a.phrases)
+    print(f"wrote {a.out}: {Path(a.out).stat().st_size / 2**20:.1f} MiB")

@@ -100,8 +100,8 @@ def main(argv=None) -> None:
     teacher = build_networks(preset, checkpoint=teacher_dir).to(device)
     student = copy.deepcopy(teacher)
     clips = args.clips or (160 if preset.height <= 64 else 192)
-    ds = build_latent_set(preset, teacher.vae_encoder.cpu(), out / "vae" / "checkpoint", out / "latents.pt", clips, args.chunks)
-    teacher.vae_encoder.to(device)
+    ds = build_latent_set(preset, teacher.vae_encoder, out / "vae" / "checkpoint", out / "latents.pt", clips, args.chunks,
+                          workers=args.workers)
 
     den = student.denoiser.train().requires_grad_(True)
     opt = torch.optim.AdamW(den.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
@@ -119,7 +119,7 @@ def main(argv=None) -> None:
             feats, prompt = teacher.audio_encoder(b.audio), teacher.text_encoder(b.prompt_ids)
         x, t, v_target, idx = teacher_targets(teacher, feats, prompt, b, g, preset, args.teacher_steps)
         for group in opt.param_groups:
-            group["lr"] = lr_at(stage.step, args.steps, args.lr, warmup=50)
+            group["lr"] = lr_at(stage.schedule_step(args), args.steps, args.lr, warmup=50)
         v, _ = den.forward_joint(x, t, feats[idx], prompt[idx], b.memory[idx], b.valid[idx])
         loss = ((v - v_target).pow(2) * weights).mean()
         opt.zero_grad(set_to_none=True)

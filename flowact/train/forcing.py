@@ -143,8 +143,8 @@ def main(argv=None) -> None:
     nets = build_networks(preset, checkpoint=init)
     vae_ckpt = out / "vae" / "checkpoint"
     clips = args.clips or (160 if preset.height <= 64 else 192)
-    ds = build_latent_set(preset, nets.vae_encoder, vae_ckpt if vae_ckpt.is_dir() else init, out / "latents.pt",
-                          clips, args.chunks)
+    ds = build_latent_set(preset, nets.vae_encoder.to(device), vae_ckpt if vae_ckpt.is_dir() else init,
+                          out / "latents.pt", clips, args.chunks, workers=args.workers)
 
     teacher = None
     if args.self_forcing:
@@ -170,7 +170,7 @@ def main(argv=None) -> None:
             generated_memory(teacher, ds, preset, b, use_generated, g, device)
         augment_memory(b, g)
         for group in opt.param_groups:
-            group["lr"] = lr_at(stage.step, args.steps, args.lr, warmup=50 if finetune else 100)
+            group["lr"] = lr_at(stage.schedule_step(args), args.steps, args.lr, warmup=50 if finetune else 100)
         loss, parts = forcing_loss(nets, aux_head, b, g, weights, preset.timestep_shift)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -20,7 +20,7 @@ from flowact.engine import MemoryBank
 from flowact.models.text_encoder import tokenize
 from flowact.presets import (AUDIO_FEATURES_PER_CHUNK, LATENT_FRAMES_PER_CHUNK, SAMPLES_PER_CHUNK, Preset)
 from flowact.train.common import encode_groups
-from flowact.train.data import MOUTH_BOX, STATES, make_clip
+from flowact.train.data import MOUTH_BOX, STATES, make_clips
 
 TRAIN_SEED0 = 1000  # training clips use seeds TRAIN_SEED0 + i; held-out evaluation uses 900000+
 
@@ -58,20 +58,22 @@ def _vae_key(vae_checkpoint: Path) -> str:
 
 @torch.no_grad()
 def build_latent_set(preset: Preset, vae_encoder, vae_checkpoint: Path, cache: Path, clips: int, chunks: int,
-                     speech: str = "mixed") -> LatentSet:
-    """Generate `clips` clips of `chunks` chunks and encode them (cached in `cache`)."""
+                     speech: str = "mixed", workers: int = 1) -> LatentSet:
+    """Generate `clips` clips of `chunks` chunks (in `workers` processes) and encode them with
+    `vae_encoder` on its device (cached in `cache`)."""
     key = {"preset": preset.name, "clips": clips, "chunks": chunks, "speech": speech, "vae": _vae_key(vae_checkpoint)}
     if cache.is_file():
         saved = torch.load(cache, weights_only=False)
         if saved["key"] == key:
             return saved["set"]
+    dev = next(vae_encoder.parameters()).device
     lat, refs, audio, states, mouth = [], [], [], [], []
-    for i in tqdm(range(clips), desc="encode clips", unit="clip"):
-        c = make_clip(TRAIN_SEED0 + i, preset.height, chunks, speech=speech)
-        frames = torch.from_numpy(c.frames)
+    rendered = make_clips([TRAIN_SEED0 + i for i in range(clips)], preset.height, chunks, speech, workers)
+    for c in tqdm(rendered, desc="encode clips", unit="clip"):
+        frames = torch.from_numpy(c.frames).to(dev)  # (T, H, W, 3) uint8
         z = torch.cat([encode_groups(vae_encoder, frames[None, s:s + 96].float()) for s in range(0, len(frames), 96)], 1)
-        lat.append(z[0].half())
-        refs.append(vae_encoder(torch.from_numpy(c.reference)[None].float())[0])
+        lat.append(z[0].half().cpu())  # (T/4, 16, h, w)
+        refs.append(vae_encoder(torch.from_numpy(c.reference)[None].to(dev).float())[0].cpu())
         audio.append(torch.from_numpy(c.audio))
         states.append(torch.tensor([STATES.index(s) for s in c.states]))
         mouth.append(torch.from_numpy(c.mouth))

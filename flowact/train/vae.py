@@ -28,7 +28,7 @@ from flowact.networks import build_networks
 from flowact.presets import FRAMES_PER_CHUNK, VAE_TEMPORAL_STRIDE, Preset
 from flowact.train.common import (EMA, Stage, decode_float, encode_groups, lr_at, setup, stage_parser,
                                   step_generator)
-from flowact.train.data import EYE_BOX, MOUTH_BOX, make_clip
+from flowact.train.data import EYE_BOX, MOUTH_BOX, make_clip, make_clips
 
 NAME = "vae"
 CLIP_CHUNKS = 2  # 24 frames per pool clip
@@ -39,9 +39,9 @@ REFERENCE_CONTEXT = 0.2
 DECODED_FRAMES = 3  # of the 12 output frames, scored per sample (the spatial decoder is the cost)
 
 
-def clip_pool(preset: Preset, n: int, seed0: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+def clip_pool(preset: Preset, n: int, seed0: int = 1000, workers: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """n short clips: frames (n, 24, H, W, 3) uint8 and references (n, H, W, 3) uint8."""
-    clips = [make_clip(seed0 + i, preset.height, CLIP_CHUNKS) for i in tqdm(range(n), desc="vae data", leave=False)]
+    clips = make_clips([seed0 + i for i in range(n)], preset.height, CLIP_CHUNKS, workers=workers)
     return torch.from_numpy(np.stack([c.frames for c in clips])), torch.from_numpy(np.stack([c.reference for c in clips]))
 
 
@@ -104,7 +104,7 @@ def main(argv=None) -> None:
     preset, out, device = setup(args)
     stage = Stage(out, NAME)
     n_clips = args.clips or (384 if preset.height <= 64 else 256)
-    frames, refs = clip_pool(preset, n_clips)
+    frames, refs = clip_pool(preset, n_clips, workers=args.workers)
 
     nets = build_networks(preset, seed=args.seed)
     enc, dec = nets.vae_encoder.to(device).train().requires_grad_(True), nets.vae_decoder.to(device).train().requires_grad_(True)
@@ -121,7 +121,7 @@ def main(argv=None) -> None:
         g = step_generator(args.seed, stage.step)
         win, r, use_ref = vae_batch(frames, refs, args.batch, g)
         for group in opt.param_groups:
-            group["lr"] = lr_at(stage.step, args.steps, args.lr)
+            group["lr"] = lr_at(stage.schedule_step(args), args.steps, args.lr)
         loss, parts = vae_loss(enc, dec, win.to(device), r.to(device), use_ref.to(device), weights, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -139,10 +139,10 @@ def main(argv=None) -> None:
 
     nets.vae_encoder.load_state_dict(ema_enc.module.state_dict())
     nets.vae_decoder.load_state_dict(ema_dec.module.state_dict())
-    nets.to("cpu")
     for m in nets.modules().values():
         m.eval().requires_grad_(False)
-    scale = normalise_latents(nets, frames, refs, "cpu")
+    scale = normalise_latents(nets, frames, refs, device)
+    nets.to("cpu")
     psnr = evaluate(nets, preset)
     stage.done(nets, {"latent_scale": scale.tolist(), "heldout_psnr_db": psnr})
     print(f"vae: {stage.step} steps in {stage.elapsed() / 60:.1f} min, held-out PSNR {psnr:.2f} dB -> {stage.checkpoint}")
