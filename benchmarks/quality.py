@@ -188,6 +188,17 @@ def main(argv=None) -> int:
 
     rows = {}
     t = time.perf_counter()
+    out = Path(args.out) if args.out else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        results = {"preset": preset.name, "minutes": chunks * 0.48 / 60, "chunks": chunks, "avatars": len(avatars),
+                   "speech": args.speech, "seconds": time.perf_counter() - t,
+                   "machine": platform.processor() or platform.machine(), "torch_threads": args.threads,
+                   "device": args.device, "rows": rows}
+        (out / f"quality_{preset.name}.json").write_text(json.dumps(results, indent=1))
+        plot(results, out / f"quality_{preset.name}.png", preset)
+
     rows["ground truth"] = summarise(ground_truth_meters(preset, avatars), avatars)
     rows["ground truth"]["seconds_per_chunk"] = 0.0
     wanted = set(args.only.split(",")) if args.only else None
@@ -203,14 +214,8 @@ def main(argv=None) -> int:
         rows[name]["preset_changes"] = changes
         print(f"{name}: lip sync {rows[name]['lip_sync']:.3f}, drift {rows[name]['drift']:+.4f}, "
               f"seam {rows[name]['seam_ratio']:.2f} ({seconds:.0f} s)", flush=True)
+        save()  # after every row: an interrupted run keeps the rows it finished
 
-    results = {"preset": preset.name, "minutes": chunks * 0.48 / 60, "chunks": chunks, "avatars": len(avatars),
-               "speech": args.speech, "seconds": time.perf_counter() - t, "machine": platform.processor() or platform.machine(),
-               "torch_threads": args.threads, "device": args.device, "rows": rows}
-    out = Path(args.out) if args.out else RESULTS
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"quality_{preset.name}.json").write_text(json.dumps(results, indent=1))
-    plot(results, out / f"quality_{preset.name}.png", preset)
     print(table(rows))
     print(f"wrote {out / f'quality_{preset.name}.json'} and .png")
     return 0

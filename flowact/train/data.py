@@ -348,11 +348,11 @@ def espeak_available() -> bool:
 def espeak_phrase(rng: np.random.Generator) -> np.ndarray:
     """A random English phrase read by espeak-ng, 16 kHz, peak-normalised like the demo speech
     (drawn from the phrase bank instead when $FLOWACT_ESPEAK_BANK names one)."""
-    from flowact.media import load_audio
-
     bank = espeak_bank()
     if bank is not None:
         return bank[int(rng.integers(len(bank)))]
+    from flowact.media import load_audio
+
     text = " ".join(rng.choice(_WORDS, size=int(rng.integers(3, 12))))
     voice = _ESPEAK_VOICES[rng.integers(len(_ESPEAK_VOICES))]
     with tempfile.TemporaryDirectory() as tmp:
