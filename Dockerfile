@@ -29,7 +29,8 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_BREAK_SYSTEM_PACKAGES=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    FLOWACT_DRAIN_FILE=/tmp/flowact/draining
+    FLOWACT_DRAIN_FILE=/tmp/flowact/draining \
+    FLOWACT_CHECKPOINTS=/opt/flowact/checkpoints
 
 # 1. torch first, from the index of the matching CUDA (a bare `torch` would bring another CUDA).
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
@@ -44,14 +45,16 @@ COPY export /opt/flowact/src/export
 COPY client /opt/flowact/src/client
 COPY benchmarks /opt/flowact/src/benchmarks
 COPY model_repository /opt/flowact/src/model_repository
+# The trained tiny / cpu checkpoints (`flowact serve|demo|generate` default to $FLOWACT_CHECKPOINTS/<preset>).
+COPY checkpoints /opt/flowact/checkpoints
 RUN pip install /opt/flowact/src \
  && python3 -c "import flowact, torch; assert torch.version.cuda, 'CPU torch in a GPU image'" \
  && command -v flowact
 
-# 4. Build hash for the engine cache: base image, wheels and project sources.
+# 4. Build hash for the engine cache: base image, wheels, project sources and checkpoints.
 RUN { echo "triton=${TRITON_TAG} torch=${TORCH_VERSION} tensorrt=${TENSORRT_PIP} build=${FLOWACT_BUILD_ID}"; \
       pip freeze; \
-      find /opt/flowact/src -type f | sort | xargs sha256sum; } \
+      find /opt/flowact/src /opt/flowact/checkpoints -type f | sort | xargs sha256sum; } \
     | sha256sum | cut -c1-16 > /opt/flowact/build-id
 
 # 5. Non-root user (uid/gid 10001: the chart's podSecurityContext); the chart mounts a read-only

@@ -11,18 +11,12 @@ from pathlib import Path
 
 from flowact.client.cli import stream_file
 from flowact.media import REFERENCE_IMAGE, SPEECH_WAV
+from flowact.networks import shipped_checkpoint
 from flowact.presets import get_preset
 from flowact.serving.repository import RepositoryOptions, build_embedded_repository
 from flowact.serving.server import TritonServer
 
 ARTIFACTS = Path("artifacts")
-SHIPPED_CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"  # trained presets (repo checkout)
-
-
-def default_checkpoint(preset_name: str) -> Path | None:
-    """The shipped trained checkpoint of a preset, if there is one (tiny has one; cpu is untrained)."""
-    path = SHIPPED_CHECKPOINTS / preset_name
-    return path if (path / "preset.json").is_file() else None
 
 
 def add_parser(sub) -> None:
@@ -39,7 +33,7 @@ def add_parser(sub) -> None:
 
 def _run(args) -> int:
     preset = get_preset(args.preset)
-    checkpoint = args.checkpoint or default_checkpoint(preset.name)
+    checkpoint = args.checkpoint or shipped_checkpoint(preset.name)
     print(f"weights: {checkpoint or 'seeded random (no trained checkpoint for this preset)'}", flush=True)
     repo = build_embedded_repository(preset.name, ARTIFACTS / preset.name / "repository", checkpoint,
                                      RepositoryOptions())

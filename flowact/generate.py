@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from flowact.engine import Engines, StreamSession
 from flowact.media import Mp4Writer, load_audio, load_image, split_chunks
-from flowact.networks import build_networks
+from flowact.networks import build_networks, shipped_checkpoint
 from flowact.presets import get_preset
 from flowact.stats import StreamSummary
 
@@ -49,7 +49,8 @@ def add_parser(sub) -> None:
     p.add_argument("--image", default=str(REFERENCE_IMAGE))
     p.add_argument("--audio", default=str(SPEECH_WAV))
     p.add_argument("--out", default="out.mp4")
-    p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: seeded random weights)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: checkpoints/<preset> if shipped)")
+    p.add_argument("--random-weights", action="store_true", help="seeded random weights instead of a checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt", default="speaking")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -59,6 +60,8 @@ def add_parser(sub) -> None:
 def _run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    summary = generate(args.preset, args.image, args.audio, args.out, args.checkpoint, args.seed, args.prompt)
+    checkpoint = None if args.random_weights else args.checkpoint or shipped_checkpoint(args.preset)
+    print(f"weights: {checkpoint or 'seeded random'}", flush=True)
+    summary = generate(args.preset, args.image, args.audio, args.out, checkpoint, args.seed, args.prompt)
     print(f"wrote {args.out}\n{summary.lines()}")
     return 0

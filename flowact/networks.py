@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,16 @@ class Networks:
         for name, module in self.modules().items():
             state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
             save_file(state, str(directory / f"{name}.safetensors"))
+
+
+CHECKPOINTS_ENV = "FLOWACT_CHECKPOINTS"  # where the shipped checkpoints are (default: the checkout's checkpoints/)
+
+
+def shipped_checkpoint(preset_name: str) -> Path | None:
+    """The shipped trained checkpoint of a preset (checkpoints/<preset>: tiny and cpu), if there is one."""
+    root = os.environ.get(CHECKPOINTS_ENV) or Path(__file__).resolve().parent.parent / "checkpoints"
+    path = Path(root) / preset_name
+    return path if (path / "preset.json").is_file() else None
 
 
 def build_networks(preset: Preset, seed: int = 0, checkpoint: str | Path | None = None) -> Networks:

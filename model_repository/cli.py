@@ -37,7 +37,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="run the embedded tritonserver with this project's model repository")
     p.add_argument("--preset", default="cpu")
     p.add_argument("--repository", type=Path, default=None, help="model repository (built if missing)")
-    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--checkpoint", default=None, help="weights (default: checkpoints/<preset> if shipped, else random)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback by default)")
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--http-port", type=int, default=8000)
@@ -68,12 +68,15 @@ def add_parser(sub) -> None:
 
 def _serve(args) -> int:
     repo = args.repository or ARTIFACTS / args.preset / "repository"
-    if not (repo / "flowact" / "config.pbtxt").exists():
+    if args.repository is None or not (repo / "flowact" / "config.pbtxt").exists():
+        from flowact.networks import shipped_checkpoint
         from flowact.serving.repository import Pipeline, RepositoryOptions, build_embedded_repository
 
-        print(f"building the embedded model repository for preset {args.preset} in {repo} ...", flush=True)
+        checkpoint = args.checkpoint or shipped_checkpoint(args.preset)
+        print(f"model repository for preset {args.preset} in {repo} (weights: {checkpoint or 'seeded random'}) ...",
+              flush=True)
         opts = RepositoryOptions(capacity=args.capacity, idle_ttl_s=args.idle_ttl, pipeline=Pipeline(args.pipeline))
-        build_embedded_repository(args.preset, repo, args.checkpoint, opts)
+        build_embedded_repository(args.preset, repo, checkpoint, opts)  # up-to-date exports are reused
     drain_file().unlink(missing_ok=True)  # a restarted container must not inherit an old drain
     server = TritonServer(repo, args.grpc_port, args.http_port, args.metrics_port, host=args.host,
                           work_dir=args.work_dir, binary=args.tritonserver, extra_args=args.triton_args,

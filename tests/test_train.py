@@ -1,7 +1,9 @@
 """Training on the tiny preset: the training-time views match the inference modules, a few steps
 lower the loss, the stages run and resume from the command line, fp16 / sharded checkpoints load."""
 
+import argparse
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -143,3 +145,46 @@ def test_sharded_checkpoint_roundtrip(tiny, tiny_nets, tmp_path, monkeypatch):
         assert a.dtype == torch.float32 and torch.allclose(a, b.half().float())
     with pytest.raises(ValueError, match="different preset"):
         build_networks(tiny.with_(dim=32, heads=2), checkpoint=tmp_path)
+
+
+def test_clips_render_the_same_in_worker_processes():
+    from flowact.train.data import make_clips
+
+    serial = make_clips([11, 12, 13], 64, 1)
+    parallel = make_clips([11, 12, 13], 64, 1, workers=2)
+    for a, b in zip(serial, parallel):
+        assert np.array_equal(a.frames, b.frames) and np.array_equal(a.audio, b.audio) and a.states == b.states
+
+
+def test_espeak_bank_replaces_espeak_ng(tmp_path, monkeypatch):
+    """A phrase bank written where espeak-ng exists is all a machine without it needs."""
+    from flowact.train import data
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    bank = tmp_path / "bank.npz"
+    data.write_espeak_bank(bank, 3)
+    monkeypatch.setenv(data.ESPEAK_BANK_ENV, str(bank))
+    monkeypatch.setattr(data, "_espeak_bank", None)
+    monkeypatch.setattr(data.shutil, "which", lambda name: None)  # as on a machine without espeak-ng
+    assert data.espeak_available()
+    phrases = data.espeak_bank()
+    assert len(phrases) == 3 and all(np.abs(p).max() == pytest.approx(1.0, abs=1e-4) for p in phrases)
+    assert any(np.array_equal(data.espeak_phrase(np.random.default_rng(0)), p) for p in phrases)
+    audio, _ = data.speech_timeline(np.random.default_rng(1), 6.0, "espeak", start_silent=False)
+    assert np.abs(audio).max() > 0.01
+
+
+def test_time_bound_moves_the_learning_rate_schedule(tmp_path):
+    stage = common.Stage(tmp_path, "x")
+    args = argparse.Namespace(steps=1000, minutes=2.0)
+    stage.step, stage.seconds_before = 10, 60.0  # half the time budget spent after 10 steps
+    assert stage.schedule_step(args) >= 500
+    assert common.Stage(tmp_path, "y").schedule_step(argparse.Namespace(steps=1000, minutes=None)) == 0
+
+
+def test_recipe_rejects_unknown_stages():
+    from flowact.train import recipe
+
+    with pytest.raises(SystemExit):
+        recipe.main(["--preset", "cpu", "--stages", "vae,nonsense"])
