@@ -36,7 +36,8 @@ def drain_file() -> Path:
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="run the embedded tritonserver with this project's model repository")
     p.add_argument("--preset", default="cpu")
-    p.add_argument("--repository", type=Path, default=None, help="model repository (built if missing)")
+    p.add_argument("--repository", type=Path, default=None,
+                   help="serve this repository as it is (built if missing); default: artifacts/<preset>/repository, kept up to date")
     p.add_argument("--checkpoint", default=None, help="weights (default: checkpoints/<preset> if shipped, else random)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback by default)")
     p.add_argument("--grpc-port", type=int, default=8001)

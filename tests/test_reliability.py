@@ -37,6 +37,10 @@ from flowact.snapshot import KEY_ENV, SnapshotCodec, SnapshotError, key_from_env
 
 CAPACITY = 24
 IDLE_TTL_S = 1.5
+# The fuzz server's TTL: its healthy stream must survive any hiccup of this shared 2-core machine
+# (a chunk answered late delays the stream's next request; past the TTL, Triton drops the sequence),
+# while the fuzzed streams left open are still freed within the test.
+FUZZ_IDLE_TTL_S = 6.0
 KEY = "test-snapshot-key-0123456789abcdef"
 FUZZ_EXAMPLES = int(os.environ.get("FLOWACT_FUZZ_EXAMPLES", "2000"))
 CLEANUP_STREAMS = int(os.environ.get("FLOWACT_CLEANUP_STREAMS", "1000"))
@@ -51,13 +55,20 @@ TINY = get_preset("tiny")
 # --- servers --------------------------------------------------------------------------------------
 
 
-def launch(tmp: Path, onnx_dir: Path, capacity: int, **kwargs) -> TritonServer:
-    return start_server(tmp, onnx_dir, capacity, IDLE_TTL_S, extra_env={KEY_ENV: KEY}, **kwargs)
+def launch(tmp: Path, onnx_dir: Path, capacity: int, idle_ttl_s: float = IDLE_TTL_S, **kwargs) -> TritonServer:
+    return start_server(tmp, onnx_dir, capacity, idle_ttl_s, extra_env={KEY_ENV: KEY}, **kwargs)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, onnx_dir):
     srv = launch(tmp_path_factory.mktemp("reliability"), onnx_dir, CAPACITY)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tmp_path_factory, onnx_dir):
+    srv = launch(tmp_path_factory.mktemp("fuzz"), onnx_dir, CAPACITY, FUZZ_IDLE_TTL_S)
     yield srv
     srv.stop()
 
@@ -398,8 +409,8 @@ def categorize(error: str | None) -> str:
     return f"other: {error[:60]}"
 
 
-def test_fuzzed_requests_never_crash_leak_or_disturb_a_healthy_stream(server, tiny, tiny_engines):
-    wait_idle(server)
+def test_fuzzed_requests_never_crash_leak_or_disturb_a_healthy_stream(fuzz_server, tiny, tiny_engines):
+    server = fuzz_server
     healthy_chunks = speech_chunks(400, seed=21)
     frames: list[np.ndarray] = []
     stop = threading.Event()
@@ -469,7 +480,7 @@ def test_fuzzed_requests_never_crash_leak_or_disturb_a_healthy_stream(server, ti
         print(f"  {category}: {examples[category]}")
     assert len(frames) >= 10
     assert_frames_match(frames, run_session(tiny, tiny_engines, 21, healthy_chunks[:len(frames)], ref_image(tiny, 21)))
-    wait_idle(server)  # fuzzed streams left without END are freed by the idle TTL
+    wait_idle(server, FUZZ_IDLE_TTL_S + 10)  # fuzzed streams left without END are freed by the idle TTL
     assert_accounted(server)
     assert server.dead_stubs() == [] and server.failures == []
 
