@@ -20,7 +20,7 @@ import torch
 
 from flowact.export import graph
 from flowact.export.manifest import Manifest, Precision, digest, preset_fields
-from flowact.networks import Networks, build_networks
+from flowact.networks import Networks, build_networks, checkpoint_files
 from flowact.presets import Preset
 from flowact.specs import BATCH, NetworkSpec, network_specs, onnx_elem_type
 
@@ -78,7 +78,7 @@ class WeightSource:
                 self._keys[owner] = weights_hash(getattr(self._nets, owner))
             elif self.checkpoint is not None:
                 directory = Path(self.checkpoint)
-                self._keys[owner] = digest(graph.sha256_file(directory / f"{owner}.safetensors"),
+                self._keys[owner] = digest(*(graph.sha256_file(f) for f in checkpoint_files(directory, owner)),
                                            graph.sha256_file(directory / "preset.json"))
             else:
                 self._keys[owner] = digest("seeded", self.seed, torch.__version__)

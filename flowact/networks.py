@@ -82,6 +82,16 @@ def build_networks(preset: Preset, seed: int = 0, checkpoint: str | Path | None 
     return nets
 
 
+def checkpoint_files(directory: str | Path, name: str) -> list[Path]:
+    """The weight files of one network in a checkpoint: NAME.safetensors, or its shards in order."""
+    directory = Path(directory)
+    single = directory / f"{name}.safetensors"
+    files = [single] if single.is_file() else sorted(directory.glob(f"{name}-*-of-*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"checkpoint {directory} has no weights for {name} ({single.name} or shards)")
+    return files
+
+
 def load_checkpoint(nets: Networks, directory: str | Path) -> None:
     directory = Path(directory)
     meta_path = directory / "preset.json"
@@ -93,11 +103,7 @@ def load_checkpoint(nets: Networks, directory: str | Path) -> None:
         diff = sorted(k for k in expected if fields.get(k) != expected[k])
         raise ValueError(f"checkpoint {directory} was saved for a different preset (fields differ: {', '.join(diff)})")
     for name, module in nets.modules().items():
-        single = directory / f"{name}.safetensors"
-        files = [single] if single.is_file() else sorted(directory.glob(f"{name}-*-of-*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"checkpoint {directory} has no weights for {name} ({single.name} or shards)")
         state = {}
-        for f in files:
+        for f in checkpoint_files(directory, name):
             state.update(load_file(str(f)))
         module.load_state_dict(state, strict=True)

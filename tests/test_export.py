@@ -351,6 +351,20 @@ def test_weight_source_keys_without_building_networks(tmp_path, tiny, tiny_nets)
     assert WeightSource(tiny, checkpoint=tmp_path / "ckpt").key("denoiser") != key
 
 
+def test_weight_source_keys_sharded_checkpoints(tmp_path, tiny, tiny_nets, monkeypatch):
+    """A network stored in shards (the shipped cpu denoiser) is keyed by all of its shards."""
+    from flowact.export.onnx import WeightSource
+    from flowact.train import common
+
+    monkeypatch.setattr(common, "SHARD_BYTES", 100_000)
+    common.save_networks(tiny_nets, tmp_path, dtype=torch.float16)
+    shards = sorted(tmp_path.glob("denoiser-*-of-*.safetensors"))
+    assert len(shards) > 1
+    key = WeightSource(tiny, checkpoint=tmp_path).key("denoiser")
+    shards[-1].write_bytes(b"changed")
+    assert WeightSource(tiny, checkpoint=tmp_path).key("denoiser") != key
+
+
 def test_big_models_use_external_data(tmp_path, tiny, tiny_nets, monkeypatch):
     """Models past protobuf's 2 GB (r1-480p) keep weights in <name>.onnx.data; every step handles it."""
     monkeypatch.setattr(graph, "EXTERNAL_DATA_BYTES", 10_000)
