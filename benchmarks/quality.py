@@ -1,6 +1,6 @@
 """Objective quality of trained checkpoints over long streams: lip sync, identity drift, seams.
 
-    python -m flowact.benchmarks.quality --preset tiny [--minutes 5] [--identities 4] [--checkpoints checkpoints]
+    python -m flowact.benchmarks.quality --preset tiny [--minutes 5] [--identities 4] [--checkpoints checkpoints] [--device cuda]
 
 Every configuration streams the same held-out avatars (the demo identity plus unseen random
 ones, each with its own reference image) through the real engine (`engine.step_batch`, all
