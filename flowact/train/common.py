@@ -273,8 +273,13 @@ class Stage:
             f.write(json.dumps({"step": self.step, "seconds": round(self.history.seconds, 1),
                                 **{k: self.history.recent(k) for k in self.history.values}}) + "\n")
 
-    def end_of_step(self, modules: dict[str, object], args) -> bool:
-        """Save every --save-every steps and at the last; True when --minutes is spent (save, then stop)."""
+    def end_of_step(self, modules: dict[str, object], args, bar, shown: tuple[str, ...], **losses: float) -> bool:
+        """Count the step, log its losses, show the recent mean of `shown` on the progress bar; save
+        every --save-every steps and at the last; True when --minutes is spent (save, then stop)."""
+        self.step += 1
+        self.history.add(self.step, **losses)
+        bar.update(1)
+        bar.set_postfix({k: f"{self.history.recent(k):.4f}" for k in shown})
         if self.step % args.save_every == 0 or self.step == args.steps:
             self.save(modules)
         if args.minutes and self.elapsed() > 60 * args.minutes:
@@ -284,7 +289,9 @@ class Stage:
         return False
 
     def done(self, nets: Networks, extra: dict | None = None) -> None:
-        """Write the stage's checkpoint (fp32) and a summary."""
+        """Put the networks on the CPU in eval mode; write the stage's checkpoint (fp32) and a summary."""
+        for m in nets.to("cpu").modules().values():
+            m.eval().requires_grad_(False)
         save_networks(nets, self.checkpoint)
         summary = {"stage": self.name, "steps": self.step, "wall_seconds": round(self.elapsed(), 1),
                    "final": {k: self.history.recent(k) for k in self.history.values}, **(extra or {})}

@@ -127,17 +127,10 @@ def main(argv=None) -> None:
         torch.nn.utils.clip_grad_norm_(den.parameters(), 1.0)
         opt.step()
         ema.update(den)
-        stage.step += 1
-        stage.history.add(stage.step, loss=loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{stage.history.recent('loss'):.4f}")
-        if stage.end_of_step(modules, args):
+        if stage.end_of_step(modules, args, bar, ("loss",), loss=loss.item()):
             break
     bar.close()
     student.denoiser.load_state_dict(ema.module.state_dict())
-    student.to("cpu")
-    for m in student.modules().values():
-        m.eval().requires_grad_(False)
     stage.done(student, {"teacher": teacher_dir, "teacher_steps": args.teacher_steps, "student_nfe": STUDENT_NFE})
     print(f"distill: {stage.step} steps in {stage.elapsed() / 60:.1f} min -> {stage.checkpoint}")
 

@@ -178,18 +178,11 @@ def main(argv=None) -> None:
         opt.step()
         for k, e in emas.items():
             e.update(trained[k])
-        stage.step += 1
-        stage.history.add(stage.step, loss=loss.item(), **parts)
-        bar.update(1)
-        bar.set_postfix(flow=f"{stage.history.recent('flow'):.4f}", aux=f"{stage.history.recent('mouth_aux'):.4f}")
-        if stage.end_of_step(modules, args):
+        if stage.end_of_step(modules, args, bar, ("flow", "mouth_aux"), loss=loss.item(), **parts):
             break
     bar.close()
     for k, e in emas.items():
         getattr(nets, k).load_state_dict(e.module.state_dict())
-    nets.to("cpu")
-    for m in nets.modules().values():
-        m.eval().requires_grad_(False)
     stage.done(nets, {"clips": clips, "chunks": args.chunks, "init": init})
     print(f"{name}: {stage.step} steps in {stage.elapsed() / 60:.1f} min -> {stage.checkpoint}")
 

@@ -129,11 +129,7 @@ def main(argv=None) -> None:
         opt.step()
         ema_enc.update(enc)
         ema_dec.update(dec)
-        stage.step += 1
-        stage.history.add(stage.step, loss=loss.item(), **parts)
-        bar.update(1)
-        bar.set_postfix(loss=f"{stage.history.recent('loss'):.4f}", mse=f"{stage.history.recent('mse'):.4f}")
-        if stage.end_of_step(modules, args):
+        if stage.end_of_step(modules, args, bar, ("loss", "mse"), loss=loss.item(), **parts):
             break
     bar.close()
 
