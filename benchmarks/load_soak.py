@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flowact.contract import ACTIVE_STREAMS, DRAIN_FILE_ENV
 from flowact.client.stream import AvatarStream, StreamError
 from flowact.presets import CHUNK_SECONDS, SAMPLES_PER_CHUNK
 from flowact.stats import percentile
@@ -174,7 +175,7 @@ def soak(url: str, streams: int, duration_s: float, stream_seconds: float = 60.0
                 from flowact.serving.cli import metric_value
 
                 with urllib.request.urlopen(metrics_url, timeout=5) as r:
-                    active = metric_value(r.read().decode(), "flowact_active_streams")
+                    active = metric_value(r.read().decode(), ACTIVE_STREAMS)
             except OSError:
                 pass
         samples.append((time.monotonic() - t0, rss, pss, active))
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                                          onnx_dir=Path("artifacts") / args.preset / "onnx")
         ports = free_ports(3)
         server = TritonServer(repo, ports[0], ports[1], ports[2], work_dir=work / "triton",
-                              extra_env={"FLOWACT_DRAIN_FILE": str(work / "draining")}).start(timeout_s=180)
+                              extra_env={DRAIN_FILE_ENV: str(work / "draining")}).start(timeout_s=180)
         url, metrics_url, pgid = f"127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[2]}/metrics", server.process.pid
         print(f"started a {args.preset} server on {url} (log {server.log_path})", flush=True)
     try:

@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field
 import numpy as np
 
+from flowact.contract import ENSEMBLE_MODEL, FRAMES
 from flowact.presets import CHUNK_SECONDS, FRAMES_PER_CHUNK, SAMPLES_PER_CHUNK
 from flowact.stats import count_stalls, percentile
 
@@ -212,7 +213,7 @@ class LoadSpec:
     preset: str
     image: np.ndarray  # (H, W, 3) uint8 reference image
     audio: np.ndarray  # (S,) float32 16 kHz, looped per stream
-    model: str = "flowact"
+    model: str = ENSEMBLE_MODEL
     paced: bool = True  # real time; False: as fast as the in-flight window allows
     max_in_flight: int = 3  # chunks a stream may have outstanding
     jitter_buffer: float = 0.2
@@ -234,7 +235,7 @@ async def drive_stream(spec: LoadSpec, index: int, t_start: float, until: float,
     loop_audio = stream_audio(spec.audio, index)
     slots = asyncio.Semaphore(spec.max_in_flight)
     total: list[int] = []  # chunks sent, once the last one left
-    outputs = [grpcclient.InferRequestedOutput("FRAMES")]
+    outputs = [grpcclient.InferRequestedOutput(FRAMES)]
     sid, label = timing.stream_id, str(index)
 
     async def requests():
@@ -266,7 +267,7 @@ async def drive_stream(spec: LoadSpec, index: int, t_start: float, until: float,
                 timing.error = error.message() if hasattr(error, "message") else str(error)
                 metrics.errors.labels(spec.preset).inc()
                 return
-            frames = result.as_numpy("FRAMES")
+            frames = result.as_numpy(FRAMES)
             if frames is None or frames.shape[1] != FRAMES_PER_CHUNK:
                 timing.error = f"bad FRAMES output: {None if frames is None else frames.shape}"
                 return

@@ -46,6 +46,7 @@ from flowact.benchmarks.loadgen import (LoadSpec, StreamTiming, realtime_capacit
                                         throughput)
 from flowact.benchmarks.resources import (CpuClock, MetricsSource, ProcessGroupSource, ResourceSampler, load_snapshot,
                                           machine_facts, metric_value, scrape)
+from flowact.contract import ACTIVE_STREAMS, CHUNK_SECONDS_COUNT, CHUNK_SECONDS_SUM, DRAIN_FILE_ENV, STREAM_CAPACITY
 from flowact.presets import CHUNK_SECONDS
 
 RESULTS = Path(__file__).parent / "results"
@@ -120,14 +121,13 @@ class Endpoint:
             text = scrape(self.metrics_url)
         except OSError:
             return {}
-        return {k: metric_value(text, k) for k in ("flowact_active_streams", "flowact_chunk_latency_seconds_sum",
-                                                   "flowact_chunk_latency_seconds_count", "flowact_stream_capacity")}
+        return {k: metric_value(text, k) for k in (ACTIVE_STREAMS, CHUNK_SECONDS_SUM, CHUNK_SECONDS_COUNT, STREAM_CAPACITY)}
 
     def wait_idle(self, timeout_s: float = IDLE_TTL_S + 30) -> None:
         """Until the server holds no stream (a previous point's cancelled streams wait for the idle TTL)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            active = self.stream_metrics().get("flowact_active_streams")
+            active = self.stream_metrics().get(ACTIVE_STREAMS)
             if not active:
                 return
             time.sleep(0.5)
@@ -156,7 +156,7 @@ def log_faults(path: Path, limit: int = 8) -> list[str]:
 
 def start_local(cfg: BenchConfig, pipeline: str) -> Endpoint:
     from flowact.serving.repository import Pipeline, RepositoryOptions, build_embedded_repository
-    from flowact.serving.server import DRAIN_FILE_ENV, TritonServer, free_ports
+    from flowact.serving.server import TritonServer, free_ports
 
     capacity = max([*cfg.streams, *cfg.pipeline_streams, 1])
     opts = RepositoryOptions(capacity=capacity, idle_ttl_s=IDLE_TTL_S, pipeline=Pipeline(pipeline),
@@ -218,11 +218,10 @@ def server_point(endpoint: Endpoint, spec: LoadSpec, n: int, duration_s: float, 
     point["loadavg_at_start"] = load0
     point["server_resources"] = endpoint.sampler.window(t0, t1 + 0.01)
     point["client_cpu_cores"] = (cpu1 - cpu0) / (t1 - t0)
-    if after.get("flowact_chunk_latency_seconds_count") and before.get("flowact_chunk_latency_seconds_count") is not None:
-        chunks = after["flowact_chunk_latency_seconds_count"] - before["flowact_chunk_latency_seconds_count"]
+    if after.get(CHUNK_SECONDS_COUNT) and before.get(CHUNK_SECONDS_COUNT) is not None:
+        chunks = after[CHUNK_SECONDS_COUNT] - before[CHUNK_SECONDS_COUNT]
         if chunks:
-            point["stream_model_chunk_s_mean"] = (after["flowact_chunk_latency_seconds_sum"]
-                                                  - before["flowact_chunk_latency_seconds_sum"]) / chunks
+            point["stream_model_chunk_s_mean"] = (after[CHUNK_SECONDS_SUM] - before[CHUNK_SECONDS_SUM]) / chunks
     point["ttffs_s"] = [s.ttff for s in timings if s.arrivals]
     if timings and timings[0].arrivals:
         point["stream0_latencies_s"] = timings[0].latencies

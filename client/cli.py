@@ -5,6 +5,7 @@ from __future__ import annotations
 from tqdm import tqdm
 
 from flowact.client.stream import AvatarStream
+from flowact.contract import DEFAULT_URL, ENSEMBLE_MODEL, REF_IMAGE
 from flowact.media import REFERENCE_IMAGE, SPEECH_WAV, Mp4Writer, load_audio, load_image, split_chunks
 from flowact.stats import StreamSummary
 
@@ -33,14 +34,14 @@ def server_geometry(url: str) -> tuple[int, int]:
     import tritonclient.grpc as grpcclient
 
     with grpcclient.InferenceServerClient(url) as client:
-        meta = client.get_model_metadata("flowact")
-    shape = next(i.shape for i in meta.inputs if i.name == "REF_IMAGE")  # [-1, H, W, 3]
+        meta = client.get_model_metadata(ENSEMBLE_MODEL)
+    shape = next(i.shape for i in meta.inputs if i.name == REF_IMAGE)  # [-1, H, W, 3]
     return int(shape[1]), int(shape[2])
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("stream", help="stream image + speech through a running flowact server into an MP4")
-    p.add_argument("--url", default="127.0.0.1:8001", help="gRPC HOST:PORT")
+    p.add_argument("--url", default=DEFAULT_URL, help="gRPC HOST:PORT")
     p.add_argument("--image", default=str(REFERENCE_IMAGE))
     p.add_argument("--audio", default=str(SPEECH_WAV))
     p.add_argument("--out", default="out.mp4")

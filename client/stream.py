@@ -25,10 +25,12 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from flowact.contract import (AUDIO, BEHAVIOUR, ENSEMBLE_MODEL, FRAMES, PROMPT, REF_IMAGE, RESUME, SEED, SNAPSHOT,
+                              WANT_SNAPSHOT, WIRE_DTYPES)
 from flowact.presets import CHUNK_SECONDS
 from flowact.stats import StreamSummary
 
-MODEL = "flowact"
+MODEL = ENSEMBLE_MODEL
 _ids = itertools.count(1)
 
 
@@ -53,22 +55,22 @@ class StreamResult:
 def make_inputs(audio: np.ndarray, image: np.ndarray | None = None, seed: int | None = None,
                 prompt: str | None = None, behaviour: str | None = None, snapshot: bytes | None = None,
                 want_snapshot: bool = False) -> list[grpcclient.InferInput]:
-    tensors: list[tuple[str, np.ndarray, str]] = [("AUDIO", audio[None], "FP32")]
+    tensors: list[tuple[str, np.ndarray]] = [(AUDIO, audio[None])]  # (1, 7680)
     if image is not None:
-        tensors.append(("REF_IMAGE", image[None], "UINT8"))
+        tensors.append((REF_IMAGE, image[None]))  # (1, H, W, 3)
     if seed is not None:
-        tensors.append(("SEED", np.array([[seed]], dtype=np.int64), "INT64"))
+        tensors.append((SEED, np.array([[seed]], dtype=np.int64)))  # (1, 1)
     if prompt is not None:
-        tensors.append(("PROMPT", np.array([[prompt.encode("utf-8")]], dtype=np.object_), "BYTES"))
+        tensors.append((PROMPT, np.array([[prompt.encode("utf-8")]], dtype=np.object_)))  # (1, 1)
     if behaviour is not None:
-        tensors.append(("BEHAVIOUR", np.array([[behaviour.encode("utf-8")]], dtype=np.object_), "BYTES"))
+        tensors.append((BEHAVIOUR, np.array([[behaviour.encode("utf-8")]], dtype=np.object_)))  # (1, 1)
     if snapshot is not None:
-        tensors.append(("RESUME", np.frombuffer(snapshot, dtype=np.uint8)[None], "UINT8"))
+        tensors.append((RESUME, np.frombuffer(snapshot, dtype=np.uint8)[None]))  # (1, n)
     if want_snapshot:
-        tensors.append(("WANT_SNAPSHOT", np.array([[True]]), "BOOL"))
+        tensors.append((WANT_SNAPSHOT, np.array([[True]])))  # (1, 1)
     inputs = []
-    for name, array, dtype in tensors:
-        tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+    for name, array in tensors:
+        tensor = grpcclient.InferInput(name, list(array.shape), WIRE_DTYPES[name])
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
     return inputs
@@ -83,7 +85,7 @@ class AvatarStream:
         self.stream_id = stream_id if stream_id is not None else next(_ids)
         self.want_snapshots = want_snapshots
         self.snapshot: bytes | None = None  # the latest snapshot received
-        self.outputs = ["FRAMES", "SNAPSHOT"] if want_snapshots else ["FRAMES"]
+        self.outputs = [FRAMES, SNAPSHOT] if want_snapshots else [FRAMES]
         self.client = grpcclient.InferenceServerClient(url)
         self.responses: queue.Queue = queue.Queue()
         self.last_error: str | None = None  # the latest error the stream callback saw
@@ -118,8 +120,8 @@ class AvatarStream:
                                   "open a new AvatarStream (with RESUME to continue from the last snapshot)")
             raise StreamError(f"stream {self.stream_id}: {message}")  # the server's answer to this request
         if self.want_snapshots:
-            self.snapshot = result.as_numpy("SNAPSHOT")[0].tobytes()
-        return arrival, result.as_numpy("FRAMES")[0]
+            self.snapshot = result.as_numpy(SNAPSHOT)[0].tobytes()
+        return arrival, result.as_numpy(FRAMES)[0]
 
     def run(self, image: np.ndarray | None, chunks: Iterable[np.ndarray], seed: int = 0, prompt: str | None = None,
             realtime: bool = False, max_in_flight: int = 2,

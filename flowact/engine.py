@@ -19,12 +19,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from flowact.contract import MAX_AUDIO_MAGNITUDE, MAX_PROMPT_BYTES, MAX_SEED
 from flowact.models.text_encoder import tokenize
 from flowact.presets import LATENT_CHANNELS, LATENT_FRAMES_PER_CHUNK, SAMPLE_RATE, SAMPLES_PER_CHUNK, Preset
 
 Tensor = torch.Tensor
-MAX_PROMPT_BYTES = 1024
-MAX_SEED = 2**63 - 1
 
 
 class InputError(ValueError):
@@ -182,7 +181,7 @@ def check_audio_chunk(audio, name: str = "audio") -> np.ndarray:
         raise InputError(f"{name}: shape must be ({SAMPLES_PER_CHUNK},) (0.48 s at 16 kHz), got {audio.shape}")
     if not np.isfinite(audio).all():
         raise InputError(f"{name}: contains NaN or Inf samples")
-    if np.abs(audio).max(initial=0.0) > 1.0e3:
+    if np.abs(audio).max(initial=0.0) > MAX_AUDIO_MAGNITUDE:
         raise InputError(f"{name}: sample magnitude {np.abs(audio).max():.3g} is absurd (expected about [-1, 1])")
     return audio
 

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from flowact.contract import CHECKPOINTS_ENV
 from flowact.models.audio_encoder import StreamingAudioEncoder
 from flowact.models.mmdit import MMDiT
 from flowact.models.text_encoder import TextEncoder
@@ -60,7 +61,6 @@ class Networks:
             save_file(state, str(directory / f"{name}.safetensors"))
 
 
-CHECKPOINTS_ENV = "FLOWACT_CHECKPOINTS"  # where the shipped checkpoints are (default: the checkout's checkpoints/)
 
 
 def shipped_checkpoint(preset_name: str) -> Path | None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from flowact.contract import BEHAVIOURS  # noqa: F401  (presets' users read it here too)
+
 # Shared stream geometry (FlowAct-R1 / Wan2.1 latent geometry).
 FPS = 25
 FRAMES_PER_CHUNK = 12  # 0.48 s of video per request
@@ -25,7 +27,6 @@ N_FFT = 400
 HOP_LENGTH = 160  # 100 mel frames per second; the conv stem halves it to 50 per second
 WHISPER_WINDOW_SAMPLES = 30 * SAMPLE_RATE  # the window Whisper weights were trained on
 
-BEHAVIOURS = ("speaking", "listening", "thinking", "idle")
 
 
 @dataclass(frozen=True)

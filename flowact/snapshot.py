@@ -34,12 +34,12 @@ import struct
 import numpy as np
 import torch
 
-from flowact.engine import MAX_PROMPT_BYTES, InputError, MemoryBank, StreamSession, check_prompt
+from flowact.contract import MAX_PROMPT_BYTES, SNAPSHOT_KEY_ENV
+from flowact.engine import InputError, MemoryBank, StreamSession, check_prompt
 from flowact.presets import AUDIO_FEATURES_PER_CHUNK, LATENT_CHANNELS, Preset
 
 VERSION = 1
 MAGIC = b"FASN"
-KEY_ENV = "FLOWACT_SNAPSHOT_KEY"
 MIN_KEY_BYTES = 16
 MAX_HEADER_BYTES = 4 * MAX_PROMPT_BYTES + 1024  # two prompts, JSON-escaped, plus a few fields
 _PREFIX = struct.Struct("<4sHI")  # magic, version, header length
@@ -77,12 +77,12 @@ def max_snapshot_bytes(preset: Preset) -> int:
 
 def key_from_env(env: dict[str, str] | None = None) -> bytes | None:
     """The deployment's snapshot key, or None (snapshots off). A short key is a configuration error."""
-    value = (os.environ if env is None else env).get(KEY_ENV, "")
+    value = (os.environ if env is None else env).get(SNAPSHOT_KEY_ENV, "")
     if not value:
         return None
     key = value.encode()
     if len(key) < MIN_KEY_BYTES:
-        raise ValueError(f"{KEY_ENV} must be at least {MIN_KEY_BYTES} bytes (e.g. `openssl rand -hex 32`)")
+        raise ValueError(f"{SNAPSHOT_KEY_ENV} must be at least {MIN_KEY_BYTES} bytes (e.g. `openssl rand -hex 32`)")
     return key
 
 

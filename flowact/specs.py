@@ -26,18 +26,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from flowact.contract import FRAMES, REF_IMAGE
 from flowact.presets import (AUDIO_FEATURES_PER_CHUNK, FRAMES_PER_CHUNK, LATENT_CHANNELS, LATENT_FRAMES_PER_CHUNK,
                              Preset)
 
 BATCH = "batch"  # the only symbolic dim
 
-# Tensor names (the serving code and clients use these).
+# Network tensor names (REF_IMAGE and FRAMES are the ensemble's too: flowact.contract).
 AUDIO_WINDOW = "AUDIO_WINDOW"
 AUDIO_FEATURES = "AUDIO_FEATURES"
-REF_IMAGE = "REF_IMAGE"
 REF_LATENT = "REF_LATENT"
 LATENTS = "LATENTS"
-FRAMES = "FRAMES"
 MEMORY = "MEMORY"
 MEMORY_VALID = "MEMORY_VALID"
 MEMORY_KV = "MEMORY_KV"

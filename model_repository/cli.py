@@ -10,7 +10,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-from flowact.serving.server import DEFAULT_DRAIN_FILE, DRAIN_FILE_ENV, TritonServer
+from flowact.contract import (ACTIVE_STREAMS, DEFAULT_CAPACITY, DEFAULT_DRAIN_FILE, DEFAULT_GRPC_PORT, DEFAULT_HOST,
+                              DEFAULT_HTTP_PORT, DEFAULT_IDLE_TTL_S, DEFAULT_METRICS_PORT, DRAIN_FILE_ENV,
+                              ENSEMBLE_MODEL, STREAM_CAPACITY, TRITONSERVER_ENV)
+from flowact.serving.server import TritonServer
 
 # This module stays free of torch at import time: `probe` and `drain` run as Kubernetes probes.
 ARTIFACTS = Path("artifacts")
@@ -39,15 +42,15 @@ def add_parser(sub) -> None:
     p.add_argument("--repository", type=Path, default=None,
                    help="serve this repository as it is (built if missing); default: artifacts/<preset>/repository, kept up to date")
     p.add_argument("--checkpoint", default=None, help="weights (default: checkpoints/<preset> if shipped, else random)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback by default)")
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--metrics-port", type=int, default=8002)
-    p.add_argument("--capacity", type=int, default=4, help="streams admitted at once (when building)")
-    p.add_argument("--idle-ttl", type=float, default=30.0, help="seconds before an idle stream is freed (when building)")
+    p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (loopback by default)")
+    p.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT)
+    p.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT)
+    p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT)
+    p.add_argument("--capacity", type=int, default=DEFAULT_CAPACITY, help="streams admitted at once (when building)")
+    p.add_argument("--idle-ttl", type=float, default=DEFAULT_IDLE_TTL_S, help="seconds before an idle stream is freed (when building)")
     p.add_argument("--pipeline", choices=PIPELINES, default="overlap", help="decode overlapping denoise, or serial")
     p.add_argument("--ready-timeout", type=float, default=180.0)
-    p.add_argument("--tritonserver", type=Path, default=os.environ.get("FLOWACT_TRITONSERVER"),
+    p.add_argument("--tritonserver", type=Path, default=os.environ.get(TRITONSERVER_ENV),
                    help="tritonserver binary (default: the one the nvidia-pytriton wheel ships; "
                         "/opt/tritonserver/bin/tritonserver in the NGC image)")
     p.add_argument("--work-dir", type=Path, default=ARTIFACTS / "triton", help="backend folder and server log")
@@ -57,19 +60,19 @@ def add_parser(sub) -> None:
 
     d = sub.add_parser("drain", help="stop admitting streams, wait until active streams end (preStop)")
     d.add_argument("--deadline", type=float, default=300.0, help="seconds to wait for active streams")
-    d.add_argument("--metrics-url", default="http://127.0.0.1:8002/metrics")
+    d.add_argument("--metrics-url", default=f"http://{DEFAULT_HOST}:{DEFAULT_METRICS_PORT}/metrics")
     d.set_defaults(func=_drain)
 
     r = sub.add_parser("probe", help="readiness for new streams: ready, not draining, below capacity")
     r.add_argument("what", choices=["ready"])
-    r.add_argument("--http-url", default="http://127.0.0.1:8000")
-    r.add_argument("--metrics-url", default="http://127.0.0.1:8002/metrics")
+    r.add_argument("--http-url", default=f"http://{DEFAULT_HOST}:{DEFAULT_HTTP_PORT}")
+    r.add_argument("--metrics-url", default=f"http://{DEFAULT_HOST}:{DEFAULT_METRICS_PORT}/metrics")
     r.set_defaults(func=_probe)
 
 
 def _serve(args) -> int:
     repo = args.repository or ARTIFACTS / args.preset / "repository"
-    if args.repository is None or not (repo / "flowact" / "config.pbtxt").exists():
+    if args.repository is None or not (repo / ENSEMBLE_MODEL / "config.pbtxt").exists():
         from flowact.networks import shipped_checkpoint
         from flowact.serving.repository import Pipeline, RepositoryOptions, build_embedded_repository
 
@@ -110,7 +113,7 @@ def _drain(args) -> int:
     deadline = time.monotonic() + args.deadline
     while time.monotonic() < deadline:
         try:
-            active = metric_value(scrape(args.metrics_url), "flowact_active_streams")
+            active = metric_value(scrape(args.metrics_url), ACTIVE_STREAMS)
         except OSError as e:
             print(f"metrics unreachable ({e}); assuming the server is gone", flush=True)
             return 0
@@ -136,7 +139,7 @@ def _probe(args) -> int:
     if drain_file().exists():
         print("not ready: draining")
         return 1
-    active, capacity = metric_value(text, "flowact_active_streams"), metric_value(text, "flowact_stream_capacity")
+    active, capacity = metric_value(text, ACTIVE_STREAMS), metric_value(text, STREAM_CAPACITY)
     if active is None or capacity is None:
         print("not ready: stream metrics not published yet")
         return 1

@@ -22,23 +22,13 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from flowact.contract import (AUDIO, BEHAVIOUR, CHUNK_INDEX, DEFAULT_CAPACITY, DEFAULT_IDLE_TTL_S, END,
+                              ENSEMBLE_MODEL, FRAMES, PROMPT, REF_IMAGE, RESUME, SEED, SNAPSHOT, START, STREAM_MODEL,
+                              WANT_SNAPSHOT)
 from flowact.presets import SAMPLES_PER_CHUNK, Preset, get_preset
-from flowact.specs import FRAMES, LATENTS, NetworkSpec, TensorSpec, network_specs
+from flowact.specs import LATENTS, NetworkSpec, TensorSpec, network_specs
 
 HERE = Path(__file__).parent
-STREAM_MODEL = "stream"
-ENSEMBLE_MODEL = "flowact"
-
-# Client-facing tensors of the ensemble (besides the specs' FRAMES).
-AUDIO = "AUDIO"
-REF_IMAGE_IN = "REF_IMAGE"
-SEED = "SEED"
-PROMPT = "PROMPT"
-BEHAVIOUR = "BEHAVIOUR"  # one of flowact.presets.BEHAVIOURS (PROMPT is free text)
-SNAPSHOT = "SNAPSHOT"  # output: the stream's signed state after this chunk (flowact.snapshot), on request
-WANT_SNAPSHOT = "WANT_SNAPSHOT"  # input: ask for SNAPSHOT
-RESUME = "RESUME"  # input with START: a SNAPSHOT to continue from (an ensemble input must not share an output's name)
-CHUNK_INDEX = "CHUNK_INDEX"
 
 
 class Target(str, Enum):
@@ -53,8 +43,8 @@ class Pipeline(str, Enum):
 
 @dataclass(frozen=True)
 class RepositoryOptions:
-    capacity: int = 4  # streams admitted at once
-    idle_ttl_s: float = 30.0  # a stream with no request for this long is freed
+    capacity: int = DEFAULT_CAPACITY  # streams admitted at once
+    idle_ttl_s: float = DEFAULT_IDLE_TTL_S  # a stream with no request for this long is freed
     pipeline: Pipeline = Pipeline.OVERLAP
     engine_threads: int = 2  # ONNX Runtime intra-op threads per engine model (embedded)
     queue_delay_us: int = 2000  # how long the stream batcher waits to gather streams into one batch
@@ -96,7 +86,7 @@ def stream_inputs(preset: Preset) -> list[mc.ModelInput]:
         # AUDIO is required in every request, but marked optional so that the stream model answers a
         # request without it ("AUDIO: required ..."): Triton 2.51's ensemble would report "unexpected deadlock".
         mc.ModelInput(name=AUDIO, data_type=mc.TYPE_FP32, dims=[SAMPLES_PER_CHUNK], optional=True),
-        mc.ModelInput(name=REF_IMAGE_IN, data_type=mc.TYPE_UINT8, dims=list(image.dims_without_batch), optional=True),
+        mc.ModelInput(name=REF_IMAGE, data_type=mc.TYPE_UINT8, dims=list(image.dims_without_batch), optional=True),
         mc.ModelInput(name=SEED, data_type=mc.TYPE_INT64, dims=[1], optional=True),
         mc.ModelInput(name=PROMPT, data_type=mc.TYPE_STRING, dims=[1], optional=True),
         mc.ModelInput(name=BEHAVIOUR, data_type=mc.TYPE_STRING, dims=[1], optional=True),
@@ -124,8 +114,8 @@ def stream_config(preset: Preset, opts: RepositoryOptions) -> mc.ModelConfig:
     # reach the model and are refused at once with "at capacity".
     seq.oldest.max_candidate_sequences = 2 * opts.capacity + 4
     seq.oldest.max_queue_delay_microseconds = opts.queue_delay_us
-    for name, kind in (("START", mc.ModelSequenceBatching.Control.CONTROL_SEQUENCE_START),
-                       ("END", mc.ModelSequenceBatching.Control.CONTROL_SEQUENCE_END)):
+    for name, kind in ((START, mc.ModelSequenceBatching.Control.CONTROL_SEQUENCE_START),
+                       (END, mc.ModelSequenceBatching.Control.CONTROL_SEQUENCE_END)):
         control = seq.control_input.add(name=name)
         control.control.add(kind=kind, int32_false_true=[0, 1])
     for key, value in (("preset", preset.name), ("capacity", str(opts.capacity)),

@@ -31,12 +31,12 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flowact.contract import DEFAULT_GRPC_PORT, DEFAULT_HOST, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT
+
 SHM_PREFIX = "triton_python_backend_shm_region"
 STUB_BINARY = "triton_python_backend_stub"
 STUB_EXIT_POLICIES = ("stop", "restart", "ignore")
 SERVER_LINGER_S = 3.0  # how long a stopping tritonserver may outlive its stubs before SIGKILL
-DRAIN_FILE_ENV = "FLOWACT_DRAIN_FILE"  # while this file exists the stream model refuses new streams
-DEFAULT_DRAIN_FILE = "/tmp/flowact/draining"
 # Protocols no client needs: restricted behind a key only the operator knows.
 RESTRICTED_PROTOCOLS = "model-repository,model-config,shared-memory,logging,trace,statistics"
 
@@ -81,10 +81,10 @@ def shm_regions() -> set[str]:
 @dataclass
 class TritonServer:
     repository: Path
-    grpc_port: int = 8001
-    http_port: int = 8000
-    metrics_port: int = 8002
-    host: str = "127.0.0.1"  # loopback unless told otherwise
+    grpc_port: int = DEFAULT_GRPC_PORT
+    http_port: int = DEFAULT_HTTP_PORT
+    metrics_port: int = DEFAULT_METRICS_PORT
+    host: str = DEFAULT_HOST  # loopback unless told otherwise
     work_dir: Path = Path("artifacts/triton")  # the assembled backend directory (embedded binary)
     binary: Path | None = None  # another tritonserver (e.g. /opt/tritonserver/bin/tritonserver in the NGC image)
     extra_args: list[str] = field(default_factory=list)  # passed to tritonserver as they are (TLS, ...)

@@ -29,12 +29,10 @@ from typing import Callable, Hashable, Mapping
 
 import numpy as np
 
-from flowact.engine import MAX_SEED, InputError, StreamSession, check_audio_chunk, check_image, check_prompt
-from flowact.presets import BEHAVIOURS, Preset
-from flowact.serving.repository import AUDIO, BEHAVIOUR, PROMPT, REF_IMAGE_IN, RESUME, SEED, WANT_SNAPSHOT
-from flowact.serving.server import DEFAULT_DRAIN_FILE
-
-DEFAULT_PROMPT = "speaking"
+from flowact.contract import (AUDIO, BEHAVIOUR, BEHAVIOURS, DEFAULT_DRAIN_FILE, MAX_SEED, MAX_TEXT_WIRE_BYTES, PROMPT,
+                              REF_IMAGE, RESUME, SEED, START_ONLY_INPUTS, WANT_SNAPSHOT)
+from flowact.engine import InputError, StreamSession, check_audio_chunk, check_image, check_prompt
+from flowact.presets import Preset
 
 
 class AdmissionError(InputError):
@@ -76,7 +74,7 @@ def text(array: np.ndarray, name: str) -> str:
     if not isinstance(value, (bytes, str)):
         raise InputError(f"{name}: expected a string (BYTES), got {type(value).__name__}")
     if isinstance(value, bytes):
-        if len(value) > 4 * 1024:
+        if len(value) > MAX_TEXT_WIRE_BYTES:
             raise InputError(f"{name}: {len(value)} bytes is far too long")
         try:
             value = value.decode("utf-8")
@@ -110,7 +108,7 @@ def parse_request(inputs: Mapping[str, np.ndarray | None], start: bool, end: boo
             raise InputError(f"{WANT_SNAPSHOT}: expected a bool, got {type(flag).__name__}")
         want = bool(flag)
     if not start:
-        for name in (REF_IMAGE_IN, SEED, RESUME):
+        for name in START_ONLY_INPUTS:
             if get(name) is not None:
                 raise InputError(f"{name}: only allowed with START (the first request of a stream)")
         return ChunkRequest(audio, False, end, prompt or behaviour, want_snapshot=want)
@@ -123,10 +121,10 @@ def parse_request(inputs: Mapping[str, np.ndarray | None], start: bool, end: boo
             raise InputError(f"{RESUME}: {raw.size} bytes is outside (0, {max_snapshot_bytes}]")
         snapshot = raw.tobytes()
     image = None
-    if get(REF_IMAGE_IN) is not None:
-        image = check_image(single(get(REF_IMAGE_IN), REF_IMAGE_IN), preset, REF_IMAGE_IN)
+    if get(REF_IMAGE) is not None:
+        image = check_image(single(get(REF_IMAGE), REF_IMAGE), preset, REF_IMAGE)
     elif snapshot is None:
-        raise InputError(f"{REF_IMAGE_IN}: required with START (the stream's reference image), "
+        raise InputError(f"{REF_IMAGE}: required with START (the stream's reference image), "
                          f"unless resuming from {RESUME}")
     seed = 0
     if get(SEED) is not None:

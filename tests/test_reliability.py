@@ -28,12 +28,13 @@ from tritonclient.utils import InferenceServerException
 
 from conftest import metrics, ref_image, run_session, speech_chunks, start_server, url
 from flowact.client.stream import AvatarStream, StreamError
-from flowact.engine import InputError, MAX_PROMPT_BYTES
+from flowact.contract import MAX_PROMPT_BYTES, SNAPSHOT_KEY_ENV
+from flowact.engine import InputError
 from flowact.presets import BEHAVIOURS, SAMPLES_PER_CHUNK, get_preset
 from flowact.serving.cli import metric_value
 from flowact.serving.server import TritonServer, free_ports, group_alive, group_rss, shm_regions
 from flowact.serving.streams import parse_request
-from flowact.snapshot import KEY_ENV, SnapshotCodec, SnapshotError, key_from_env, max_snapshot_bytes
+from flowact.snapshot import SnapshotCodec, SnapshotError, key_from_env, max_snapshot_bytes
 
 CAPACITY = 24
 IDLE_TTL_S = 1.5
@@ -56,7 +57,7 @@ TINY = get_preset("tiny")
 
 
 def launch(tmp: Path, onnx_dir: Path, capacity: int, idle_ttl_s: float = IDLE_TTL_S, **kwargs) -> TritonServer:
-    return start_server(tmp, onnx_dir, capacity, idle_ttl_s, extra_env={KEY_ENV: KEY}, **kwargs)
+    return start_server(tmp, onnx_dir, capacity, idle_ttl_s, extra_env={SNAPSHOT_KEY_ENV: KEY}, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -205,8 +206,8 @@ def test_snapshot_refusals_are_clear(tiny, tiny_engines):
     assert "made for preset 'tiny' (fingerprint" in refusal(SnapshotCodec(other, KEY.encode()).encode(
         _session_for(other, tiny_engines)))
     assert key_from_env({}) is None
-    with pytest.raises(ValueError, match=KEY_ENV):
-        key_from_env({KEY_ENV: "short"})
+    with pytest.raises(ValueError, match=SNAPSHOT_KEY_ENV):
+        key_from_env({SNAPSHOT_KEY_ENV: "short"})
 
 
 def _session_for(preset, engines):

@@ -28,32 +28,18 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from flowact.contract import (ACTIVE_STREAMS, CHUNK_INDEX, CHUNK_SECONDS_COUNT, CHUNK_SECONDS_SUM, CHUNKS_TOTAL,
+                              DEFAULT_DRAIN_FILE, DEFAULT_PROMPT, DRAIN_FILE_ENV, DRAINING, END, FRAMES, METRICS,
+                              RESUME, SNAPSHOT, SNAPSHOT_KEY_ENV, START, STREAM_CAPACITY, TTFF_SECONDS_COUNT,
+                              TTFF_SECONDS_SUM, WANT_SNAPSHOT)
 from flowact.engine import InputError, StreamSession, denoise_batch
 from flowact.presets import get_preset
 from flowact.serving.bls import bls_engines
-from flowact.serving.repository import CHUNK_INDEX, RESUME, SNAPSHOT, WANT_SNAPSHOT, stream_inputs
-from flowact.serving.server import DEFAULT_DRAIN_FILE, DRAIN_FILE_ENV
-from flowact.serving.streams import DEFAULT_PROMPT, StreamRegistry, parse_request, scalar
-from flowact.snapshot import KEY_ENV, SnapshotCodec, key_from_env, max_snapshot_bytes
+from flowact.serving.repository import stream_inputs
+from flowact.serving.streams import StreamRegistry, parse_request, scalar
+from flowact.snapshot import SnapshotCodec, key_from_env, max_snapshot_bytes
 
 NO_SNAPSHOT = np.zeros((1, 0), dtype=np.uint8)
-
-METRICS = {  # name -> (kind, help); names are the chart's contract (helm/flowact)
-    "flowact_active_streams": ("GAUGE", "streams with state on this server"),
-    "flowact_stream_capacity": ("GAUGE", "streams this server admits"),
-    "flowact_draining": ("GAUGE", "1 while the server refuses new streams"),
-    "flowact_chunks_total": ("COUNTER", "chunks generated"),
-    "flowact_streams_rejected_total": ("COUNTER", "STARTs refused (capacity, draining)"),
-    "flowact_streams_evicted_total": ("COUNTER", "streams freed by the idle TTL"),
-    "flowact_streams_started_total": ("COUNTER", "streams admitted (fresh or resumed)"),
-    "flowact_streams_resumed_total": ("COUNTER", "streams admitted from a snapshot"),
-    "flowact_streams_ended_total": ("COUNTER", "streams freed by END or by a failed chunk"),
-    "flowact_requests_invalid_total": ("COUNTER", "requests refused for their content (bad input)"),
-    "flowact_chunk_latency_seconds_sum": ("COUNTER", "seconds spent generating chunks (stream model)"),
-    "flowact_chunk_latency_seconds_count": ("COUNTER", "chunks timed"),
-    "flowact_ttff_seconds_sum": ("COUNTER", "seconds from START to its first chunk (stream model)"),
-    "flowact_ttff_seconds_count": ("COUNTER", "streams timed"),
-}
 
 
 def parameter(config: dict, key: str) -> str:
@@ -93,7 +79,7 @@ class TritonPythonModel:
             for name, (kind, help_text) in METRICS.items()}
         self.metrics = {name: family.Metric(labels={"model": "stream", "preset": self.preset.name})
                         for name, family in self.metric_families.items()}
-        self.metrics["flowact_stream_capacity"].set(capacity)
+        self.metrics[STREAM_CAPACITY].set(capacity)
         self.reported = {}  # counter values already pushed to Triton
         self.metrics_lock = threading.Lock()
         self.stop = threading.Event()
@@ -110,18 +96,16 @@ class TritonPythonModel:
         r = self.registry
         c = r.counters
         with self.metrics_lock:
-            self.metrics["flowact_active_streams"].set(r.active())
-            self.metrics["flowact_draining"].set(1 if r.draining() else 0)
-            for name, value in (("flowact_chunks_total", c.chunks), ("flowact_streams_rejected_total", c.rejected),
+            self.metrics[ACTIVE_STREAMS].set(r.active())
+            self.metrics[DRAINING].set(1 if r.draining() else 0)
+            for name, value in ((CHUNKS_TOTAL, c.chunks), ("flowact_streams_rejected_total", c.rejected),
                                 ("flowact_streams_evicted_total", c.evicted),
                                 ("flowact_streams_started_total", c.started),
                                 ("flowact_streams_resumed_total", c.resumed),
                                 ("flowact_streams_ended_total", c.ended),
                                 ("flowact_requests_invalid_total", c.invalid),
-                                ("flowact_chunk_latency_seconds_sum", c.chunk_seconds),
-                                ("flowact_chunk_latency_seconds_count", c.chunks),
-                                ("flowact_ttff_seconds_sum", c.ttff_seconds),
-                                ("flowact_ttff_seconds_count", c.ttff_count)):
+                                (CHUNK_SECONDS_SUM, c.chunk_seconds), (CHUNK_SECONDS_COUNT, c.chunks),
+                                (TTFF_SECONDS_SUM, c.ttff_seconds), (TTFF_SECONDS_COUNT, c.ttff_count)):
                 delta = value - self.reported.get(name, 0)
                 if delta:
                     self.metrics[name].increment(delta)
@@ -134,7 +118,7 @@ class TritonPythonModel:
                             self.max_snapshot_bytes)
         if self.codec is None and (req.want_snapshot or req.snapshot is not None):
             name = RESUME if req.snapshot is not None else WANT_SNAPSHOT
-            raise InputError(f"{name}: snapshots are disabled on this server (it has no {KEY_ENV})")
+            raise InputError(f"{name}: snapshots are disabled on this server (it has no {SNAPSHOT_KEY_ENV})")
         if not req.start:
             return sid, self.registry.get(sid).session, req
         if req.snapshot is not None:  # resume: the snapshot replaces REF_IMAGE and SEED
@@ -147,8 +131,8 @@ class TritonPythonModel:
         batch, ends = [], []
         for i, request in enumerate(requests):
             try:
-                start = bool(scalar(optional_input(request, "START"), "START"))
-                end = bool(scalar(optional_input(request, "END"), "END"))
+                start = bool(scalar(optional_input(request, START), START))
+                end = bool(scalar(optional_input(request, END), END))
             except Exception as e:  # Triton sets the control inputs; this is not expected
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"internal error: {e!r}"))
                 continue
@@ -185,7 +169,7 @@ class TritonPythonModel:
 
     def generate(self, sessions, audio, prompts) -> np.ndarray:
         latents = denoise_batch(sessions, audio, prompts)  # (B, 1+3, 16, h, w)
-        if self.output_name == "FRAMES":  # serial pipeline: decode here, before answering
+        if self.output_name == FRAMES:  # serial pipeline: decode here, before answering
             return self.engines.vae_decoder(latents).numpy()  # (B, 12, H, W, 3) uint8
         return latents.numpy()
 
