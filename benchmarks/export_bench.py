@@ -8,7 +8,7 @@ benchmarks/results/export.json (or --out). On CPU, ONNX Runtime emulates FP8 Q/D
 float32 GEMM), so the FP8 column measures the emulation's cost, not FP8 speed; FP8 speed needs
 TensorRT on a GPU (benchmarks/gpu_denoiser.py times FP8 GEMMs with torch there).
 The error table is each network's worst case vs float32 on a held-out recording of real streams,
-plus the decoded frames of an 8-chunk stream run entirely on the FP8 engines vs PyTorch.
+plus the decoded frames of an 8-chunk stream run entirely on the FP8 runners vs PyTorch.
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowact.engine import Engines, StreamSession
+from flowact.runtime import Runners
+from flowact.session import StreamSession
 from flowact.export.calibrate import stream_media
 from flowact.export.fp8 import export_fp8
 from flowact.export.manifest import Manifest
-from flowact.export.runtime import load_onnx_engines
+from flowact.runtime.onnx import load_onnx_runners
 from flowact.networks import build_networks
 from flowact.presets import CHUNK_SECONDS, get_preset
 from flowact.specs import MEMORY_VALID, network_specs
@@ -51,12 +52,12 @@ def timed_ms(fn, min_iters: int = 5, min_seconds: float = 1.0, warmup: int = 2) 
     return statistics.median(times), min(times)
 
 
-def stream_psnr(preset, reference: Engines, candidate: Engines, chunks: int = 8) -> list[float]:
-    """Per-chunk PSNR (dB) of a stream on `candidate` engines vs the same stream on `reference`."""
+def stream_psnr(preset, reference: Runners, candidate: Runners, chunks: int = 8) -> list[float]:
+    """Per-chunk PSNR (dB) of a stream on `candidate` runners vs the same stream on `reference`."""
     images, audios, prompts = stream_media(preset, 1, chunks, seed=123)
     frames = []
-    for engines in (reference, candidate):
-        s = StreamSession(preset, engines)
+    for runners in (reference, candidate):
+        s = StreamSession(preset, runners)
         s.start(images[0], seed=9, prompt=prompts[0])
         frames.append(np.stack([s.step(a) for a in audios[0]]).astype(np.float64))
     mse = ((frames[0] - frames[1]) ** 2).reshape(chunks, -1).mean(axis=1)
@@ -67,9 +68,9 @@ def bench_preset(name: str, root: Path, batch: int, threads: int) -> dict:
     preset = get_preset(name)
     nets = build_networks(preset)
     export_fp8(preset, root / name, nets=nets, say=lambda s: print("  " + s))
-    torch_engines = Engines.from_networks(nets)
-    engines = {"torch": torch_engines, "ort_fp32": load_onnx_engines(root / name, preset, "fp32", threads=threads),
-               "ort_fp8": load_onnx_engines(root / name, preset, "fp8", threads=threads)}
+    torch_runners = Runners.from_networks(nets)
+    runners = {"torch": torch_runners, "ort_fp32": load_onnx_runners(root / name, preset, "fp32", threads=threads),
+               "ort_fp8": load_onnx_runners(root / name, preset, "fp8", threads=threads)}
     fp8_manifest = Manifest.load(root / name / "fp8")
     out: dict = {"networks": {}}
     for net, spec in network_specs(preset).items():
@@ -79,7 +80,7 @@ def bench_preset(name: str, root: Path, batch: int, threads: int) -> dict:
         row = {"fp8_dir_precision": fp8_manifest.networks[net]["precision"],
                "error_vs_fp32": fp8_manifest.networks[net].get("error_vs_fp32", {})}
         for backend in BACKENDS:
-            fn = getattr(engines[backend], net)
+            fn = getattr(runners[backend], net)
             with torch.inference_mode():
                 med, best = timed_ms(lambda: fn(*inputs))
             row[f"{backend}_ms"], row[f"{backend}_ms_min"] = round(med, 3), round(best, 3)
@@ -92,7 +93,7 @@ def bench_preset(name: str, root: Path, batch: int, threads: int) -> dict:
                  + preset.nfe * n["denoiser"][f"{backend}_ms"] + n["vae_decoder"][f"{backend}_ms"])
         out[f"chunk_{backend}_ms"] = round(chunk, 2)
         out[f"chunk_{backend}_realtime_factor"] = round(chunk / (CHUNK_SECONDS * 1e3), 3)
-    psnr = stream_psnr(preset, torch_engines, engines["ort_fp8"])
+    psnr = stream_psnr(preset, torch_runners, runners["ort_fp8"])
     out["fp8_stream_psnr_db"] = [round(p, 2) for p in psnr]
     out["fp8_stream_psnr_db_min"] = round(min(psnr), 2)
     return out

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from flowact.engine import Engines, StreamSession, step_batch
+from flowact.runtime import Runners
+from flowact.session import StreamSession, step_batch
 from flowact.networks import build_networks
 from flowact.presets import AUDIO_FEATURES_PER_CHUNK, CHUNK_SECONDS, LATENT_CHANNELS, SAMPLES_PER_CHUNK, get_preset
 from flowact.stats import percentile
@@ -72,12 +73,12 @@ def bench_preset(name: str, batches: list[int], chunks: int, device: torch.devic
     preset = get_preset(name)
     with device:  # weights are created where they run (r1-480p has billions of parameters)
         nets = build_networks(preset).to(device)  # .to: buffers made from numpy start on the CPU
-    engines = Engines.from_networks(nets)
+    runners = Runners.from_networks(nets)
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (preset.height, preset.width, 3), dtype=np.uint8)
     rows = []
     for batch in batches:
-        sessions = [StreamSession(preset, engines, device=device) for _ in range(batch)]
+        sessions = [StreamSession(preset, runners, device=device) for _ in range(batch)]
         start_times = []
         for i, s in enumerate(sessions):
             t = time.perf_counter()

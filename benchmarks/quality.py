@@ -38,7 +38,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from flowact.engine import Engines, StreamSession, step_batch
+from flowact.runtime import Runners
+from flowact.session import StreamSession, step_batch
 from flowact.networks import Networks, build_networks
 from flowact.presets import SAMPLES_PER_CHUNK, Preset, get_preset
 from flowact.train.data import (DEMO_IDENTITY, Motion, audio_envelope, behaviour_motion, chunk_states, frame_states,
@@ -87,8 +88,8 @@ def ground_truth_meters(preset: Preset, avatars: list[Avatar]) -> list[StreamMet
 
 def stream_meters(preset: Preset, nets: Networks, avatars: list[Avatar], seed: int, desc: str,
                   device: str = "cpu") -> tuple[list[StreamMeter], float]:
-    engines = Engines.from_networks(nets.to(device))
-    sessions = [StreamSession(preset, engines, device=device) for _ in avatars]
+    runners = Runners.from_networks(nets.to(device))
+    sessions = [StreamSession(preset, runners, device=device) for _ in avatars]
     for i, (s, a) in enumerate(zip(sessions, avatars)):
         s.start(a.reference, seed=seed + i, prompt=a.states[0])
     meters = [StreamMeter(a.reference) for a in avatars]

@@ -15,7 +15,7 @@ Modes (one run, one machine; each section records the load average it started un
             process (multiprocessing; torch threads per worker: cores // N and 1 both tried where they
             differ, the better kept). ratio = ours / baseline.
   overhead  at N = 1: chunk latency through the server vs the same ONNX files in process
-            (flowact.export.runtime.load_onnx_engines, ONNX Runtime, the server's thread count).
+            (flowact.runtime.onnx.load_onnx_runners, ONNX Runtime, the server's thread count).
   pipeline  throughput (chunks/s, streams sending as fast as a 2-chunk window allows) with the
             repository rendered `overlap` (decode of chunk n overlaps denoise of n+1) vs `serial`.
   soak      one stream for --soak-minutes of looped audio: latency and server memory over time.
@@ -23,7 +23,7 @@ Modes (one run, one machine; each section records the load average it started un
 Without --url the benchmark renders the embedded repository, starts tritonserver on free loopback
 ports, and samples its process group with psutil. With --url it drives that server, reads host-wide
 CPU/memory from its metrics endpoint (nv_cpu_utilization, nv_cpu_memory_used_bytes), and skips the
-pipeline mode (it needs to render repositories); overhead then assumes --onnx-dir holds the engines
+pipeline mode (it needs to render repositories); overhead then assumes --onnx-dir holds the ONNX files
 that server runs.
 """
 
@@ -245,25 +245,13 @@ def describe(point: dict) -> str:
 # --- in-process runs (the baseline and the overhead reference) ---------------------------------------
 
 
-def server_like_onnx_engines(onnx_dir: str, preset, threads: int):
-    """flowact.export.runtime.load_onnx_engines, with each session rebuilt with the options the
-    server's engine models use (model_repository/engine/1/model.py): `threads` intra-op threads, one
-    inter-op thread, no spinning. With ONNX Runtime's default spinning, the idle pools of six engines
-    spin on the same two cores and the in-process reference gets slower than the server."""
-    import onnxruntime as ort
+def server_like_onnx_runners(onnx_dir: str, preset, threads: int):
+    """The ONNX files with the options the server's network models use (`threads` intra-op threads,
+    no spinning: with ONNX Runtime's default spinning, the idle pools of six sessions spin on the
+    same two cores and the in-process reference gets slower than the server)."""
+    from flowact.runtime.onnx import load_onnx_runners
 
-    from flowact.export.runtime import load_onnx_engines
-
-    engines = load_onnx_engines(onnx_dir, preset, threads=threads)
-    for name in engines.__dataclass_fields__:
-        engine = getattr(engines, name)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.log_severity_level = 3
-        engine.session = ort.InferenceSession(str(engine.path), options, providers=["CPUExecutionProvider"])
-    return engines
+    return load_onnx_runners(onnx_dir, preset, threads=threads, spin=False)
 
 
 def inprocess_worker(kind: str, preset_name: str, index: int, n: int, chunks: int, threads: int, onnx_dir: str,
@@ -275,19 +263,20 @@ def inprocess_worker(kind: str, preset_name: str, index: int, n: int, chunks: in
     try:
         import torch
 
-        from flowact.engine import Engines, StreamSession
+        from flowact.runtime import Runners
+from flowact.session import StreamSession
         from flowact.networks import build_networks
         from flowact.presets import get_preset
 
         torch.set_num_threads(threads)
         preset = get_preset(preset_name)
         if kind == "torch":
-            engines = Engines.from_networks(build_networks(preset, seed=0).to(device))
+            runners = Runners.from_networks(build_networks(preset, seed=0).to(device))
         else:
-            engines = server_like_onnx_engines(onnx_dir, preset, threads)
+            runners = server_like_onnx_runners(onnx_dir, preset, threads)
         image, audio = inputs(preset_name)
         loop = stream_audio(audio, index)
-        warm = StreamSession(preset, engines, device=device if kind == "torch" else "cpu")
+        warm = StreamSession(preset, runners, device=device if kind == "torch" else "cpu")
         warm.start(image, seed=index)
         for i in range(2):
             warm.step(loop.chunk(i))
@@ -299,7 +288,7 @@ def inprocess_worker(kind: str, preset_name: str, index: int, n: int, chunks: in
     t0 = t_start.value + index * CHUNK_SECONDS / n  # streams spread over one chunk period, like the load generator
     until = t_start.value + (chunks + 1) * CHUNK_SECONDS + grace_s
     timing = StreamTiming(f"{kind}-{index}", expected=chunks)
-    session = StreamSession(preset, engines, device=device if kind == "torch" else "cpu")
+    session = StreamSession(preset, runners, device=device if kind == "torch" else "cpu")
     try:
         for i in range(chunks):
             due = t0 + i * CHUNK_SECONDS
@@ -488,7 +477,7 @@ def run_sweep(cfg: BenchConfig, modes: set[str], endpoint: Endpoint | None, spec
 def overhead_section(cfg: BenchConfig, header: dict, server_n1: dict | None, inproc: dict) -> dict:
     section = header | {
         "what": "N=1 paced at real time: chunk latency through the server (gRPC ensemble, BLS to ONNX Runtime "
-                "engine models) vs the same ONNX files in process via flowact.export.runtime.load_onnx_engines "
+                "network models) vs the same ONNX files in process via flowact.runtime.onnx.load_onnx_runners "
                 f"(ONNX Runtime, {cfg.engine_threads} intra-op threads and no spinning, like the server's engine "
                 "models), measured right after each other",
         "inprocess_onnx": inproc}

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from flowact.engine import Engines, StreamSession, step_batch
+from flowact.runtime import Runners, full_valid
+from flowact.session import StreamSession, step_batch
 from flowact.media import load_audio, load_image, split_chunks
 from flowact.networks import Networks
 from flowact.presets import BEHAVIOURS, SAMPLES_PER_CHUNK, Preset
@@ -42,13 +43,14 @@ class Recording:
 class _Recorder:
     """Wraps one network callable: marks it current (for the amax hooks) and keeps its first calls."""
 
-    def __init__(self, name: str, fn, rec: Recording, state: dict, keep: int | None):
-        self.name, self.fn, self.rec, self.state, self.keep = name, fn, rec, state, keep
+    def __init__(self, name: str, fn, rec: Recording, state: dict, keep: int | None, spec):
+        self.name, self.fn, self.rec, self.state, self.keep, self.spec = name, fn, rec, state, keep, spec
 
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def __call__(self, *inputs: torch.Tensor | None) -> torch.Tensor:
         self.rec.counts[self.name] += 1
-        if self.keep is None or len(self.rec.calls[self.name]) < self.keep:
-            self.rec.calls[self.name].append(tuple(x.detach().cpu().numpy().copy() for x in inputs))
+        if self.keep is None or len(self.rec.calls[self.name]) < self.keep:  # as the ONNX graph takes them
+            graph_inputs = full_valid(self.spec, inputs, inputs[0].shape[0])
+            self.rec.calls[self.name].append(tuple(x.detach().cpu().numpy().copy() for x in graph_inputs))
         self.state["network"] = self.name
         try:
             return self.fn(*inputs)
@@ -112,12 +114,13 @@ def record_streams(preset: Preset, nets: Networks, streams: int = 4, chunks: int
     device = torch.device(device)
     if device.type != "cpu":
         nets.to(device)
-    base = Engines.from_networks(nets)
-    engines = Engines(**{n: _Recorder(n, getattr(base, n), rec, state, keep) for n in NETWORK_NAMES})
+    base = Runners.from_networks(nets)
+    specs = network_specs(preset)
+    runners = Runners(**{n: _Recorder(n, getattr(base, n), rec, state, keep, specs[n]) for n in NETWORK_NAMES})
     handles = _amax_hooks(nets, rec, state)
     try:
         images, audios, prompts = stream_media(preset, streams, chunks, seed)
-        sessions = [StreamSession(preset, engines, device=device) for _ in range(streams)]
+        sessions = [StreamSession(preset, runners, device=device) for _ in range(streams)]
         for i, s in enumerate(sessions):
             s.start(images[i], seed=seed * 1000 + i, prompt=prompts[i])
         with torch.inference_mode():

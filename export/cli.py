@@ -4,7 +4,7 @@
     flowact export fp8   --preset P [--checkpoint DIR] --out ROOT   -> ROOT/fp8/ (runs onnx first)
     flowact export trt   --preset P [--checkpoint DIR] --out ROOT   -> ROOT/trt-fp8/ (runs fp8 first; GPU + TensorRT)
     flowact export check --out ROOT [--precision fp8]               TensorRT parser check on CPU
-    flowact export repository --preset P --target embedded|trt --out DIR [--capacity N]
+    flowact export repository --preset P --target embedded|torch|trt --out DIR [--capacity N] [--device cuda:0]
                                                                     a Triton model repository (exports as needed)
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from flowact.contract import DEFAULT_CAPACITY, DEFAULT_IDLE_TTL_S
 from flowact.presets import PRESETS, get_preset
 
 def add_parser(sub) -> None:
@@ -51,11 +52,13 @@ def add_parser(sub) -> None:
 
     p = steps.add_parser("repository", help="a complete Triton model repository (exports what it needs)")
     common(p)
-    p.add_argument("--target", choices=["embedded", "trt"], default="embedded",
-                   help="embedded: python-backend engines running the ONNX files; trt: tensorrt_plan engines")
-    p.add_argument("--engines", type=Path, default=None, help="export root for the engines (default artifacts/<preset>)")
-    p.add_argument("--capacity", type=int, default=4, help="streams the server admits at once")
-    p.add_argument("--idle-ttl", type=float, default=30.0, help="seconds before an idle stream is freed")
+    p.add_argument("--target", choices=["embedded", "torch", "trt"], default="embedded",
+                   help="embedded: ONNX Runtime network models behind BLS (CPU); torch: PyTorch beside the stream "
+                        "state in the stream model (CUDA bf16 or CPU); trt: TensorRT plans beside the state")
+    p.add_argument("--device", default="cpu", help="targets torch and trt: the stream model's device (e.g. cuda:0)")
+    p.add_argument("--engines", type=Path, default=None, help="export root for ONNX / plans (default artifacts/<preset>)")
+    p.add_argument("--capacity", type=int, default=DEFAULT_CAPACITY, help="streams the server admits at once")
+    p.add_argument("--idle-ttl", type=float, default=DEFAULT_IDLE_TTL_S, help="seconds before an idle stream is freed")
     p.add_argument("--pipeline", choices=["overlap", "serial"], default="overlap")
     p.set_defaults(func=_repository)
 
@@ -92,10 +95,13 @@ def _repository(args) -> int:
                                             render_repository)
 
     preset = get_preset(args.preset)
-    opts = RepositoryOptions(capacity=args.capacity, idle_ttl_s=args.idle_ttl, pipeline=Pipeline(args.pipeline))
+    opts = RepositoryOptions(capacity=args.capacity, idle_ttl_s=args.idle_ttl, pipeline=Pipeline(args.pipeline),
+                             device=args.device)
     engines = args.engines or Path("artifacts") / preset.name
     if args.target == Target.EMBEDDED.value:
         repo = build_embedded_repository(preset.name, args.out, args.checkpoint, opts, engines, seed=args.seed)
+    elif args.target == Target.TORCH.value:
+        repo = render_repository(preset, Target.TORCH, args.out, opts=opts, checkpoint=args.checkpoint)
     else:
         from flowact.export.tensorrt import TensorRTUnavailable, build_trt
 

@@ -116,17 +116,6 @@ def linear_layers(model: onnx.ModelProto) -> list[Linear]:
     return out
 
 
-def _ort_options():
-    """ONNX Runtime options for calibration/evaluation: quiet, and the caller's torch thread budget."""
-    import onnxruntime as ort
-    import torch
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = torch.get_num_threads()
-    return options
-
-
 # --- Q/DQ insertion -------------------------------------------------------------------------------------
 
 
@@ -235,11 +224,12 @@ def compare(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
 def network_error(reference: str | Path | onnx.ModelProto, candidate: str | Path | onnx.ModelProto, spec: NetworkSpec,
                   calls: list[tuple[np.ndarray, ...]]) -> dict[str, float]:
     """Worst-case error of `candidate` vs `reference` over recorded calls (both run in ONNX Runtime)."""
-    import onnxruntime as ort
+    import torch
 
-    def session(m):
-        src = m.SerializeToString() if isinstance(m, onnx.ModelProto) else str(m)
-        return ort.InferenceSession(src, _ort_options(), providers=["CPUExecutionProvider"])
+    from flowact.runtime.onnx import ort_session
+
+    def session(m):  # the caller's torch thread budget
+        return ort_session(m.SerializeToString() if isinstance(m, onnx.ModelProto) else m, torch.get_num_threads())
 
     a, b = session(reference), session(candidate)
     worst: dict[str, float] = {}

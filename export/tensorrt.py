@@ -7,8 +7,8 @@ strongly typed network is built with one optimisation profile from the spec's ba
 timing cache shared by all networks on that GPU. `<network>.build_info.json` beside each plan
 records precision, GPU name and compute capability, TensorRT version, ONNX hash and preset.
 
-`TrtEngine(plan, spec)` has the PyTorch callable's signature (CUDA torch tensors in and out,
-batches above the profile's max are split), and `load_trt_engines(directory)` builds `Engines`.
+The plans run through flowact.runtime.tensorrt (`TrtRunner`, `load_trt_runners`), which does not
+import this builder.
 
 TensorRT is imported lazily: without it every entry point raises `TensorRTUnavailable` with
 a clear message; nothing else in flowact needs it.
@@ -26,7 +26,6 @@ from typing import Callable
 import onnx
 import torch
 
-from flowact.engine import Engines
 from flowact.export import graph
 from flowact.export.fp8 import export_fp8
 from flowact.export.manifest import Manifest, Precision, digest, resolve
@@ -34,31 +33,10 @@ from flowact.export.onnx import WeightSource
 from flowact.export.trt_check import check_tensorrt_compat, errors
 from flowact.networks import Networks
 from flowact.presets import Preset, get_preset
+from flowact.runtime.tensorrt import TensorRTBuildError, TensorRTUnavailable, import_tensorrt
 from flowact.specs import NETWORK_NAMES, NetworkSpec, network_specs
 
 HIGH_PRECISION = ("float16", "bfloat16")
-
-
-class TensorRTUnavailable(RuntimeError):
-    """TensorRT (or a GPU) is missing."""
-
-
-class TensorRTBuildError(RuntimeError):
-    """The parser or builder rejected a network."""
-
-
-def import_tensorrt():
-    try:
-        import tensorrt as trt  # noqa: PLC0415 - optional dependency, imported only when used
-    except Exception as e:  # ImportError, or the PyPI stub failing to fetch its wheel
-        raise TensorRTUnavailable(
-            "TensorRT is not installed: `flowact export trt` and the TensorRT engines need the `tensorrt` Python "
-            "package (TensorRT 10, e.g. inside the NGC tritonserver or TensorRT container) and an NVIDIA GPU. "
-            "The fp32 and fp8 ONNX exports (`flowact export onnx|fp8`) run without it.") from e
-    major = int(str(trt.__version__).split(".")[0])
-    if major < 10:
-        raise TensorRTUnavailable(f"TensorRT {trt.__version__} found; flowact needs TensorRT 10 or newer")
-    return trt
 
 
 def gpu_info() -> dict:
@@ -160,61 +138,3 @@ def build_trt(preset: Preset, out: str | Path, checkpoint: str | Path | None = N
         say(f"{name}: built {plan} in {facts['build_seconds']} s")
     manifest.save(directory)
     return {name: manifest.path(directory, name) for name in NETWORK_NAMES}
-
-
-class TrtEngine:
-    """One TensorRT plan behind the PyTorch callable's signature (torch tensors in, a CUDA tensor out)."""
-
-    def __init__(self, plan: str | Path, spec: NetworkSpec, device: str | torch.device = "cuda"):
-        trt = import_tensorrt()
-        self.spec, self.device = spec, torch.device(device)
-        self.logger = trt.Logger(trt.Logger.WARNING)
-        self.runtime = trt.Runtime(self.logger)
-        with torch.cuda.device(self.device):
-            self.engine = self.runtime.deserialize_cuda_engine(Path(plan).read_bytes())
-            if self.engine is None:
-                raise TensorRTBuildError(f"{plan}: TensorRT could not deserialize the plan (built for another "
-                                         "GPU or TensorRT version? rebuild with `flowact export trt`)")
-            self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        expected = spec.input_names + spec.output_names
-        if sorted(names) != sorted(expected):
-            raise ValueError(f"{plan}: engine tensors {names} differ from the spec's {expected}")
-
-    def __repr__(self) -> str:
-        return f"TrtEngine({self.spec.name}, {self.device})"
-
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        spec = self.spec
-        if len(inputs) != len(spec.inputs):
-            raise TypeError(f"{spec.name} takes {len(spec.inputs)} inputs ({', '.join(spec.input_names)}), got {len(inputs)}")
-        batch, step = inputs[0].shape[0], spec.profile.max
-        if batch > step:  # above the profile: run in slices
-            return torch.cat([self(*(x[i:i + step] for x in inputs)) for i in range(0, batch, step)])
-        feeds = []
-        for t, x in zip(spec.inputs, inputs):
-            if tuple(x.shape) != t.shape(batch):
-                raise ValueError(f"{spec.name}: {t.name} must have shape {t.shape(batch)}, got {tuple(x.shape)}")
-            x = x.detach().to(self.device, t.torch_dtype).contiguous()
-            feeds.append(x)  # keep alive until the stream is done
-            self.context.set_input_shape(t.name, tuple(x.shape))
-            self.context.set_tensor_address(t.name, x.data_ptr())
-        o = spec.outputs[0]
-        out = torch.empty(o.shape(batch), dtype=o.torch_dtype, device=self.device)
-        self.context.set_tensor_address(o.name, out.data_ptr())
-        stream = torch.cuda.current_stream(self.device)
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError(f"TensorRT execution of {spec.name} failed")
-        like = inputs[0]
-        return out.to(like.dtype) if out.is_floating_point() and like.is_floating_point() else out
-
-
-def load_trt_engines(directory: str | Path, preset: Preset | str | None = None,
-                     device: str | torch.device = "cuda") -> Engines:
-    """An `Engines` running the TensorRT plans of an export directory (ROOT or ROOT/trt-fp8)."""
-    directory = resolve(directory, Precision.TRT_FP8)
-    manifest = Manifest.load(directory)
-    preset = get_preset(manifest.preset) if preset is None else get_preset(preset) if isinstance(preset, str) else preset
-    manifest.check_preset(preset, directory)
-    specs = network_specs(preset)
-    return Engines(**{n: TrtEngine(manifest.path(directory, n), specs[n], device) for n in NETWORK_NAMES})

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from flowact.engine import Engines, StreamSession
+from flowact.runtime import Runners
+from flowact.session import StreamSession
 from flowact.media import Mp4Writer, load_audio, load_image, split_chunks
 from flowact.networks import build_networks, shipped_checkpoint
 from flowact.presets import get_preset
@@ -23,7 +24,7 @@ def generate(preset_name: str, image: str | Path, audio: str | Path, out: str | 
     speech = load_audio(audio)  # (S,) float32 16 kHz
     chunks, n_frames = split_chunks(speech)  # (N, 7680), frames covering the audio
 
-    session = StreamSession(preset, Engines.from_networks(nets))
+    session = StreamSession(preset, Runners.from_networks(nets))
     latencies, arrivals = [], []
     written = 0
     t0 = time.perf_counter()

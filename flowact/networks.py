@@ -70,11 +70,14 @@ def shipped_checkpoint(preset_name: str) -> Path | None:
     return path if (path / "preset.json").is_file() else None
 
 
-def build_networks(preset: Preset, seed: int = 0, checkpoint: str | Path | None = None) -> Networks:
-    """Seeded random weights, or the checkpoint's weights when `checkpoint` is given. Eval mode, fp32, CPU."""
+def build_networks(preset: Preset, seed: int = 0, checkpoint: str | Path | None = None,
+                   device: str | torch.device = "cpu") -> Networks:
+    """Seeded random weights, or the checkpoint's weights when `checkpoint` is given. Eval mode, fp32,
+    built directly on `device` (random weights then come from that device's generator)."""
     torch.manual_seed(seed)
-    nets = Networks(preset, StreamingAudioEncoder(preset.audio), VAEEncoder(preset), VAEDecoder(preset),
-                    MMDiT(preset), TextEncoder(preset))
+    with torch.device(device):
+        nets = Networks(preset, StreamingAudioEncoder(preset.audio), VAEEncoder(preset), VAEDecoder(preset),
+                        MMDiT(preset), TextEncoder(preset))
     if checkpoint is not None:
         load_checkpoint(nets, checkpoint)
     for module in nets.modules().values():

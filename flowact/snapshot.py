@@ -17,9 +17,13 @@ Layout (little-endian):
 The header names the preset and its fingerprint; the array layout is derived from the preset,
 never read from the header, so a snapshot cannot make the server allocate what it did not expect.
 
-This module knows nothing about Triton; it reads and writes a session's attributes
-(flowact.engine.StreamSession) and raises `SnapshotError` (an InputError) naming `field`, the
-request input the snapshot came in.
+The layout is `StreamState.layout` (flowact.session): the state class lists its own fields, and
+`arrays()` / `load()` read and write them, so this codec holds no list of its own. The generator
+state is the device kind's (CPU or CUDA), so a snapshot resumes on devices of the same kind; the
+fingerprint covers the device kind, so another kind refuses it by name.
+
+This module knows nothing about Triton; it raises `SnapshotError` (an InputError) naming `field`,
+the request input the snapshot came in.
 """
 
 from __future__ import annotations
@@ -32,11 +36,10 @@ import os
 import struct
 
 import numpy as np
-import torch
 
 from flowact.contract import MAX_PROMPT_BYTES, SNAPSHOT_KEY_ENV
-from flowact.engine import InputError, MemoryBank, StreamSession, check_prompt
-from flowact.presets import AUDIO_FEATURES_PER_CHUNK, LATENT_CHANNELS, Preset
+from flowact.presets import Preset
+from flowact.session import InputError, StreamSession, StreamState, check_prompt
 
 VERSION = 1
 MAGIC = b"FASN"
@@ -44,34 +47,20 @@ MIN_KEY_BYTES = 16
 MAX_HEADER_BYTES = 4 * MAX_PROMPT_BYTES + 1024  # two prompts, JSON-escaped, plus a few fields
 _PREFIX = struct.Struct("<4sHI")  # magic, version, header length
 _MAC_BYTES = 32
-RNG_STATE_BYTES = int(torch.Generator().get_state().numel())  # torch's CPU generator (mt19937): 5,056
 
 
 class SnapshotError(InputError):
     """A snapshot this server refuses; the message says why."""
 
 
-def preset_fingerprint(preset: Preset) -> str:
-    """Hash of every preset field: two servers resume each other's streams only if it matches."""
-    fields = json.dumps(dataclasses.asdict(preset), sort_keys=True, default=str)
+def preset_fingerprint(preset: Preset, device_kind: str = "cpu") -> str:
+    """Hash of every preset field and the device kind: two servers resume each other's streams only if it matches."""
+    fields = json.dumps({**dataclasses.asdict(preset), "device_kind": device_kind}, sort_keys=True, default=str)
     return hashlib.sha256(fields.encode()).hexdigest()[:16]
 
 
-def array_layout(preset: Preset) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
-    """(name, dtype, shape) of every array a snapshot of this preset holds, in order."""
-    lat = (LATENT_CHANNELS, preset.latent_height, preset.latent_width)
-    return [
-        ("memory_latents", np.dtype(np.float32), (preset.memory_frames, *lat)),  # MemoryBank.latents
-        ("memory_valid", np.dtype(np.bool_), (preset.memory_frames,)),  # MemoryBank.valid
-        ("decode_context", np.dtype(np.float32), (1, *lat)),  # last latent frame shown
-        ("audio_window", np.dtype(np.float32), (preset.audio_window_samples,)),  # audio context + last chunk
-        ("rng_state", np.dtype(np.uint8), (RNG_STATE_BYTES,)),  # torch.Generator.get_state()
-        ("last_audio_features", np.dtype(np.float32), (AUDIO_FEATURES_PER_CHUNK, preset.audio.d_model)),
-    ]
-
-
-def max_snapshot_bytes(preset: Preset) -> int:
-    arrays = sum(int(np.prod(shape)) * dtype.itemsize for _, dtype, shape in array_layout(preset))
+def max_snapshot_bytes(preset: Preset, device_kind: str = "cpu") -> int:
+    arrays = sum(int(np.prod(shape)) * dtype.itemsize for _, dtype, shape in StreamState.layout(preset, device_kind))
     return _PREFIX.size + MAX_HEADER_BYTES + arrays + _MAC_BYTES
 
 
@@ -89,13 +78,13 @@ def key_from_env(env: dict[str, str] | None = None) -> bytes | None:
 class SnapshotCodec:
     """Encode a session's state into a signed snapshot and restore a session from one."""
 
-    def __init__(self, preset: Preset, key: bytes, field: str = "snapshot"):
+    def __init__(self, preset: Preset, key: bytes, field: str = "snapshot", device_kind: str = "cpu"):
         if len(key) < MIN_KEY_BYTES:
             raise ValueError(f"snapshot key must be at least {MIN_KEY_BYTES} bytes")
-        self.preset, self.key, self.field = preset, key, field
-        self.fingerprint = preset_fingerprint(preset)
-        self.layout = array_layout(preset)
-        self.max_bytes = max_snapshot_bytes(preset)
+        self.preset, self.key, self.field, self.device_kind = preset, key, field, device_kind
+        self.fingerprint = preset_fingerprint(preset, device_kind)
+        self.layout = StreamState.layout(preset, device_kind)
+        self.max_bytes = max_snapshot_bytes(preset, device_kind)
 
     def _mac(self, body: bytes) -> bytes:
         return hmac.new(self.key, body, hashlib.sha256).digest()
@@ -106,17 +95,8 @@ class SnapshotCodec:
         """The state of a started session after its last chunk. (`version` exists for tests.)"""
         if not session.started:
             raise ValueError("cannot snapshot a session that has not started")
-        lat = session.last_audio_features
-        header = {"preset": self.preset.name, "fingerprint": self.fingerprint, "chunk_index": session.chunk_index,
-                  "prompt": session.prompt, "last_prompt": session.last_prompt, "has_last_audio": lat is not None}
-        values = {
-            "memory_latents": session.memory.latents.numpy(),
-            "memory_valid": session.memory.valid.numpy(),
-            "decode_context": session.decode_context.numpy(),
-            "audio_window": session.audio_window,
-            "rng_state": session.generator.get_state().numpy(),
-            "last_audio_features": np.zeros(self.layout[-1][2], np.float32) if lat is None else lat.numpy(),
-        }
+        header = {"preset": self.preset.name, "fingerprint": self.fingerprint, **session.state.header()}
+        values = session.state.arrays()
         header_bytes = json.dumps(header, separators=(",", ":")).encode()
         parts = [_PREFIX.pack(MAGIC, version, len(header_bytes)), header_bytes]
         for name, dtype, shape in self.layout:
@@ -155,8 +135,8 @@ class SnapshotCodec:
             raise SnapshotError(f"{self.field}: unreadable header")
         if header.get("preset") != self.preset.name or header.get("fingerprint") != self.fingerprint:
             raise SnapshotError(f"{self.field}: made for preset {header.get('preset')!r} (fingerprint "
-                                f"{header.get('fingerprint')}), this server runs {self.preset.name!r} "
-                                f"(fingerprint {self.fingerprint})")
+                                f"{header.get('fingerprint')}), this server runs {self.preset.name!r} on "
+                                f"{self.device_kind} (fingerprint {self.fingerprint})")
         offset = _PREFIX.size + header_len
         arrays = {}
         for name, dtype, shape in self.layout:
@@ -181,23 +161,10 @@ class SnapshotCodec:
 
     def restore(self, session: StreamSession, blob: bytes) -> StreamSession:
         """Put a checked snapshot's state into a fresh session (instead of `session.start`)."""
-        state = self.decode(blob)
-        generator = torch.Generator()
+        parts = self.decode(blob)
+        header = {k: parts.pop(k) for k in ("chunk_index", "prompt", "last_prompt", "has_last_audio")}
         try:
-            generator.set_state(torch.from_numpy(state["rng_state"].copy()))
-        except RuntimeError as e:
+            session.restore(parts, header)
+        except RuntimeError as e:  # the generator refused its state
             raise SnapshotError(f"{self.field}: invalid RNG state ({e})") from None
-        latents = torch.from_numpy(state["memory_latents"].copy())
-        memory = MemoryBank(latents[0], self.preset.long_term_size)
-        memory.latents.copy_(latents)
-        memory.valid.copy_(torch.from_numpy(state["memory_valid"].copy()))
-        session.memory = memory
-        session.decode_context = torch.from_numpy(state["decode_context"].copy())
-        session.audio_window = state["audio_window"].copy()
-        session.generator = generator
-        session.chunk_index = state["chunk_index"]
-        session.last_audio_features = torch.from_numpy(state["last_audio_features"].copy()) if state["has_last_audio"] else None
-        session.prompt = state["prompt"]
-        session.last_prompt = state["last_prompt"]
-        session.started = True
         return session

@@ -5,7 +5,7 @@ the runtime adapters all read `network_specs(preset)`. Every dim is static for a
 leading `batch` (the number of streams in one engine call): memory has fixed slots and a validity
 mask (MEMORY_VALID), so its length never varies.
 
-Networks, in the order of `flowact.engine.Engines`' fields:
+Networks, in the order of `flowact.runtime.Runners`' fields:
     audio_encoder    AUDIO_WINDOW -> AUDIO_FEATURES
     vae_encoder      REF_IMAGE -> REF_LATENT
     vae_decoder      LATENTS -> FRAMES
@@ -213,7 +213,7 @@ class NetworkSpec:
         return (owner if self.method == "forward" else _WRAPPERS[self.method](owner)).eval()
 
     def callable(self, nets) -> Callable[..., torch.Tensor]:
-        """The PyTorch callable `flowact.engine.Engines` holds for this network."""
+        """The PyTorch callable `flowact.runtime.Runners` holds for this network."""
         owner = getattr(nets, self.owner)
         return owner if self.method == "forward" else getattr(owner, self.method)
 
@@ -230,7 +230,7 @@ class NetworkSpec:
 
 
 def network_specs(preset: Preset) -> dict[str, NetworkSpec]:
-    """The specs of a preset's networks, in the order of `flowact.engine.Engines`' fields."""
+    """The specs of a preset's networks, in the order of `flowact.runtime.Runners`' fields."""
     p = preset
     f32, u8, i64, b8 = np.dtype(np.float32), np.dtype(np.uint8), np.dtype(np.int64), np.dtype(np.bool_)
     lat = (p.latent_height, p.latent_width)

@@ -1,11 +1,22 @@
 """Render a complete Triton model repository from the network specs.
 
     <out>/
-      audio_encoder/ vae_encoder/ vae_decoder/ denoiser_memory/ denoiser/ text_encoder/
-                              engine models: python + ONNX Runtime (target embedded) or tensorrt_plan (target trt)
       stream/                 python backend, sequence batching (oldest), holds every stream's state
-      flowact/                the ensemble clients call: stream -> vae_decoder (decode overlaps denoise)
+      vae_decoder/            the ensemble's second step: decoding chunk n overlaps denoising n+1
+      flowact/                the ensemble clients call: stream -> vae_decoder
+      audio_encoder/ vae_encoder/ denoiser_memory/ denoiser/ text_encoder/
+                              target embedded only: network models the stream model calls through BLS
       repository.json         what was rendered, from what
+
+Targets (where the networks run, and where the per-stream state lives):
+    embedded  every network a python model running its ONNX file with ONNX Runtime (CPU); the
+              stream model calls them through BLS and keeps its state on the host.
+    torch     the stream model runs the audio encoder, VAE encoder, memory pass, denoiser and text
+              encoder itself, PyTorch on its device (CUDA bf16, or CPU fp32: the same code path),
+              next to a pool of per-stream state on that device; vae_decoder is a python model
+              running PyTorch on the same device (GPU tensors pass through DLPack).
+    trt       as torch, with TensorRT plans: the stream model loads the five plans from its own
+              directory; vae_decoder is a tensorrt_plan model.
 
 Every config.pbtxt is built as Triton's own ModelConfig protobuf and printed in text format; no
 tensor name is written here that the specs do not define.
@@ -32,8 +43,13 @@ HERE = Path(__file__).parent
 
 
 class Target(str, Enum):
-    EMBEDDED = "embedded"  # python-backend engine models running ONNX with ONNX Runtime
-    TRT = "trt"  # tensorrt_plan engine models
+    EMBEDDED = "embedded"  # python network models running ONNX with ONNX Runtime, reached through BLS
+    TORCH = "torch"  # PyTorch inside the stream model, beside the state (GPUs without TensorRT; CPU)
+    TRT = "trt"  # TensorRT plans inside the stream model; vae_decoder a tensorrt_plan model
+
+
+# The stream model's runtime per target (flowact.runtime.RuntimeKind values).
+STREAM_RUNTIME = {Target.EMBEDDED: "bls", Target.TORCH: "torch", Target.TRT: "trt"}
 
 
 class Pipeline(str, Enum):
@@ -46,8 +62,9 @@ class RepositoryOptions:
     capacity: int = DEFAULT_CAPACITY  # streams admitted at once
     idle_ttl_s: float = DEFAULT_IDLE_TTL_S  # a stream with no request for this long is freed
     pipeline: Pipeline = Pipeline.OVERLAP
-    engine_threads: int = 2  # ONNX Runtime intra-op threads per engine model (embedded)
+    engine_threads: int = 2  # intra-op threads per network model (ONNX Runtime, or torch on the CPU)
     queue_delay_us: int = 2000  # how long the stream batcher waits to gather streams into one batch
+    device: str = "cpu"  # targets torch and trt: where the stream model's state and networks live ("cuda:0")
 
 
 def tensor_config(spec: TensorSpec, cls, optional: bool = False):
@@ -57,8 +74,16 @@ def tensor_config(spec: TensorSpec, cls, optional: bool = False):
     return t
 
 
-def engine_config(spec: NetworkSpec, target: Target, opts: RepositoryOptions, onnx_path: Path | None) -> mc.ModelConfig:
-    cfg = mc.ModelConfig(name=spec.name, max_batch_size=max(opts.capacity, spec.profile.max) if target == Target.EMBEDDED
+def instance_kind(opts: RepositoryOptions, target: Target):
+    on_gpu = target != Target.EMBEDDED and opts.device.startswith("cuda")
+    return mc.ModelInstanceGroup.KIND_GPU if on_gpu else mc.ModelInstanceGroup.KIND_CPU
+
+
+def network_config(spec: NetworkSpec, target: Target, opts: RepositoryOptions, source: Path | None,
+                   preset: Preset) -> mc.ModelConfig:
+    """A stateless network model: python running ONNX (embedded) or torch (torch), or a tensorrt_plan (trt).
+    `source`: the ONNX file (embedded) or the checkpoint directory (torch; None: seeded random)."""
+    cfg = mc.ModelConfig(name=spec.name, max_batch_size=max(opts.capacity, spec.profile.max) if target != Target.TRT
                          else spec.profile.max)
     cfg.input.extend(tensor_config(t, mc.ModelInput) for t in spec.inputs)
     cfg.output.extend(tensor_config(t, mc.ModelOutput) for t in spec.outputs)
@@ -68,11 +93,17 @@ def engine_config(spec: NetworkSpec, target: Target, opts: RepositoryOptions, on
         warmup.inputs[t.name].data_type = getattr(mc, t.triton_dtype)
         warmup.inputs[t.name].dims.extend(t.dims_without_batch)
         warmup.inputs[t.name].zero_data = True
-    if target == Target.EMBEDDED:
+    if target != Target.TRT:
         cfg.backend = "python"
-        cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
-        cfg.parameters["onnx_path"].string_value = str(onnx_path)
-        cfg.parameters["threads"].string_value = str(opts.engine_threads)
+        cfg.instance_group.add(count=1, kind=instance_kind(opts, target))
+        runtime = "onnx" if target == Target.EMBEDDED else "torch"
+        device = "cpu" if target == Target.EMBEDDED else opts.device
+        for key, value in (("network", spec.name), ("preset", preset.name), ("runtime", runtime),
+                           ("source", "" if source is None else str(source)), ("device", device),
+                           ("threads", str(opts.engine_threads))):
+            cfg.parameters[key].string_value = value
+        if device.startswith("cuda"):  # GPU inputs stay on the GPU (DLPack)
+            cfg.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value = "no"
     else:
         cfg.platform = "tensorrt_plan"
         cfg.default_model_filename = "model.plan"
@@ -101,13 +132,15 @@ def stream_outputs() -> list[mc.ModelOutput]:
             mc.ModelOutput(name=SNAPSHOT, data_type=mc.TYPE_UINT8, dims=[-1])]  # empty unless WANT_SNAPSHOT
 
 
-def stream_config(preset: Preset, opts: RepositoryOptions) -> mc.ModelConfig:
+def stream_config(preset: Preset, opts: RepositoryOptions, target: Target = Target.EMBEDDED,
+                  source: Path | None = None) -> mc.ModelConfig:
+    """`source`: the checkpoint directory (torch; None: seeded random) or the plan directory (trt)."""
     specs = network_specs(preset)
     out = specs["vae_decoder"].outputs[0] if opts.pipeline == Pipeline.SERIAL else specs["vae_decoder"].inputs[0]
     cfg = mc.ModelConfig(name=STREAM_MODEL, backend="python", max_batch_size=opts.capacity)
     cfg.input.extend(stream_inputs(preset))
     cfg.output.extend([tensor_config(out, mc.ModelOutput), *stream_outputs()])
-    cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)  # one process holds every stream
+    cfg.instance_group.add(count=1, kind=instance_kind(opts, target))  # one process holds every stream
     seq = cfg.sequence_batching
     seq.max_sequence_idle_microseconds = int(opts.idle_ttl_s * 1e6)
     # Triton backlogs STARTs beyond max_candidate_sequences; leave headroom so that extra STARTs
@@ -118,9 +151,14 @@ def stream_config(preset: Preset, opts: RepositoryOptions) -> mc.ModelConfig:
                        (END, mc.ModelSequenceBatching.Control.CONTROL_SEQUENCE_END)):
         control = seq.control_input.add(name=name)
         control.control.add(kind=kind, int32_false_true=[0, 1])
+    device = "cpu" if target == Target.EMBEDDED else opts.device
     for key, value in (("preset", preset.name), ("capacity", str(opts.capacity)),
-                       ("idle_ttl_s", str(opts.idle_ttl_s)), ("output", out.name)):
+                       ("idle_ttl_s", str(opts.idle_ttl_s)), ("output", out.name),
+                       ("runtime", STREAM_RUNTIME[target]), ("device", device),
+                       ("source", "" if source is None else str(source)), ("threads", str(opts.engine_threads))):
         cfg.parameters[key].string_value = value
+    if device.startswith("cuda"):
+        cfg.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value = "no"
     return cfg
 
 
@@ -153,29 +191,44 @@ def write_model(root: Path, cfg: mc.ModelConfig, model_py: Path | None = None) -
     return model_dir
 
 
-def render_repository(preset: Preset, target: Target, out: Path, engine_files: dict[str, Path],
-                      opts: RepositoryOptions = RepositoryOptions()) -> Path:
-    """Write every model of the repository. `engine_files`: network name -> ONNX file (embedded: the
-    engine model reads it in place) or TensorRT plan (trt: copied in as model.plan)."""
+def render_repository(preset: Preset, target: Target, out: Path, network_files: dict[str, Path] | None = None,
+                      opts: RepositoryOptions = RepositoryOptions(), checkpoint: str | Path | None = None) -> Path:
+    """Write every model of the repository.
+
+    `network_files`: network name -> ONNX file (embedded: each network model reads its file in
+    place) or TensorRT plan (trt: vae_decoder's is copied in as model.plan, the others into the
+    stream model's directory). target torch reads `checkpoint` (None: seeded random weights)."""
     target, out = Target(target), Path(out)
     specs = network_specs(preset)
-    engine_max = min(spec.profile.max for spec in specs.values())
-    if target == Target.TRT and opts.capacity > engine_max:
-        raise ValueError(f"capacity {opts.capacity} exceeds the engines' batch profile max {engine_max} "
+    files = {k: Path(v).resolve() for k, v in (network_files or {}).items()}
+    network_max = min(spec.profile.max for spec in specs.values())
+    if target == Target.TRT and opts.capacity > network_max:
+        raise ValueError(f"capacity {opts.capacity} exceeds the engines' batch profile max {network_max} "
                          f"for preset {preset.name}: lower --capacity or rebuild with a larger profile")
+    checkpoint = None if checkpoint is None else Path(checkpoint).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    for name, spec in specs.items():
-        src = Path(engine_files[name]).resolve()
-        if target == Target.EMBEDDED:  # ONNX Runtime reads the export directory's file (and its external data)
-            write_model(out, engine_config(spec, target, opts, src), HERE / "engine" / "1" / "model.py")
-        else:
-            model_dir = write_model(out, engine_config(spec, target, opts, None))
-            shutil.copy2(src, model_dir / "1" / "model.plan")
-    write_model(out, stream_config(preset, opts), HERE / "stream" / "1" / "model.py")
+    network_py = HERE / "network" / "1" / "model.py"
+    stream_source = None
+    if target == Target.EMBEDDED:  # ONNX Runtime reads the export directory's file (and its external data)
+        for name, spec in specs.items():
+            write_model(out, network_config(spec, target, opts, files[name], preset), network_py)
+    elif target == Target.TORCH:
+        write_model(out, network_config(specs["vae_decoder"], target, opts, checkpoint, preset), network_py)
+        stream_source = checkpoint
+    else:
+        model_dir = write_model(out, network_config(specs["vae_decoder"], target, opts, None, preset))
+        shutil.copy2(files["vae_decoder"], model_dir / "1" / "model.plan")
+        stream_source = out / STREAM_MODEL / "1"
+        stream_source.mkdir(parents=True, exist_ok=True)
+        for name in specs:  # the stream model loads them with flowact.runtime.tensorrt (a manifest beside them)
+            shutil.copy2(files[name], stream_source / files[name].name)
+        shutil.copy2(files["vae_decoder"].parent / "manifest.json", stream_source / "manifest.json")
+    write_model(out, stream_config(preset, opts, target, stream_source), HERE / "stream" / "1" / "model.py")
     write_model(out, ensemble_config(preset, opts))
     meta = {"preset": preset.name, "target": target.value, "pipeline": Pipeline(opts.pipeline).value,
-            "capacity": opts.capacity, "idle_ttl_s": opts.idle_ttl_s,
-            "engines": {k: str(v) for k, v in engine_files.items()}}
+            "capacity": opts.capacity, "idle_ttl_s": opts.idle_ttl_s, "device": opts.device,
+            "networks": {k: str(v) for k, v in files.items()},
+            "checkpoint": None if checkpoint is None else str(checkpoint)}
     (out / "repository.json").write_text(json.dumps(meta, indent=2))
     return out
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from flowact.contract import (AUDIO, BEHAVIOUR, BEHAVIOURS, DEFAULT_DRAIN_FILE, MAX_SEED, MAX_TEXT_WIRE_BYTES, PROMPT,
                               REF_IMAGE, RESUME, SEED, START_ONLY_INPUTS, WANT_SNAPSHOT)
-from flowact.engine import InputError, StreamSession, check_audio_chunk, check_image, check_prompt
+from flowact.session import InputError, StreamSession, check_audio_chunk, check_image, check_prompt
 from flowact.presets import Preset
 
 
@@ -166,6 +166,7 @@ class StreamRegistry:
     capacity: int
     idle_ttl_s: float
     new_session: Callable[[], StreamSession]
+    release: Callable[[StreamSession], None] = lambda session: None  # a stream left: free its state slot
     drain_file: Path = Path(DEFAULT_DRAIN_FILE)
     clock: Callable[[], float] = time.monotonic
     streams: dict[Hashable, Stream] = field(default_factory=dict)
@@ -201,7 +202,11 @@ class StreamRegistry:
                 self.counters.rejected += 1
                 raise AdmissionError(f"at capacity ({self.active()}/{self.capacity} streams): retry later or on another replica")
             session = self.new_session()
-            begin(session)  # raises InputError on a bad image/seed/prompt/snapshot
+            try:
+                begin(session)  # raises InputError on a bad image/seed/prompt/snapshot
+            except BaseException:
+                self.release(session)
+                raise
             now = self.clock()
             self.streams[stream_id] = Stream(session, now, now)
             self.counters.started += 1
@@ -228,7 +233,9 @@ class StreamRegistry:
 
     def end(self, stream_id: Hashable) -> None:
         with self.lock:
-            if self.streams.pop(stream_id, None) is not None:
+            stream = self.streams.pop(stream_id, None)
+            if stream is not None:
+                self.release(stream.session)
                 self.counters.ended += 1
 
     def refused(self, error: Exception) -> None:
@@ -243,6 +250,6 @@ class StreamRegistry:
             now = self.clock()
             gone = [sid for sid, s in self.streams.items() if now - s.last_seen > self.idle_ttl_s]
             for sid in gone:
-                del self.streams[sid]
+                self.release(self.streams.pop(sid).session)
             self.counters.evicted += len(gone)
             return gone

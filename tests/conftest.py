@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from flowact.engine import Engines, StreamSession
+from flowact.runtime import Runners
+from flowact.session import StreamSession
 from flowact.networks import build_networks
 from flowact.presets import SAMPLES_PER_CHUNK, get_preset
 
@@ -20,8 +21,8 @@ def tiny_nets(tiny):
 
 
 @pytest.fixture(scope="session")
-def tiny_engines(tiny_nets):
-    return Engines.from_networks(tiny_nets)
+def tiny_runners(tiny_nets):
+    return Runners.from_networks(tiny_nets)
 
 
 @pytest.fixture(scope="session")
@@ -49,8 +50,8 @@ def speech_chunks(n: int, seed: int = 0) -> list[np.ndarray]:
     return list(audio.astype(np.float32).reshape(n, SAMPLES_PER_CHUNK))
 
 
-def run_session(preset, engines, seed: int, chunks, image=None) -> np.ndarray:
-    session = StreamSession(preset, engines)
+def run_session(preset, runners, seed: int, chunks, image=None) -> np.ndarray:
+    session = StreamSession(preset, runners)
     session.start(ref_image(preset) if image is None else image, seed=seed)
     return np.stack([session.step(c) for c in chunks])  # (N, 12, H, W, 3)
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import ref_image, run_session, speech_chunks
-from flowact.engine import Engines, InputError, MemoryBank, StreamSession, step_batch
+from flowact.runtime import Runners
+from flowact.session import InputError, MemoryBank, StreamSession, step_batch
 from flowact.media import read_mp4
 from flowact.models.text_encoder import tokenize
 from flowact.networks import build_networks
@@ -86,32 +87,32 @@ def test_memory_bank_rotation():
     assert MemoryBank(ref, long_term_size=0).latents.shape[0] == 4
 
 
-def test_memory_bounded_over_long_stream(tiny, tiny_engines):
-    session = StreamSession(tiny, tiny_engines)
+def test_memory_bounded_over_long_stream(tiny, tiny_runners):
+    session = StreamSession(tiny, tiny_runners)
     session.start(ref_image(tiny), seed=3)
     sizes = set()
     for chunk in speech_chunks(110, seed=1):
         session.step(chunk)
-        sizes.add((tuple(session.memory.latents.shape), session.audio_window.shape, len(session.prompts.cache)))
+        sizes.add((tuple(session.state.memory.latents.shape), tuple(session.state.audio_window.shape), len(session.prompts.cache)))
     assert session.chunk_index == 110
     assert sizes == {((tiny.memory_frames, LATENT_CHANNELS, tiny.latent_height, tiny.latent_width),
                       (tiny.audio_window_samples,), 1)}
 
 
-def test_determinism_by_seed(tiny, tiny_engines):
+def test_determinism_by_seed(tiny, tiny_runners):
     chunks = speech_chunks(5)
-    a = run_session(tiny, tiny_engines, 7, chunks)
-    b = run_session(tiny, tiny_engines, 7, chunks)
-    c = run_session(tiny, tiny_engines, 8, chunks)
+    a = run_session(tiny, tiny_runners, 7, chunks)
+    b = run_session(tiny, tiny_runners, 7, chunks)
+    c = run_session(tiny, tiny_runners, 8, chunks)
     assert np.array_equal(a, b)
     assert not np.array_equal(a, c)
 
 
-def test_batched_step_equals_per_session(tiny, tiny_engines):
+def test_batched_step_equals_per_session(tiny, tiny_runners):
     seeds, images = [1, 2, 3], [ref_image(tiny, s) for s in range(3)]
     audio = [speech_chunks(6, seed=s) for s in seeds]
-    alone = [run_session(tiny, tiny_engines, seed, audio[i], images[i]) for i, seed in enumerate(seeds)]
-    sessions = [StreamSession(tiny, tiny_engines) for _ in seeds]
+    alone = [run_session(tiny, tiny_runners, seed, audio[i], images[i]) for i, seed in enumerate(seeds)]
+    sessions = [StreamSession(tiny, tiny_runners) for _ in seeds]
     for s, seed, img in zip(sessions, seeds, images):
         s.start(img, seed=seed)
     together = [[] for _ in seeds]
@@ -124,18 +125,18 @@ def test_batched_step_equals_per_session(tiny, tiny_engines):
         assert diff.max() <= 1 and diff.mean() < 1e-3
 
 
-def test_memory_refinement_changes_short_term(tiny, tiny_engines):
+def test_memory_refinement_changes_short_term(tiny, tiny_runners):
     chunks = speech_chunks(5)
-    with_refine = StreamSession(tiny, tiny_engines)
+    with_refine = StreamSession(tiny, tiny_runners)
     with_refine.start(ref_image(tiny), seed=1)
-    without = StreamSession(tiny.with_(refine_every=0), tiny_engines)
+    without = StreamSession(tiny.with_(refine_every=0), tiny_runners)
     without.start(ref_image(tiny), seed=1)
     for c in chunks[:4]:
         with_refine.step(c), without.step(c)
-    assert torch.equal(with_refine.memory.latents, without.memory.latents)
-    assert with_refine.refinement_due() and not without.refinement_due()
+    assert torch.equal(with_refine.state.memory.latents, without.state.memory.latents)
+    assert with_refine.state.refinement_due() and not without.state.refinement_due()
     with_refine.step(chunks[4]), without.step(chunks[4])
-    assert not torch.equal(with_refine.memory.latents[1:4], without.memory.latents[1:4])
+    assert not torch.equal(with_refine.state.memory.latents[1:4], without.state.memory.latents[1:4])
 
 
 def test_checkpoint_round_trip(tmp_path, tiny, tiny_nets):
@@ -147,8 +148,8 @@ def test_checkpoint_round_trip(tmp_path, tiny, tiny_nets):
         other = loaded.modules()[name].state_dict()
         assert all(torch.equal(v, other[k]) for k, v in module.state_dict().items()), name
     chunks = speech_chunks(2)
-    assert np.array_equal(run_session(tiny, Engines.from_networks(loaded), 1, chunks),
-                          run_session(tiny, Engines.from_networks(tiny_nets), 1, chunks))
+    assert np.array_equal(run_session(tiny, Runners.from_networks(loaded), 1, chunks),
+                          run_session(tiny, Runners.from_networks(tiny_nets), 1, chunks))
     with pytest.raises(ValueError, match="different preset"):
         build_networks(tiny.with_(long_term_size=1), checkpoint=tmp_path / "ckpt")
 
@@ -161,8 +162,8 @@ def test_checkpoint_round_trip(tmp_path, tiny, tiny_nets):
     (np.zeros(SAMPLES_PER_CHUNK, np.float32), 44_100, "sample rate must be 16000"),
     ([0.0] * SAMPLES_PER_CHUNK, 16_000, "numpy float32 array"),
 ])
-def test_bad_audio_is_refused(tiny, tiny_engines, audio, sample_rate, message):
-    session = StreamSession(tiny, tiny_engines)
+def test_bad_audio_is_refused(tiny, tiny_runners, audio, sample_rate, message):
+    session = StreamSession(tiny, tiny_runners)
     session.start(ref_image(tiny), seed=0)
     with pytest.raises(InputError, match=message):
         session.step(audio, sample_rate=sample_rate)
@@ -175,16 +176,16 @@ def test_bad_audio_is_refused(tiny, tiny_engines, audio, sample_rate, message):
     (np.zeros((64, 64), np.uint8), "shape must be"),
     (np.zeros((64, 64, 3), np.float32), "dtype must be uint8"),
 ])
-def test_bad_image_is_refused(tiny, tiny_engines, image, message):
+def test_bad_image_is_refused(tiny, tiny_runners, image, message):
     with pytest.raises(InputError, match=message):
-        StreamSession(tiny, tiny_engines).start(image, seed=0)
+        StreamSession(tiny, tiny_runners).start(image, seed=0)
 
 
-def test_step_before_start_and_bad_seed(tiny, tiny_engines):
+def test_step_before_start_and_bad_seed(tiny, tiny_runners):
     with pytest.raises(InputError, match="not started"):
-        StreamSession(tiny, tiny_engines).step(speech_chunks(1)[0])
+        StreamSession(tiny, tiny_runners).step(speech_chunks(1)[0])
     with pytest.raises(InputError, match="seed"):
-        StreamSession(tiny, tiny_engines).start(ref_image(tiny), seed=-1)
+        StreamSession(tiny, tiny_runners).start(ref_image(tiny), seed=-1)
 
 
 def test_generate_trims_video_to_audio(tmp_path):
@@ -202,3 +203,63 @@ def test_generate_trims_video_to_audio(tmp_path):
     frames, fps, audio, rate = read_mp4(tmp_path / "out.mp4")
     assert fps == 25 and len(frames) == int(np.ceil(samples * 25 / 16_000)) == 26
     assert rate == 16_000 and samples <= len(audio) < samples + 2048
+
+
+def test_mask_free_attention_equals_all_true_mask(tiny, tiny_nets):
+    """valid=None (no attn_mask: SDPA may take its flash kernel) is the maths of an all-true mask."""
+    d, p = tiny_nets.denoiser, tiny
+    g = torch.Generator().manual_seed(0)
+    memory = torch.randn(2, p.memory_frames, LATENT_CHANNELS, p.latent_height, p.latent_width, generator=g)
+    valid = torch.ones(2, p.memory_frames, dtype=torch.bool)
+    x = torch.randn(2, 3, LATENT_CHANNELS, p.latent_height, p.latent_width, generator=g)
+    t = torch.full((2, 3), 0.7)
+    audio, prompt = torch.randn(2, 12, p.audio.d_model, generator=g), torch.randn(2, p.prompt_tokens, p.text_dim, generator=g)
+    with torch.inference_mode():
+        kv_masked, kv_free = d.memory_kv(memory, valid), d.memory_kv(memory, None)
+        v_masked = d.forward_stream(x, t, audio, prompt, kv_masked, valid)
+        v_free = d.forward_stream(x, t, audio, prompt, kv_free, None)
+    for name, a, b in (("memory kv", kv_masked, kv_free), ("velocity", v_masked, v_free)):
+        diff = (a - b).abs()
+        print(f"mask-free vs all-true mask, {name}: max {diff.max():.2e} mean {diff.mean():.2e}")
+        assert diff.max() < 1e-5
+
+
+def test_mixed_batch_of_new_and_steady_streams_equals_each_alone(tiny, tiny_runners):
+    """A new stream (masked memory) joining steady ones (full memory, mask-free) changes nobody's frames."""
+    seeds = [11, 12, 13]
+    audio = [speech_chunks(8, seed=s) for s in seeds]
+    alone = {s: run_session(tiny, tiny_runners, s, audio[i][:8 if s != 13 else 3], ref_image(tiny, s))
+             for i, s in enumerate(seeds)}
+    steady = [StreamSession(tiny, tiny_runners) for _ in seeds[:2]]
+    for s, seed in zip(steady, seeds):
+        s.start(ref_image(tiny, seed), seed=seed)
+    got = {s: [] for s in seeds}
+    for k in range(5):  # 5 chunks alone: their memory is full
+        for seed, frames in zip(seeds, step_batch(steady, [audio[0][k], audio[1][k]], [None, None])):
+            got[seed].append(frames)
+    assert all(s.state.memory.full() for s in steady)
+    new = StreamSession(tiny, tiny_runners)
+    new.start(ref_image(tiny, 13), seed=13)
+    for k in range(5, 8):  # the new stream's first 3 chunks need the mask; the steady ones do not
+        frames = step_batch([*steady, new], [audio[0][k], audio[1][k], audio[2][k - 5]], [None] * 3)
+        for seed, f in zip(seeds, frames):
+            got[seed].append(f)
+    for seed in seeds:
+        diff = np.abs(alone[seed].astype(int) - np.stack(got[seed]).astype(int))
+        print(f"stream {seed}: max {diff.max()} mean {diff.mean():.5f}")
+        assert diff.max() <= 1 and diff.mean() < 1e-3
+
+
+def test_state_pool_slots_and_capacity_check(tiny):
+    from flowact.session import StateCapacityError, StatePool
+
+    pool = StatePool(tiny, 2)
+    a, b = pool.acquire(), pool.acquire()
+    with pytest.raises(RuntimeError, match="exhausted"):
+        pool.acquire()
+    pool.release(a)
+    pool.release(a)  # idempotent
+    assert pool.acquire().slot["memory"].data_ptr() == a.slot["memory"].data_ptr()
+    assert b.slot["memory"].data_ptr() == pool.slabs["memory"][b.pool_slot].data_ptr()  # views, not copies
+    with pytest.raises(StateCapacityError, match="capacity 100000000 needs .* lower the capacity"):
+        StatePool(tiny, 10**8, check_fits=True)

@@ -1,5 +1,5 @@
 """Export on the tiny preset: specs, ONNX == PyTorch, FP8 graph structure and error bounds, a 20-chunk
-stream through ONNX Runtime engines, the TensorRT parser check; TensorRT itself skips without a GPU.
+stream through ONNX Runtime runners, the TensorRT parser check; TensorRT itself skips without a GPU.
 
 The tiny networks are exported once per session (fp32 + fp8) into a temporary root."""
 
@@ -12,13 +12,13 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import run_session, speech_chunks
-from flowact.engine import Engines
+from flowact.session import Runners
 from flowact.export import graph
 from flowact.export.calibrate import record_streams
 from flowact.export.fp8 import FP8_NETWORKS, POLICIES, linear_layers, module_path, network_error
 from flowact.export.manifest import Manifest
 from flowact.export.onnx import export_onnx
-from flowact.export.runtime import OrtEngine, load_onnx_engines
+from flowact.runtime.onnx import OrtRunner, load_onnx_runners
 from flowact.export.tensorrt import tensorrt_onnx
 from flowact.export.trt_check import check_tensorrt_compat, errors
 from flowact.specs import (MEMORY_VALID, NETWORK_NAMES, BatchProfile, TensorSpec, network_specs, numpy_dtype,
@@ -51,7 +51,7 @@ def export_root(tmp_path_factory, tiny, tiny_nets):
 
 @pytest.fixture(scope="session")
 def ort_fp32(export_root, tiny):
-    return load_onnx_engines(export_root, tiny, threads=1)
+    return load_onnx_runners(export_root, tiny, threads=1)
 
 
 def report(name, got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -65,7 +65,7 @@ def report(name, got: torch.Tensor, ref: torch.Tensor) -> float:
 
 def test_specs_follow_engines_and_map_dtypes(tiny):
     specs = network_specs(tiny)
-    assert tuple(specs) == NETWORK_NAMES == tuple(f.name for f in dataclasses.fields(Engines))
+    assert tuple(specs) == NETWORK_NAMES == tuple(f.name for f in dataclasses.fields(Runners))
     names = [t.name for s in specs.values() for t in s.inputs + s.outputs]
     assert "MEMORY_KV" in names and names.count("PROMPT_TOKENS") == 2  # shared names mean the same tensor
     for dtype, tri in [(np.float32, "TYPE_FP32"), (np.uint8, "TYPE_UINT8"), (np.bool_, "TYPE_BOOL"), (np.int64, "TYPE_INT64")]:
@@ -115,9 +115,9 @@ def test_onnx_runtime_matches_torch(tiny, tiny_nets, ort_fp32, name, batch, full
         assert report(f"{name} batch {batch}", got, expected) < 1e-4
 
 
-def test_stream_of_20_chunks_through_onnx_runtime_matches_torch(tiny, tiny_engines, ort_fp32):
+def test_stream_of_20_chunks_through_onnx_runtime_matches_torch(tiny, tiny_runners, ort_fp32):
     chunks = speech_chunks(20, seed=4)
-    ref = run_session(tiny, tiny_engines, 5, chunks)
+    ref = run_session(tiny, tiny_runners, 5, chunks)
     got = run_session(tiny, ort_fp32, 5, chunks)
     diff = np.abs(ref.astype(int) - got.astype(int))
     per_chunk = diff.reshape(20, -1).max(axis=1)
@@ -153,10 +153,10 @@ def test_onnx_engine_contract(tiny, ort_fp32, export_root):
     with pytest.raises(ValueError, match="AUDIO_WINDOW must have shape"):
         ort_fp32.audio_encoder(window[:, :100])
     with pytest.raises(ValueError, match="exported for preset 'tiny'"):
-        load_onnx_engines(export_root, "cpu")
+        load_onnx_runners(export_root, "cpu")
     with pytest.raises(FileNotFoundError, match="export first"):
-        load_onnx_engines(export_root / "nothing")
-    assert isinstance(ort_fp32.denoiser, OrtEngine)
+        load_onnx_runners(export_root / "nothing")
+    assert isinstance(ort_fp32.denoiser, OrtRunner)
 
 
 # --- FP8 -------------------------------------------------------------------------------------------
@@ -218,12 +218,12 @@ def test_fp8_error_bounds(export_root, tiny, tiny_nets):
             assert manifest.networks[name]["error_vs_fp32"]["rel_l2"] < REL_L2_BOUND[name]
 
 
-def test_fp8_stream_stays_close_to_torch(tiny, tiny_engines, export_root):
+def test_fp8_stream_stays_close_to_torch(tiny, tiny_runners, export_root):
     chunks = speech_chunks(8, seed=2)
-    ref = run_session(tiny, tiny_engines, 3, chunks).astype(np.float64)
-    got = run_session(tiny, load_onnx_engines(export_root, tiny, precision="fp8", threads=1), 3, chunks).astype(np.float64)
+    ref = run_session(tiny, tiny_runners, 3, chunks).astype(np.float64)
+    got = run_session(tiny, load_onnx_runners(export_root, tiny, precision="fp8", threads=1), 3, chunks).astype(np.float64)
     psnr = [10 * np.log10(255 ** 2 / max(((r - g) ** 2).mean(), 1e-12)) for r, g in zip(ref, got)]
-    print("FP8 engines vs torch, PSNR per chunk:", [f"{p:.1f}" for p in psnr])
+    print("FP8 runners vs torch, PSNR per chunk:", [f"{p:.1f}" for p in psnr])
     assert min(psnr) > 45.0  # measured 57.7 dB
 
 
@@ -309,14 +309,15 @@ def test_tensorrt_absence_is_reported_clearly(tmp_path, capsys):
 def test_tensorrt_engines_match_onnx_runtime(export_root, tiny, ort_fp32, tmp_path):
     pytest.importorskip("tensorrt")
     if not torch.cuda.is_available():
-        pytest.skip("TensorRT engines need a CUDA GPU")
-    from flowact.export.tensorrt import build_trt, load_trt_engines
+        pytest.skip("TensorRT runners need a CUDA GPU")
+    from flowact.export.tensorrt import build_trt
+    from flowact.runtime.tensorrt import load_trt_runners
 
     build_trt(tiny, export_root, say=print)
-    engines = load_trt_engines(export_root, tiny)
+    runners = load_trt_runners(export_root, tiny)
     for name, spec in network_specs(tiny).items():
         inputs = spec.sample_inputs(3, seed=1)
-        got = getattr(engines, name)(*(x.cuda() for x in inputs)).cpu()
+        got = getattr(runners, name)(*(x.cuda() for x in inputs)).cpu()
         ref = getattr(ort_fp32, name)(*inputs)
         tol = 2.0 if ref.dtype == torch.uint8 else 0.1 * float(ref.abs().max()) + 1e-3
         assert report(f"TensorRT {name}", got, ref) <= tol
@@ -374,9 +375,9 @@ def test_big_models_use_external_data(tmp_path, tiny, tiny_nets, monkeypatch):
     spec = network_specs(tiny)["text_encoder"]
     (ids,) = spec.sample_inputs(2)
     with torch.no_grad():
-        assert report("external data", OrtEngine(path, spec)(ids), tiny_nets.text_encoder(ids)) < 1e-4
+        assert report("external data", OrtRunner(path, spec)(ids), tiny_nets.text_encoder(ids)) < 1e-4
     half = tensorrt_onnx(path)  # weightless shape inference path
     assert not errors(check_tensorrt_compat(half, spec))
     graph.save_model(half, tmp_path / "half.onnx")
     assert (tmp_path / "half.onnx.data").is_file()
-    assert OrtEngine(tmp_path / "half.onnx", spec)(ids).shape == (2, tiny.prompt_tokens, tiny.text_dim)
+    assert OrtRunner(tmp_path / "half.onnx", spec)(ids).shape == (2, tiny.prompt_tokens, tiny.text_dim)

@@ -29,7 +29,7 @@ from tritonclient.utils import InferenceServerException
 from conftest import metrics, ref_image, run_session, speech_chunks, start_server, url
 from flowact.client.stream import AvatarStream, StreamError
 from flowact.contract import MAX_PROMPT_BYTES, SNAPSHOT_KEY_ENV
-from flowact.engine import InputError
+from flowact.session import InputError
 from flowact.presets import BEHAVIOURS, SAMPLES_PER_CHUNK, get_preset
 from flowact.serving.cli import metric_value
 from flowact.serving.server import TritonServer, free_ports, group_alive, group_rss, shm_regions
@@ -161,31 +161,31 @@ def image_in(seed: int = 0) -> grpcclient.InferInput:
 # --- in-process: snapshots and the request contract (no server) -----------------------------------
 
 
-def test_snapshot_resumes_bit_identically_in_process(tiny, tiny_engines):
-    from flowact.engine import StreamSession
+def test_snapshot_resumes_bit_identically_in_process(tiny, tiny_runners):
+    from flowact.session import StreamSession
 
     chunks = speech_chunks(10, seed=3)  # crosses memory refinement (every 4 chunks) twice
-    want = run_session(tiny, tiny_engines, 3, chunks, ref_image(tiny, 3))
+    want = run_session(tiny, tiny_runners, 3, chunks, ref_image(tiny, 3))
     codec = SnapshotCodec(tiny, KEY.encode())
-    session = StreamSession(tiny, tiny_engines)
+    session = StreamSession(tiny, tiny_runners)
     session.start(ref_image(tiny, 3), seed=3)
     got = [session.step(c) for c in chunks[:1]]
     for c in chunks[1:]:  # a fresh session from a snapshot before every chunk
-        session = codec.restore(StreamSession(tiny, tiny_engines), codec.encode(session))
+        session = codec.restore(StreamSession(tiny, tiny_runners), codec.encode(session))
         got.append(session.step(c))
     assert np.array_equal(np.stack(got), want)
     assert len(codec.encode(session)) <= codec.max_bytes == max_snapshot_bytes(tiny)
 
 
-def test_snapshot_refusals_are_clear(tiny, tiny_engines):
-    from flowact.engine import StreamSession
+def test_snapshot_refusals_are_clear(tiny, tiny_runners):
+    from flowact.session import StreamSession
 
     codec = SnapshotCodec(tiny, KEY.encode(), field="RESUME")
-    session = StreamSession(tiny, tiny_engines)
+    session = StreamSession(tiny, tiny_runners)
     session.start(ref_image(tiny), seed=1, prompt="thinking")
     session.step(speech_chunks(1)[0])
     blob = codec.encode(session)
-    fresh = lambda: StreamSession(tiny, tiny_engines)  # noqa: E731
+    fresh = lambda: StreamSession(tiny, tiny_runners)  # noqa: E731
 
     def refusal(data: bytes, using: SnapshotCodec = codec) -> str:
         with pytest.raises(SnapshotError) as e:
@@ -204,23 +204,20 @@ def test_snapshot_refusals_are_clear(tiny, tiny_engines):
     assert "version 2 is not supported (this server reads version 1)" in refusal(codec.encode(session, version=2))
     other = tiny.with_(long_term_size=2)  # same name, other state layout
     assert "made for preset 'tiny' (fingerprint" in refusal(SnapshotCodec(other, KEY.encode()).encode(
-        _session_for(other, tiny_engines)))
+        _session_for(other, tiny_runners)))
     assert key_from_env({}) is None
     with pytest.raises(ValueError, match=SNAPSHOT_KEY_ENV):
         key_from_env({SNAPSHOT_KEY_ENV: "short"})
 
 
-def _session_for(preset, engines):
+def _session_for(preset, runners):
     """A started session of a preset variant (its networks are not needed for a snapshot)."""
-    from flowact.engine import MemoryBank, StreamSession
+    from flowact.session import StreamSession
     import torch
 
-    session = StreamSession(preset, engines)
-    session.memory = MemoryBank(torch.zeros(16, preset.latent_height, preset.latent_width), preset.long_term_size)
-    session.decode_context = torch.zeros(1, 16, preset.latent_height, preset.latent_width)
-    session.audio_window = np.zeros(preset.audio_window_samples, np.float32)
-    session.generator = torch.Generator().manual_seed(0)
-    session.chunk_index, session.last_audio_features, session.prompt, session.last_prompt = 0, None, "idle", "idle"
+    session = StreamSession(preset, runners)
+    with torch.inference_mode():
+        session.state.begin(torch.zeros(16, preset.latent_height, preset.latent_width), seed=0, prompt="idle")
     session.started = True
     return session
 
@@ -410,7 +407,7 @@ def categorize(error: str | None) -> str:
     return f"other: {error[:60]}"
 
 
-def test_fuzzed_requests_never_crash_leak_or_disturb_a_healthy_stream(fuzz_server, tiny, tiny_engines):
+def test_fuzzed_requests_never_crash_leak_or_disturb_a_healthy_stream(fuzz_server, tiny, tiny_runners):
     server = fuzz_server
     healthy_chunks = speech_chunks(400, seed=21)
     frames: list[np.ndarray] = []
@@ -480,7 +477,7 @@ def test_fuzzed_requests_never_crash_leak_or_disturb_a_healthy_stream(fuzz_serve
     for category in sorted(examples):
         print(f"  {category}: {examples[category]}")
     assert len(frames) >= 10
-    assert_frames_match(frames, run_session(tiny, tiny_engines, 21, healthy_chunks[:len(frames)], ref_image(tiny, 21)))
+    assert_frames_match(frames, run_session(tiny, tiny_runners, 21, healthy_chunks[:len(frames)], ref_image(tiny, 21)))
     wait_idle(server, FUZZ_IDLE_TTL_S + 10)  # fuzzed streams left without END are freed by the idle TTL
     assert_accounted(server)
     assert server.dead_stubs() == [] and server.failures == []
@@ -636,9 +633,9 @@ def snapshot_stream(srv, sid, chunks, seed=5):
     return stream, frames
 
 
-def test_stream_resumes_on_another_server_with_identical_frames(server, spare, tiny, tiny_engines):
+def test_stream_resumes_on_another_server_with_identical_frames(server, spare, tiny, tiny_runners):
     chunks = speech_chunks(8, seed=5)
-    want = run_session(tiny, tiny_engines, 5, chunks, ref_image(tiny, 5))
+    want = run_session(tiny, tiny_runners, 5, chunks, ref_image(tiny, 5))
     stream, frames = snapshot_stream(server, "resume-me", chunks[:4])
     stream.close()  # the first server is "lost" here (its state is evicted by the TTL)
     with AvatarStream(url(spare), stream_id="resumed", want_snapshots=True) as resumed:
@@ -658,9 +655,9 @@ def test_stream_resumes_on_another_server_with_identical_frames(server, spare, t
                 bad.run(None, chunks[4:5], snapshot=blob)
 
 
-def test_server_restart_gives_a_clear_error_and_the_stream_resumes(spare, tiny, tiny_engines):
+def test_server_restart_gives_a_clear_error_and_the_stream_resumes(spare, tiny, tiny_runners):
     chunks = speech_chunks(6, seed=5)
-    want = run_session(tiny, tiny_engines, 5, chunks, ref_image(tiny, 5))
+    want = run_session(tiny, tiny_runners, 5, chunks, ref_image(tiny, 5))
     stream, frames = snapshot_stream(spare, "restart-me", chunks[:3])
     spare.stop()
     with pytest.raises(StreamError, match="stream restart-me: connection to the server lost .*(Socket closed|GOAWAY|unavailable)"):
@@ -674,11 +671,11 @@ def test_server_restart_gives_a_clear_error_and_the_stream_resumes(spare, tiny, 
 
 
 @pytest.mark.parametrize("model", ["stream", "denoiser"])
-def test_killed_python_stub_is_detected_and_the_server_restarts(spare, model, tiny, tiny_engines):
+def test_killed_python_stub_is_detected_and_the_server_restarts(spare, model, tiny, tiny_runners):
     """Triton 2.51 neither restarts a dead stub nor drops readiness; the launcher's watchdog restarts
     the server, the client gets a clear error, and resumes from its last snapshot."""
     chunks = speech_chunks(5, seed=5)
-    want = run_session(tiny, tiny_engines, 5, chunks, ref_image(tiny, 5))
+    want = run_session(tiny, tiny_runners, 5, chunks, ref_image(tiny, 5))
     stream, frames = snapshot_stream(spare, f"stub-{model}", chunks[:2])
     restarts, old_pgid = spare.restarts, spare.process.pid
     old_regions = {s.shm_region for s in spare.stubs.values()}

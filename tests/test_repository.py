@@ -1,4 +1,4 @@
-"""Repository rendering for both targets, parsed back with Triton's own model_config protobuf."""
+"""Repository rendering for every target, parsed back with Triton's own model_config protobuf."""
 
 from pathlib import Path
 
@@ -18,21 +18,48 @@ def fake_engines(tmp_path: Path, suffix: str) -> dict[str, Path]:
     files = {name: tmp_path / f"{name}{suffix}" for name in NETWORK_NAMES}
     for f in files.values():
         f.write_bytes(b"engine")
+    (tmp_path / "manifest.json").write_text("{}")
     return files
 
 
+def params(cfg: mc.ModelConfig) -> dict[str, str]:
+    return {k: v.string_value for k, v in cfg.parameters.items()}
+
+
 def test_trt_target_renders_tensorrt_plan_models(tmp_path, tiny):
-    repo = render_repository(tiny, Target.TRT, tmp_path / "repo", fake_engines(tmp_path, ".plan"), RepositoryOptions(capacity=4))
+    """trt: the plans beside the state in the stream model; vae_decoder a tensorrt_plan model."""
+    repo = render_repository(tiny, Target.TRT, tmp_path / "repo", fake_engines(tmp_path, ".plan"),
+                             RepositoryOptions(capacity=4, device="cuda:0"))
     configs = parse(repo)
-    specs = network_specs(tiny)
-    for name in NETWORK_NAMES:
-        cfg = configs[name]
-        assert cfg.platform == "tensorrt_plan" and cfg.max_batch_size == specs[name].profile.max
-        assert [i.name for i in cfg.input] == specs[name].input_names  # names come from the spec
-        assert list(cfg.input[0].dims) == list(specs[name].inputs[0].dims_without_batch)
-        assert (repo / name / "1" / "model.plan").read_bytes() == b"engine"
-        assert cfg.model_warmup[0].inputs[specs[name].input_names[0]].zero_data
-    assert configs["stream"].backend == "python" and configs["flowact"].platform == "ensemble"
+    assert sorted(configs) == ["flowact", "stream", "vae_decoder"]
+    spec, cfg = network_specs(tiny)["vae_decoder"], configs["vae_decoder"]
+    assert cfg.platform == "tensorrt_plan" and cfg.max_batch_size == spec.profile.max
+    assert [i.name for i in cfg.input] == spec.input_names  # names come from the spec
+    assert list(cfg.input[0].dims) == list(spec.inputs[0].dims_without_batch)
+    assert (repo / "vae_decoder" / "1" / "model.plan").read_bytes() == b"engine"
+    assert cfg.model_warmup[0].inputs[spec.input_names[0]].zero_data
+    stream = configs["stream"]
+    assert stream.backend == "python" and configs["flowact"].platform == "ensemble"
+    assert stream.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    assert params(stream)["runtime"] == "trt" and params(stream)["device"] == "cuda:0"
+    assert params(stream)["FORCE_CPU_ONLY_INPUT_TENSORS"] == "no"
+    plans = Path(params(stream)["source"])
+    assert plans == repo / "stream" / "1" and all((plans / f"{n}.plan").exists() for n in NETWORK_NAMES)
+
+
+@pytest.mark.parametrize("device, kind", [("cpu", mc.ModelInstanceGroup.KIND_CPU),
+                                          ("cuda:0", mc.ModelInstanceGroup.KIND_GPU)])
+def test_torch_target_keeps_networks_beside_the_state(tmp_path, tiny, device, kind):
+    """torch: the stream model runs every network but the decoder itself, on its device."""
+    repo = render_repository(tiny, Target.TORCH, tmp_path / "repo", opts=RepositoryOptions(device=device),
+                             checkpoint=tmp_path)
+    configs = parse(repo)
+    assert sorted(configs) == ["flowact", "stream", "vae_decoder"]
+    for name in ("stream", "vae_decoder"):
+        assert configs[name].backend == "python" and configs[name].instance_group[0].kind == kind
+        assert params(configs[name])["device"] == device and params(configs[name])["source"] == str(tmp_path)
+    assert params(configs["stream"])["runtime"] == "torch" and params(configs["vae_decoder"])["runtime"] == "torch"
+    assert [s.model_name for s in configs["flowact"].ensemble_scheduling.step] == ["stream", "vae_decoder"]
 
 
 def test_serial_pipeline_has_one_ensemble_step(tmp_path, tiny):

@@ -43,14 +43,14 @@ def test_configs_parse_with_tritons_protobuf(server):
     assert [s.model_name for s in configs["flowact"].ensemble_scheduling.step] == ["stream", "vae_decoder"]
 
 
-def test_grpc_frames_equal_in_process(server, tiny, tiny_engines):
+def test_grpc_frames_equal_in_process(server, tiny, tiny_runners):
     chunks = speech_chunks(6, seed=4)
     with AvatarStream(url(server), stream_id=101) as stream:
         result = stream.run(ref_image(tiny, 4), chunks, seed=4)
-    assert_frames_match(result.frames, run_session(tiny, tiny_engines, 4, chunks, ref_image(tiny, 4)))
+    assert_frames_match(result.frames, run_session(tiny, tiny_runners, 4, chunks, ref_image(tiny, 4)))
 
 
-def test_eight_concurrent_streams_no_cross_talk(server, tiny, tiny_engines):
+def test_eight_concurrent_streams_no_cross_talk(server, tiny, tiny_runners):
     ids = [201, 202, 203, 204, "alice", "bob", "carol", "dave"]  # integer and string sequence ids
     results, errors = {}, []
 
@@ -68,7 +68,7 @@ def test_eight_concurrent_streams_no_cross_talk(server, tiny, tiny_engines):
         t.join(timeout=120)
     assert not errors, errors
     for i, sid in enumerate(ids):
-        assert_frames_match(results[sid].frames, run_session(tiny, tiny_engines, i, speech_chunks(5, seed=i), ref_image(tiny, i)))
+        assert_frames_match(results[sid].frames, run_session(tiny, tiny_runners, i, speech_chunks(5, seed=i), ref_image(tiny, i)))
 
 
 def send_raw(srv, sid, inputs, start=False, end=False) -> str | None:
@@ -92,7 +92,7 @@ def tensor(name, array, dtype):
     return t
 
 
-def test_bad_requests_get_clear_errors_while_a_stream_runs(server, tiny, tiny_engines):
+def test_bad_requests_get_clear_errors_while_a_stream_runs(server, tiny, tiny_runners):
     healthy_chunks = speech_chunks(12, seed=9)
     healthy = {}
 
@@ -121,7 +121,7 @@ def test_bad_requests_get_clear_errors_while_a_stream_runs(server, tiny, tiny_en
     assert "PROMPT: not valid UTF-8" in send_raw(server, 309, [audio_in, image_in, bad_prompt], start=True)
 
     thread.join(timeout=60)
-    assert_frames_match(healthy["result"].frames, run_session(tiny, tiny_engines, 9, healthy_chunks, ref_image(tiny, 9)))
+    assert_frames_match(healthy["result"].frames, run_session(tiny, tiny_runners, 9, healthy_chunks, ref_image(tiny, 9)))
     with AvatarStream(url(server), stream_id=306) as stream:  # a refused START left no state behind
         assert len(stream.run(ref_image(tiny), speech_chunks(1), seed=0).frames) == 1
 

@@ -11,7 +11,8 @@ stream, so their keys/values are computed once per chunk (`memory_kv`) and reuse
 
 Memory frames sit in fixed slots with fixed 3D RoPE positions (reference 0, long-term 1..L,
 short-term, then the stream), so the positions an endless stream sees never grow. Empty slots are
-masked out with `memory_valid`.
+masked out with `memory_valid`; `memory_valid=None` says every slot is valid, and attention then
+runs without a mask (SDPA may pick its flash or cuDNN kernels, which take no mask).
 
 The denoiser knows nothing about sessions, audio windows or the sampler schedule.
 """
@@ -57,7 +58,7 @@ def rope_angles(frame_pos: torch.Tensor, grid_h: int, grid_w: int, head_dim: int
 def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """Rotate pairs of channels: x (B, H, N, Dh), angles (N, Dh/2)."""
     x1, x2 = x[..., 0::2], x[..., 1::2]  # (B, H, N, Dh/2)
-    cos, sin = torch.cos(angles), torch.sin(angles)
+    cos, sin = torch.cos(angles).to(x.dtype), torch.sin(angles).to(x.dtype)  # bf16 activations stay bf16
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)  # (B, H, N, Dh)
 
 
@@ -217,16 +218,18 @@ class MMDiT(nn.Module):
 
     # --- cached path: memory once per chunk, then the stream per NFE -----------------------
 
-    def memory_kv(self, memory: torch.Tensor, memory_valid: torch.Tensor) -> torch.Tensor:
+    def memory_kv(self, memory: torch.Tensor, memory_valid: torch.Tensor | None) -> torch.Tensor:
         """Keys/values of the memory tokens in every block.
 
-        memory (B, Fm, C, h, w), memory_valid (B, Fm) bool -> (B, depth, 2, H, Fm*gh*gw, Dh)."""
-        b, fm = memory_valid.shape
+        memory (B, Fm, C, h, w), memory_valid (B, Fm) bool or None (all valid) -> (B, depth, 2, H, Fm*gh*gw, Dh)."""
+        b, fm = memory.shape[:2]
         m = self.patchify(memory)  # (B, Nm, D)
         zero_t = torch.zeros(b, fm, device=memory.device)
         cond = self.t_embed(timestep_embedding(zero_t, self.preset.dim))  # (B, Fm, D); no prompt: memory is clean
-        valid = self.token_valid(memory_valid)  # (B, Nm)
-        m_mask = valid[:, None, None, :].expand(-1, 1, valid.shape[1], -1)  # (B, 1, Nm, Nm)
+        m_mask = None
+        if memory_valid is not None:
+            valid = self.token_valid(memory_valid)  # (B, Nm)
+            m_mask = valid[:, None, None, :].expand(-1, 1, valid.shape[1], -1)  # (B, 1, Nm, Nm)
         rope = self.memory_rope(fm)
         kvs = []
         for block in self.blocks:
@@ -236,20 +239,22 @@ class MMDiT(nn.Module):
         return torch.stack(kvs, dim=1)  # (B, depth, 2, H, Nm, Dh)
 
     def forward_stream(self, x: torch.Tensor, t: torch.Tensor, audio: torch.Tensor, prompt: torch.Tensor,
-                       memory_kv: torch.Tensor, memory_valid: torch.Tensor) -> torch.Tensor:
+                       memory_kv: torch.Tensor, memory_valid: torch.Tensor | None) -> torch.Tensor:
         """Velocity for the stream chunk given cached memory keys/values.
 
         x (B, 3, C, h, w), t (B, 3) per-frame times, audio (B, 12, Da), prompt (B, P, Dt),
-        memory_kv (B, depth, 2, H, Nm, Dh), memory_valid (B, Fm) -> v (B, 3, C, h, w)."""
+        memory_kv (B, depth, 2, H, Nm, Dh), memory_valid (B, Fm) or None (all valid) -> v (B, 3, C, h, w)."""
         fx = x.shape[1]
         xt = self.patchify(x)  # (B, Nx, D)
         c, pooled = self.embed_cond(audio, prompt)  # (B, Nc, D), (B, D)
         x_cond = self.frame_modulation(t, pooled)  # (B, 3, D)
         c_cond = self.frame_modulation(t.mean(dim=1, keepdim=True), pooled)  # (B, 1, D)
-        key_valid = torch.cat([self.token_valid(memory_valid),
-                               torch.ones(x.shape[0], xt.shape[1] + c.shape[1], dtype=torch.bool, device=x.device)], dim=1)
-        key_mask = key_valid[:, None, None, :]  # (B, 1, 1, Nm+Nx+Nc)
-        rope = self.stream_rope(memory_valid.shape[1])
+        key_mask = None
+        if memory_valid is not None:
+            key_valid = torch.cat([self.token_valid(memory_valid),
+                                   torch.ones(x.shape[0], xt.shape[1] + c.shape[1], dtype=torch.bool, device=x.device)], 1)
+            key_mask = key_valid[:, None, None, :]  # (B, 1, 1, Nm+Nx+Nc)
+        rope = self.stream_rope(memory_kv.shape[-2] // (self.grid[0] * self.grid[1]))  # memory frames Fm
         for i, block in enumerate(self.blocks):
             x_mod = self.per_token(block.video.modulation(F.silu(x_cond)))  # (B, Nx, 6D)
             c_mod = block.cond.modulation(F.silu(c_cond)).expand(-1, c.shape[1], -1)  # (B, Nc, 6D)

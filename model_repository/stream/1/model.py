@@ -1,8 +1,14 @@
 """Triton `stream` model: the stateful heart of the ensemble (python backend, sequence batching).
 
-This file only adapts: it turns Triton requests into engine calls and answers every request.
-Sessions, admission, drain and eviction live in flowact.serving.streams; the chunk maths in
-flowact.engine; the networks run in the engine models, reached through BLS.
+This file only adapts: it turns Triton requests into sampler calls and answers every request.
+Sessions, admission, drain and eviction live in flowact.serving.streams; the chunk maths and the
+per-stream state in flowact.session. Where the networks run is the parameter `runtime`:
+    bls    the repository's network models, through BLS (target embedded; state on the host)
+    torch  PyTorch in this process, on `device` (target torch: CUDA bf16, or CPU fp32)
+    trt    TensorRT plans from this model's directory, in this process (target trt)
+With torch and trt every per-stream tensor lives on `device`, in a pool of `capacity` slots
+allocated here (startup fails, naming the numbers, if they do not fit); per chunk only the audio
+comes in and the latents (or frames) go out.
 
 Per request: AUDIO (7,680 float32 samples), optional PROMPT or BEHAVIOUR, WANT_SNAPSHOT; with
 START also REF_IMAGE (or RESUME, a snapshot to continue a stream from) and an optional SEED. The
@@ -32,9 +38,10 @@ from flowact.contract import (ACTIVE_STREAMS, CHUNK_INDEX, CHUNK_SECONDS_COUNT, 
                               DEFAULT_DRAIN_FILE, DEFAULT_PROMPT, DRAIN_FILE_ENV, DRAINING, END, FRAMES, METRICS,
                               RESUME, SNAPSHOT, SNAPSHOT_KEY_ENV, START, STREAM_CAPACITY, TTFF_SECONDS_COUNT,
                               TTFF_SECONDS_SUM, WANT_SNAPSHOT)
-from flowact.engine import InputError, StreamSession, denoise_batch
 from flowact.presets import get_preset
-from flowact.serving.bls import bls_engines
+from flowact.runtime import build_runners
+from flowact.runtime.pytorch import default_dtype
+from flowact.session import InputError, PromptCache, StateCapacityError, StatePool, StreamSession, denoise_batch
 from flowact.serving.repository import stream_inputs
 from flowact.serving.streams import StreamRegistry, parse_request, scalar
 from flowact.snapshot import SnapshotCodec, key_from_env, max_snapshot_bytes
@@ -49,6 +56,13 @@ def parameter(config: dict, key: str) -> str:
         raise pb_utils.TritonModelException(f"stream model config lacks parameter {key!r}") from None
 
 
+def triton_tensor(name: str, value: torch.Tensor):
+    """An output tensor: CUDA tensors leave through DLPack (no host copy), host tensors as numpy."""
+    if value.is_cuda:
+        return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value.contiguous()))
+    return pb_utils.Tensor(name, np.ascontiguousarray(value.numpy()))
+
+
 def optional_input(request, name: str) -> np.ndarray | None:
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     return None if tensor is None else tensor.as_numpy()
@@ -60,19 +74,29 @@ class TritonPythonModel:
         self.preset = get_preset(parameter(config, "preset"))
         self.output_name = parameter(config, "output")  # LATENTS (pipelined) or FRAMES (serial)
         capacity = int(parameter(config, "capacity"))
-        engines = bls_engines(self.preset)
-        self.engines = engines
+        runtime, device = parameter(config, "runtime"), torch.device(parameter(config, "device"))
         try:
             key = key_from_env()
         except ValueError as e:
             raise pb_utils.TritonModelException(str(e)) from None
-        self.codec = None if key is None else SnapshotCodec(self.preset, key, field=RESUME)  # None: snapshots off
-        self.max_snapshot_bytes = max_snapshot_bytes(self.preset)
+        # bls: the network models do the heavy lifting; torch / trt: this process does
+        torch.set_num_threads(1 if runtime == "bls" else int(parameter(config, "threads")))
+        self.runners = build_runners(runtime, self.preset, parameter(config, "source") or None, str(device))
+        dtype = torch.float32 if runtime == "bls" else default_dtype(device)
+        try:
+            pool = StatePool(self.preset, capacity, device, dtype, check_fits=runtime != "bls")
+        except StateCapacityError as e:
+            raise pb_utils.TritonModelException(f"stream model: {e}") from None
+        print(f"flowact stream model: {capacity} stream slots on {device} ({runtime}), {pool.describe_stream()}",
+              flush=True)
+        self.codec = None if key is None else SnapshotCodec(self.preset, key, RESUME, device.type)  # None: snapshots off
+        self.max_snapshot_bytes = max_snapshot_bytes(self.preset, device.type)
         self.input_names = [i.name for i in stream_inputs(self.preset)]
-        torch.set_num_threads(1)  # the engine models do the heavy lifting
+        prompts = PromptCache(self.runners.text_encoder, self.preset, device, dtype)
         self.registry = StreamRegistry(
             capacity=capacity, idle_ttl_s=float(parameter(config, "idle_ttl_s")),
-            new_session=lambda: StreamSession(self.preset, engines),
+            new_session=lambda: StreamSession(self.preset, self.runners, device, dtype, prompts, pool.acquire()),
+            release=lambda session: pool.release(session.state),
             drain_file=Path(os.environ.get(DRAIN_FILE_ENV, DEFAULT_DRAIN_FILE)))
         self.metric_families = {  # must outlive their Metric objects
             name: pb_utils.MetricFamily(name=name, description=help_text, kind=getattr(pb_utils.MetricFamily, kind))
@@ -154,7 +178,7 @@ class TritonPythonModel:
                     snapshot = (np.frombuffer(self.codec.encode(session), dtype=np.uint8)[None] if req.want_snapshot
                                 else NO_SNAPSHOT)
                     responses[i] = pb_utils.InferenceResponse(output_tensors=[
-                        pb_utils.Tensor(self.output_name, out[j:j + 1]), pb_utils.Tensor(CHUNK_INDEX, index),
+                        triton_tensor(self.output_name, out[j:j + 1]), pb_utils.Tensor(CHUNK_INDEX, index),
                         pb_utils.Tensor(SNAPSHOT, snapshot)])
                     self.registry.chunk_done(sid, seconds)
             except Exception as e:  # an engine failed: these streams' state is unknown, free them
@@ -167,11 +191,11 @@ class TritonPythonModel:
         self.publish_metrics()
         return responses
 
-    def generate(self, sessions, audio, prompts) -> np.ndarray:
-        latents = denoise_batch(sessions, audio, prompts)  # (B, 1+3, 16, h, w)
+    def generate(self, sessions, audio, prompts) -> torch.Tensor:
+        latents = denoise_batch(sessions, audio, prompts)  # (B, 1+3, 16, h, w) on the state's device
         if self.output_name == FRAMES:  # serial pipeline: decode here, before answering
-            return self.engines.vae_decoder(latents).numpy()  # (B, 12, H, W, 3) uint8
-        return latents.numpy()
+            return self.runners.vae_decoder(latents)  # (B, 12, H, W, 3) uint8
+        return latents.float()  # the decoder model's input dtype
 
     def finalize(self):
         self.stop.set()

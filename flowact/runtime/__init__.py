@@ -1,0 +1,99 @@
+"""What runs a network: one adapter per runtime, one bag of callables, one way to build it.
+
+Every adapter has the PyTorch module's call signature (torch tensors in, a torch tensor out), so
+the stream sampler (flowact.session) cannot tell which one runs:
+
+    torch     PyTorch modules on a device and dtype (flowact.runtime.pytorch; CPU fp32, CUDA bf16)
+    onnx      ONNX Runtime on the CPU (flowact.runtime.onnx; the embedded target's network models)
+    trt       TensorRT plans on a GPU (flowact.runtime.tensorrt)
+    bls       the repository's Triton network models, called through BLS (flowact.runtime.bls;
+              only inside Triton's python stub)
+
+Memory validity: `denoiser_memory(memory, valid)` and `denoiser(..., kv, valid)` take `valid=None`
+when every memory slot of every stream in the batch is valid. The torch runner then runs attention
+without a mask (so SDPA may pick the flash or cuDNN kernels); runners whose graph has a mask input
+feed an all-true one (`full_valid`).
+
+This package knows nothing about streams or Triton's sequence batching. It imports torch only
+where a runner needs it: the embedded network models open ONNX sessions without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    import torch
+
+    from flowact.specs import NetworkSpec
+
+    Tensor = torch.Tensor
+
+
+class RuntimeKind(str, Enum):
+    TORCH = "torch"
+    ONNX = "onnx"
+    TRT = "trt"
+    BLS = "bls"
+
+
+@dataclass(frozen=True)
+class Runners:
+    """The networks as callables with the PyTorch modules' signatures, whatever runs them."""
+
+    audio_encoder: Callable[[Tensor], Tensor]  # audio window (B, S) f32 -> features (B, 12, Da)
+    vae_encoder: Callable[[Tensor], Tensor]  # image (B, H, W, 3) u8 -> latent (B, 16, h, w)
+    vae_decoder: Callable[[Tensor], Tensor]  # latents (B, 1+3, 16, h, w) -> frames (B, 12, H, W, 3) u8
+    denoiser_memory: Callable[[Tensor, Tensor | None], Tensor]  # memory (B, Fm, 16, h, w), valid (B, Fm) | None -> kv
+    denoiser: Callable[..., Tensor]  # x, t, audio, prompt, kv, valid | None -> velocity (B, 3, 16, h, w)
+    text_encoder: Callable[[Tensor], Tensor]  # byte ids (B, P) i64 -> prompt tokens (B, P, Dt)
+
+    @classmethod
+    def from_networks(cls, nets, dtype: "torch.dtype | None" = None) -> "Runners":
+        """PyTorch modules where they are; a `dtype` other than float32 runs them under autocast."""
+        from flowact.runtime.pytorch import torch_runners
+
+        return torch_runners(nets, dtype)
+
+
+def full_valid(spec: NetworkSpec, inputs: tuple, batch: int) -> tuple:
+    """Replace a `None` MEMORY_VALID by an all-true mask of the spec's shape (graphs that always take one)."""
+    import torch
+
+    from flowact.specs import MEMORY_VALID
+
+    return tuple(torch.ones(t.shape(batch), dtype=torch.bool) if x is None and t.name == MEMORY_VALID else x
+                 for t, x in zip(spec.inputs, inputs))
+
+
+def check_arity(spec: NetworkSpec, inputs: tuple) -> None:
+    if len(inputs) != len(spec.inputs):
+        raise TypeError(f"{spec.name} takes {len(spec.inputs)} inputs ({', '.join(spec.input_names)}), got {len(inputs)}")
+
+
+def build_runners(kind: RuntimeKind | str, preset, source: str | Path | None = None, device: str = "cpu",
+                  dtype: "torch.dtype | None" = None, threads: int | None = None) -> Runners:
+    """The one way to build a preset's runners.
+
+    torch: `source` is a checkpoint directory (None: seeded random weights), on `device` in `dtype`
+    (default bf16 on CUDA, float32 elsewhere); onnx: `source` is an export directory (fp32 below it);
+    trt: `source` is a plan directory; bls: the repository's network models (inside Triton)."""
+    kind = RuntimeKind(kind)
+    if kind == RuntimeKind.TORCH:
+        from flowact.runtime.pytorch import load_torch_runners
+
+        return load_torch_runners(preset, source, device, dtype)
+    if kind == RuntimeKind.ONNX:
+        from flowact.runtime.onnx import load_onnx_runners
+
+        return load_onnx_runners(source, preset, threads=threads)
+    if kind == RuntimeKind.TRT:
+        from flowact.runtime.tensorrt import load_trt_runners
+
+        return load_trt_runners(source, preset, device)
+    from flowact.runtime.bls import bls_runners
+
+    return bls_runners(preset)

@@ -1,0 +1,53 @@
+"""PyTorch modules as runners: CPU in float32 (the reference), CUDA in bf16 under autocast.
+
+The torch target of the serving repository runs these inside the `stream` model's process, next
+to the per-stream state, on the device the state lives on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from flowact.runtime import Runners
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+class TorchRunner:
+    """A module's method behind the runner signature; `dtype` other than float32 runs under autocast."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor], dtype: torch.dtype, device_type: str):
+        self.fn, self.dtype, self.device_type = fn, dtype, device_type
+
+    def __repr__(self) -> str:
+        return f"TorchRunner({getattr(self.fn, '__qualname__', self.fn)}, {self.dtype})"
+
+    def __call__(self, *inputs):
+        autocast = (torch.autocast(self.device_type, dtype=self.dtype) if self.dtype != torch.float32
+                    else contextlib.nullcontext())
+        with torch.inference_mode(), autocast:
+            return self.fn(*inputs)
+
+
+def torch_runners(nets, dtype: torch.dtype | None = None) -> Runners:
+    device_type = next(nets.denoiser.parameters()).device.type
+    dtype = dtype or torch.float32
+    fns = (nets.audio_encoder, nets.vae_encoder, nets.vae_decoder, nets.denoiser.memory_kv,
+           nets.denoiser.forward_stream, nets.text_encoder)
+    return Runners(*(TorchRunner(fn, dtype, device_type) for fn in fns))
+
+
+def load_torch_runners(preset, checkpoint: str | Path | None, device: str | torch.device = "cpu",
+                       dtype: torch.dtype | None = None) -> Runners:
+    """A preset's networks (checkpoint or seeded random), built on `device` with weights in `dtype`."""
+    from flowact.networks import build_networks
+
+    dtype = dtype or default_dtype(device)
+    nets = build_networks(preset, checkpoint=checkpoint, device=device).to(device, dtype)
+    return torch_runners(nets, dtype)
