@@ -668,7 +668,10 @@ def main(argv=None) -> int:
         "points": [],
     }
 
-    signatures: set = set()
+    out = args.out or Path(tempfile.gettempdir()) / "flowact-runs" / (
+        time.strftime("%Y%m%d-%H%M%S-") + result_name(preset.name, args.engine, args.compile))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    flops: dict = {}  # (part, signature) -> FlopCount, replayed on the meta-device networks
     last = None  # (n, chunk p50 ms) of the last point that ran
     chunks_per_point = (1 + args.ttff_reps) + args.warmup + 1 + args.serial + args.chunks
     errors = 0
@@ -698,47 +701,23 @@ def main(argv=None) -> int:
         if failure is not None:  # outside the except block: the traceback's frames (and tensors) are gone
             result["points"].append({"streams": n, "status": failure[0], "error": failure[1]})
             _release(device)
+            finish(result, flops, streams, t_run, out, partial=True)
             continue
         last = (n, point["chunk_ms"]["p50"])
-        signatures |= {(c["part"], c["signature"]) for c in point["_calls"]}
+        calls = point.pop("_calls")
+        new = {(c["part"], c["signature"]) for c in calls} - set(flops)
+        counted, error = flops_of(new, meta, meta_modules)
+        flops.update(counted)
+        result["flops_error"] = result.get("flops_error") or error
+        finish_point(point, calls, flops, args, peak["tflops"], ctx.engine)
         result["points"].append(point)
         say(f"N={n}: chunk p50 {point['chunk_ms']['p50']:.1f} / p99 {point['chunk_ms']['p99']:.1f} ms, period p50 "
             f"{point['period_ms']['p50']:.1f} ms, {'REAL TIME' if point['realtime'] else 'not real time'}; "
             f"{point['wall_s']:.0f} s")
         _release(device)
+        finish(result, flops, streams, t_run, out, partial=True)  # a run cut short still leaves its points
 
-    # FLOPs per call, replayed on the meta-device networks; per-part rates
-    flops, flop_error = flops_of(signatures, meta, meta_modules)
-    result["flops_error"] = flop_error
-    result["flops_per_stream"] = per_stream_flops(flops)
-    for point in result["points"]:
-        calls = point.pop("_calls", None)
-        if calls is None:
-            continue
-        point["parts"] = part_stats(calls, "pipelined", args.chunks, flops, peak["tflops"], point["chunk_ms"]["p50"])
-        point["parts_serial"] = part_stats(calls, "serial", args.serial, flops, peak["tflops"],
-                                           point["serial_chunk_ms"]["p50"])
-        if ctx.engine == "trt":  # no python attention to watch: what the model code does with these inputs
-            att = point["attention"] = {}
-            for (part, shapes), f in flops.items():
-                if f.sdpa_calls and _batch(shapes) == point["streams"]:
-                    a = att.setdefault(part, {"sdpa_calls": 0, "sdpa_masked": 0, "source": "meta"})
-                    a["sdpa_calls"] += f.sdpa_calls
-                    a["sdpa_masked"] += f.sdpa_masked
-        att = point.get("attention") or {}
-        dit = [att[p] for p in ("denoiser", "denoiser_memory") if p in att]
-        point["mask_free"] = (all(a["sdpa_masked"] == 0 for a in dit) if dit else None)
-    ok = [p for p in result["points"] if p["status"] == "ok"]
-    memory_summary(result, ok)
-    rt = [p["streams"] for p in ok if p["realtime"]]
-    result["realtime_streams"] = max(rt) if rt else 0
-    result["realtime_streams_lower_bound"] = bool(ok) and ok[-1]["realtime"] and ok[-1]["streams"] == max(streams)
-    result["wall_s"] = round(time.perf_counter() - t_run, 1)
-
-    out = args.out or Path(tempfile.gettempdir()) / "flowact-runs" / (
-        time.strftime("%Y%m%d-%H%M%S-") + result_name(preset.name, args.engine, args.compile))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    finish(result, flops, streams, t_run, out, partial=False)
     say("")
     say(summary_text(result))
     say(f"wrote {out}")
@@ -747,6 +726,36 @@ def main(argv=None) -> int:
         target.write_text(json.dumps(result, indent=1) + "\n")
         say(f"wrote {target} and {update_readme()}")
     return 1 if errors else 0
+
+
+def finish_point(point: dict, calls: list[dict], flops: dict, args, peak_tflops: float, engine: str) -> None:
+    """Per-part times and rates of one point, and whether its attention ran without a mask."""
+    point["parts"] = part_stats(calls, "pipelined", args.chunks, flops, peak_tflops, point["chunk_ms"]["p50"])
+    point["parts_serial"] = part_stats(calls, "serial", args.serial, flops, peak_tflops, point["serial_chunk_ms"]["p50"])
+    if engine == "trt":  # no python attention to watch: what the model code does with these inputs
+        att = point["attention"] = {}
+        for (part, shapes), f in flops.items():
+            if f.sdpa_calls and _batch(shapes) == point["streams"]:
+                a = att.setdefault(part, {"sdpa_calls": 0, "sdpa_masked": 0, "source": "meta"})
+                a["sdpa_calls"] += f.sdpa_calls
+                a["sdpa_masked"] += f.sdpa_masked
+    att = point.get("attention") or {}
+    dit = [att[p] for p in ("denoiser", "denoiser_memory") if p in att]
+    point["mask_free"] = (all(a["sdpa_masked"] == 0 for a in dit) if dit else None)
+
+
+def finish(result: dict, flops: dict, streams: list[int], t_run: float, out: Path, partial: bool) -> None:
+    """Run-level summary (capacity, memory, FLOPs per stream) over the points so far; writes the JSON."""
+    result["flops_error"] = result.get("flops_error")
+    result["flops_per_stream"] = per_stream_flops(flops)
+    ok = [p for p in result["points"] if p["status"] == "ok"]
+    memory_summary(result, ok)
+    rt = [p["streams"] for p in ok if p["realtime"]]
+    result["realtime_streams"] = max(rt) if rt else 0
+    result["realtime_streams_lower_bound"] = bool(ok) and ok[-1]["realtime"] and ok[-1]["streams"] == max(streams)
+    result["partial"] = partial
+    result["wall_s"] = round(time.perf_counter() - t_run, 1)
+    out.write_text(json.dumps(result, indent=1) + "\n")
 
 
 def memory_summary(result: dict, ok: list[dict]) -> None:

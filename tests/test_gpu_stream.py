@@ -44,7 +44,7 @@ def smoke(tmp_path_factory):
 def test_smoke_run_on_cpu_reports_every_field(smoke):
     r = smoke
     assert r["preset"] == "tiny" and r["engine"] == "torch" and r["dtype"] == "float32"
-    assert r["matmul"]["tflops"] > 0 and r["flops_error"] is None
+    assert r["matmul"]["tflops"] > 0 and r["flops_error"] is None and r["partial"] is False
     assert [p["streams"] for p in r["points"]] == [1, 2]
     for p in r["points"]:
         assert p["status"] == "ok", p
@@ -74,6 +74,24 @@ def test_smoke_run_on_cpu_reports_every_field(smoke):
     # batching: two streams' calls do twice the FLOPs of one stream's
     one, two = r["points"][0]["parts_serial"]["denoiser"], r["points"][1]["parts_serial"]["denoiser"]
     assert two["tflop_per_call"] == pytest.approx(2 * one["tflop_per_call"], rel=1e-3)
+
+
+def test_an_out_of_memory_n_is_recorded_and_the_others_still_run(tmp_path, monkeypatch, capsys):
+    run_point = gpu_stream.run_point
+
+    def oom_at_two(n, ctx, first):
+        if n == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+        return run_point(n, ctx, first)
+
+    monkeypatch.setattr(gpu_stream, "run_point", oom_at_two)
+    out = tmp_path / "oom.json"
+    assert gpu_stream.main(["--device", "cpu", "--preset", "tiny", "--streams", "2,1", "--matmul-n", "128",
+                            *FAST, "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert [(p["streams"], p["status"]) for p in r["points"]] == [(2, "oom"), (1, "ok")]
+    assert "80.00 GiB" in r["points"][0]["error"] and "CUDA OUT OF MEMORY" in capsys.readouterr().out
+    assert "**oom**" in gpu_stream.points_table(r)
 
 
 def test_readme_table_is_generated_from_the_results(smoke, tmp_path):
