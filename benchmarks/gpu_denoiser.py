@@ -14,13 +14,13 @@ qkv / proj / MLP linears replaced by an FP8 (e4m3) linear on torch._scaled_mm wi
 scales (weights: amax of the weight; activations: static amax calibrated on one bf16 pass, as the
 TensorRT engines use); modulation, embeddings, final projection, norms and attention stay bf16,
 the same policy as the FP8 ONNX export. TFLOP/s counts linear-layer FLOPs (measured by hooks)
-plus dense attention FLOPs (QK^T and AV, masked keys included, as the kernels compute them).
+plus dense attention FLOPs (QK^T and AV, masked keys included, as the kernels compute them), with
+flowact.benchmarks.flops.count_flops (shared with gpu_stream.py, the whole-chunk benchmark).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import re
@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from flowact.benchmarks.flops import count_flops
 from flowact.models.mmdit import MMDiT
 from flowact.presets import AUDIO_FEATURES_PER_CHUNK, CHUNK_SECONDS, LATENT_CHANNELS, LATENT_FRAMES_PER_CHUNK, get_preset
 
@@ -81,31 +82,11 @@ def build_inputs(p, batch: int, device, dtype):
     return x, t, audio, prompt, memory, valid
 
 
-def attention_flops(p, batch: int) -> tuple[float, float]:
-    """Dense attention FLOPs (QK^T + AV) of memory_kv and of one forward_stream."""
-    nm = p.memory_frames * p.tokens_per_frame
-    nx = LATENT_FRAMES_PER_CHUNK * p.tokens_per_frame
-    nc = AUDIO_FEATURES_PER_CHUNK + p.prompt_tokens
-    per = 4 * batch * p.dim * p.depth  # 4 * B * H * Dh per (query, key) pair, all blocks
-    return per * nm * nm, per * (nx + nc) * (nm + nx + nc)
+LINEAR_TYPES = (nn.Linear, FP8Linear)
 
 
-@contextlib.contextmanager
-def linear_flop_counter(model: nn.Module, totals: dict):
-    def hook(mod, inputs, output):
-        x = inputs[0]
-        n_in = x.shape[-1]
-        out = mod.out_features
-        totals["all"] = totals.get("all", 0) + 2 * (x.numel() // n_in) * n_in * out
-        if getattr(mod, "_fp8_candidate", False):
-            totals["fp8"] = totals.get("fp8", 0) + 2 * (x.numel() // n_in) * n_in * out
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, FP8Linear))]
-    try:
-        yield totals
-    finally:
-        for h in handles:
-            h.remove()
+def is_fp8_candidate(module: nn.Module) -> bool:
+    return getattr(module, "_fp8_candidate", False)
 
 
 def calibrate(model: nn.Module, names: list[str], run) -> dict[str, float]:
@@ -158,34 +139,31 @@ def timed(fn, warmup: int, iters: int, device) -> list[float]:
     return times
 
 
-def measure(label, model, inputs, args, device, flops_attn) -> tuple[dict, torch.Tensor]:
+def measure(label, model, inputs, args, device) -> tuple[dict, torch.Tensor]:
     x, t, audio, prompt, memory, valid = inputs
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     with torch.inference_mode(), autocast:
         kv = model.memory_kv(memory, valid).to(torch.bfloat16)  # the engine keeps the memory cache in bf16
         stream = (lambda: model.forward_stream(x, t, audio, prompt, kv, valid))
         memory_fn = (lambda: model.memory_kv(memory, valid))
-        counts_mem, counts_nfe = {}, {}
-        with linear_flop_counter(model, counts_mem):  # eager, before any compilation
+        with count_flops(model, LINEAR_TYPES, is_fp8_candidate) as counts_mem:  # eager, before any compilation
             memory_fn()
-        with linear_flop_counter(model, counts_nfe):
+        with count_flops(model, LINEAR_TYPES, is_fp8_candidate) as counts_nfe:
             v = stream()
         if args.compile:
             stream, memory_fn = torch.compile(stream), torch.compile(memory_fn)
         t_mem = timed(memory_fn, args.warmup, args.iters, device)
         t_nfe = timed(stream, args.warmup, args.iters, device)
     nfe_ms, mem_ms = statistics.median(t_nfe), statistics.median(t_mem)
-    attn_mem, attn_nfe = flops_attn
-    nfe_flops = counts_nfe.get("all", 0) + attn_nfe
-    mem_flops = counts_mem.get("all", 0) + attn_mem
+    nfe_flops, mem_flops = counts_nfe.total, counts_mem.total
     chunk_ms = mem_ms + args.nfe * nfe_ms
     result = {
         "nfe_ms": round(nfe_ms, 3), "nfe_ms_min": round(min(t_nfe), 3),
         "memory_kv_ms": round(mem_ms, 3), "chunk_ms": round(chunk_ms, 3),
         "realtime_factor": round(chunk_ms / (CHUNK_SECONDS * 1e3), 4),
-        "nfe_linear_tflop": round(counts_nfe.get("all", 0) / 1e12, 6),
-        "nfe_linear_tflop_fp8_eligible": round(counts_nfe.get("fp8", 0) / 1e12, 6),
-        "nfe_attention_tflop": round(attn_nfe / 1e12, 6),
+        "nfe_linear_tflop": round(counts_nfe.linear / 1e12, 6),
+        "nfe_linear_tflop_fp8_eligible": round(counts_nfe.tagged / 1e12, 6),
+        "nfe_attention_tflop": round(counts_nfe.attention / 1e12, 6),
         "memory_kv_tflop": round(mem_flops / 1e12, 6),
         "nfe_tflops_per_s": round(nfe_flops / (nfe_ms * 1e-3) / 1e12, 4),
         "memory_kv_tflops_per_s": round(mem_flops / (mem_ms * 1e-3) / 1e12, 4),
@@ -234,7 +212,6 @@ def main(argv=None) -> int:
     params = sum(t.numel() for t in model.parameters())
     print(f"built {params / 1e9:.2f} B parameters in {time.perf_counter() - t0:.1f} s", flush=True)
     inputs = build_inputs(p, args.batch, device, torch.bfloat16)
-    flops_attn = attention_flops(p, args.batch)
     for n, m in model.named_modules():
         if isinstance(m, nn.Linear):
             m._fp8_candidate = bool(FP8_LAYERS.search(n))
@@ -242,7 +219,7 @@ def main(argv=None) -> int:
     results = {"preset": p.name, "batch": args.batch, "device": name, "compute_capability": cc,
                "torch": torch.__version__, "cuda": torch.version.cuda, "parameters": params, "nfe": p.nfe,
                "warmup": args.warmup, "iters": args.iters, "compile": args.compile, "fast_accum": args.fast_accum}
-    results["bf16"], v_bf16 = measure("bf16", model, inputs, args, device, flops_attn)
+    results["bf16"], v_bf16 = measure("bf16", model, inputs, args, device)
 
     if not args.skip_fp8:
         names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and FP8_LAYERS.search(n)]
@@ -252,7 +229,7 @@ def main(argv=None) -> int:
             amax = calibrate(model, names, lambda: (model.memory_kv(memory, valid),
                                                    model.forward_stream(x, t, audio, prompt, kv, valid)))
         results["fp8_layers"] = swap_to_fp8(model, amax, args.fast_accum)
-        results["fp8"], v_fp8 = measure("fp8", model, inputs, args, device, flops_attn)
+        results["fp8"], v_fp8 = measure("fp8", model, inputs, args, device)
         rel = float((v_fp8 - v_bf16).norm() / v_bf16.norm().clamp(min=1e-30))
         results["fp8_vs_bf16_rel_l2"] = round(rel, 5)
         results["fp8_speedup_nfe"] = round(results["bf16"]["nfe_ms"] / results["fp8"]["nfe_ms"], 3)
