@@ -57,14 +57,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# --- The serving API this script drives: the only lines that name it ----------------------------
-# After the rename: `from flowact.session import StreamSession, denoise_batch` and
-# `from flowact.runtime import Runners`; load_trt_runners() names the TensorRT adapter.
-from flowact.engine import Engines as Runners
-from flowact.engine import StreamSession, denoise_batch
-# ------------------------------------------------------------------------------------------------
 from flowact.benchmarks.flops import count_flops, count_sdpa, FlopCount, matmul_tflops
 from flowact.networks import build_networks
+from flowact.runtime import Runners
+from flowact.runtime.pytorch import TorchRunner
+from flowact.session import StreamSession, denoise_batch
 from flowact.presets import CHUNK_SECONDS, SAMPLES_PER_CHUNK, get_preset
 from flowact.stats import percentile
 
@@ -120,48 +117,28 @@ def _load_inputs_stdlib(preset) -> tuple[np.ndarray, np.ndarray]:
 # Runners: the networks as callables, built where they run, and the timing probes around them
 
 
-class Autocast:
-    """A torch callable run under autocast (bf16 weights, float32 inputs from the sampler); optionally
-    casts a floating output (the memory keys/values are kept in the session dtype)."""
-
-    def __init__(self, fn, device_type: str, dtype: torch.dtype, out_dtype: torch.dtype | None = None):
-        self.fn, self.device_type, self.dtype, self.out_dtype = fn, device_type, dtype, out_dtype
-
-    def __call__(self, *args, **kwargs):
-        with torch.autocast(self.device_type, dtype=self.dtype):
-            out = self.fn(*args, **kwargs)
-        return out.to(self.out_dtype) if self.out_dtype is not None and out.is_floating_point() else out
-
-
 def build_torch_runners(preset, device: torch.device, dtype: torch.dtype, seed: int, compile_: bool):
     """Seeded random weights initialised on the device itself (a 2.57 B denoiser never touches host
-    memory), cast to `dtype`. -> (runners, the same without torch.compile, parameters per network)."""
-    with torch.device(device):
-        nets = build_networks(preset, seed=seed)
-    nets.to(device, dtype)  # the dtype cast; also moves the few buffers made from numpy on the host
+    memory), cast to `dtype`, run by flowact.runtime's torch runners (autocast below float32).
+    -> (runners, the same without torch.compile, parameters per network)."""
+    nets = build_networks(preset, seed=seed, device=device).to(device, dtype)
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in nets.modules().items()}
-    raw = Runners.from_networks(nets)
-
-    def wrap(name, fn):
-        if dtype != torch.float32:  # memory keys/values kept in the session dtype
-            return Autocast(fn, device.type, dtype, dtype if name == "denoiser_memory" else None)
-        return fn
-
-    eager = dataclasses.replace(raw, **{n: wrap(n, getattr(raw, n)) for n in RUNNER_FIELDS})
+    eager = Runners.from_networks(nets, dtype)
     if not compile_:
         return eager, eager, params
-    compiled = {n: wrap(n, torch.compile(getattr(raw, n))) for n in ("denoiser", "denoiser_memory")}
+    compiled = {name: TorchRunner(torch.compile(fn), dtype, device.type)
+                for name, fn in (("denoiser", nets.denoiser.forward_stream), ("denoiser_memory", nets.denoiser.memory_kv))}
     return dataclasses.replace(eager, **compiled), eager, params
 
 
 def tensorrt_missing() -> str | None:
-    """Why TensorRT cannot run here (None: it imports), via the project's TensorRT adapter."""
+    """Why TensorRT cannot run here (None: it imports), via the project's TensorRT runtime."""
     if importlib.util.find_spec("tensorrt") is None:
         return ("TensorRT is not installed: the `tensorrt` Python package (TensorRT 10, e.g. in the NGC "
                 "tritonserver or TensorRT container) is needed to run the plans of `flowact export trt`")
-    try:
-        from flowact.export.tensorrt import import_tensorrt  # lazily: imports onnx and the exporters
+    from flowact.runtime.tensorrt import import_tensorrt
 
+    try:
         import_tensorrt()
     except Exception as e:  # noqa: BLE001 - TensorRTUnavailable, or the PyPI stub failing to fetch its wheel
         return f"{type(e).__name__}: {e}"
@@ -169,10 +146,10 @@ def tensorrt_missing() -> str | None:
 
 
 def load_trt_runners(plans: Path, preset, device: torch.device):
-    """The TensorRT plans of an export directory (`flowact export trt`) through the project's adapter."""
-    from flowact.export.tensorrt import load_trt_engines
+    """The TensorRT plans of an export directory (`flowact export trt`) through the project's runtime."""
+    from flowact.runtime.tensorrt import load_trt_runners as load
 
-    return load_trt_engines(plans, preset, device)
+    return load(plans, preset, device)
 
 
 def meta_runners(preset):
