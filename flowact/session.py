@@ -54,16 +54,24 @@ class MemoryBank:
 
     def __init__(self, reference: Tensor, long_term_size: int, latents: Tensor | None = None,
                  valid: Tensor | None = None):
+        """A new bank holding only `reference` (16, h, w), in `latents` / `valid` when given."""
         c, h, w = reference.shape
-        self.long_term_size = long_term_size
         frames = 1 + long_term_size + LATENT_FRAMES_PER_CHUNK
-        self.latents = torch.zeros(frames, c, h, w, dtype=reference.dtype, device=reference.device) if latents is None \
-            else latents  # (Fm, C, h, w)
-        self.valid = torch.zeros(frames, dtype=torch.bool, device=reference.device) if valid is None else valid  # (Fm,)
+        if latents is None:
+            latents = torch.zeros(frames, c, h, w, dtype=reference.dtype, device=reference.device)
+            valid = torch.zeros(frames, dtype=torch.bool, device=reference.device)
+        self.long_term_size, self.latents, self.valid = long_term_size, latents, valid  # (Fm, C, h, w), (Fm,)
         self.latents.zero_()
         self.valid.zero_()
         self.latents[0] = reference
         self.valid[0] = True
+
+    @classmethod
+    def over(cls, latents: Tensor, valid: Tensor, long_term_size: int) -> "MemoryBank":
+        """The bank already held in `latents` (Fm, C, h, w) and `valid` (Fm,) (a restored state)."""
+        bank = cls.__new__(cls)
+        bank.long_term_size, bank.latents, bank.valid = long_term_size, latents, valid
+        return bank
 
     @property
     def short_term(self) -> slice:
@@ -98,47 +106,60 @@ def rng_state_bytes(device: torch.device) -> int:
     return int(torch.Generator(device=device).get_state().numel())
 
 
+def state_tensors(preset: Preset, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The tensors of one stream's state: name -> (shape, dtype). The one list of them: the pool's
+    slabs, the state's views and the snapshot layout are all made from it."""
+    p, lat = preset, (LATENT_CHANNELS, preset.latent_height, preset.latent_width)
+    return {
+        "memory_latents": ((p.memory_frames, *lat), dtype),  # MemoryBank: [reference | long-term | short-term]
+        "memory_valid": ((p.memory_frames,), torch.bool),  # MemoryBank: filled slots
+        "decode_context": ((1, *lat), dtype),  # the last latent frame shown: the decoder's context
+        "audio_window": ((p.audio_window_samples,), torch.float32),  # bounded audio context + newest chunk
+        "last_audio_features": ((AUDIO_FEATURES_PER_CHUNK, p.audio.d_model), dtype),  # of the short-term chunk
+    }
+
+
 class StreamState:
     """Everything one stream carries between chunks, as tensors on one device.
 
-    Tensors (views of one `StatePool` slot):
-        memory          MemoryBank: latents (Fm, 16, h, w) in the state dtype, valid (Fm,) bool
-        decode_context  (1, 16, h, w): the last latent frame shown, the decoder's context
-        audio_window    (S,) float32: bounded audio context + the newest chunk
-        last_audio      (12, Da): audio features of the short-term chunk (memory refinement)
-    and a per-stream generator on the same device, the chunk index and the conditioning texts.
-    `layout()` lists what a snapshot of it holds; `arrays()` / `load()` read and write exactly that."""
+    `tensors` (`state_tensors`: views of one `StatePool` slot), a per-stream generator on the same
+    device, the chunk index and the conditioning texts. `memory` is the MemoryBank over the memory
+    tensors. `layout()` lists what a snapshot holds; `arrays()` / `header()` / `load()` read and write
+    exactly that."""
 
-    def __init__(self, preset: Preset, device: torch.device, dtype: torch.dtype, slot: dict[str, Tensor]):
+    HEADER = ("chunk_index", "prompt", "last_prompt", "has_last_audio")
+
+    def __init__(self, preset: Preset, device: torch.device, dtype: torch.dtype, tensors: dict[str, Tensor]):
         self.preset, self.device, self.dtype = preset, device, dtype
-        self.slot = slot  # name -> view of the pool's slab for this stream
+        self.tensors = tensors
         self.memory: MemoryBank | None = None
         self.generator = torch.Generator(device=device)
         self.chunk_index = 0
         self.prompt = self.last_prompt = DEFAULT_PROMPT
         self.has_last_audio = False
+        self.pool_slot: int | None = None
 
     @property
     def decode_context(self) -> Tensor:
-        return self.slot["decode_context"]  # (1, 16, h, w)
+        return self.tensors["decode_context"]  # (1, 16, h, w)
 
     @property
     def audio_window(self) -> Tensor:
-        return self.slot["audio_window"]  # (S,)
+        return self.tensors["audio_window"]  # (S,)
 
     @property
     def last_audio(self) -> Tensor:
-        return self.slot["last_audio"]  # (12, Da)
+        return self.tensors["last_audio_features"]  # (12, Da)
 
     # --- verbs --------------------------------------------------------------------------------
 
     def begin(self, reference: Tensor, seed: int, prompt: str) -> None:
         """A fresh stream: reference latent (16, h, w) in slot 0, empty context, seeded noise."""
+        for t in self.tensors.values():
+            t.zero_()
         self.memory = MemoryBank(reference.to(self.device, self.dtype), self.preset.long_term_size,
-                                 self.slot["memory"], self.slot["valid"])
+                                 self.tensors["memory_latents"], self.tensors["memory_valid"])
         self.decode_context.copy_(reference[None])
-        self.audio_window.zero_()
-        self.last_audio.zero_()
         self.generator.manual_seed(seed)
         self.chunk_index = 0
         self.prompt = self.last_prompt = prompt
@@ -169,42 +190,29 @@ class StreamState:
     # --- snapshot layout ----------------------------------------------------------------------
 
     @staticmethod
-    def layout(preset: Preset, device: torch.device | str = "cpu") -> list[tuple[str, np.dtype, tuple[int, ...]]]:
-        """(name, dtype, shape) of every array of a snapshot, in order. Latents travel as float32
-        (exact for bf16 states); the generator state's size is the device kind's."""
-        lat = (LATENT_CHANNELS, preset.latent_height, preset.latent_width)
-        return [
-            ("memory_latents", np.dtype(np.float32), (preset.memory_frames, *lat)),
-            ("memory_valid", np.dtype(np.bool_), (preset.memory_frames,)),
-            ("decode_context", np.dtype(np.float32), (1, *lat)),
-            ("audio_window", np.dtype(np.float32), (preset.audio_window_samples,)),
-            ("rng_state", np.dtype(np.uint8), (rng_state_bytes(torch.device(device)),)),
-            ("last_audio_features", np.dtype(np.float32), (AUDIO_FEATURES_PER_CHUNK, preset.audio.d_model)),
-        ]
+    def layout(preset: Preset, device_kind: str = "cpu") -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+        """(name, dtype, shape) of every array of a snapshot, in order: the state's tensors (floats as
+        float32: exact for bf16 states), then the generator state of this device kind."""
+        arrays = [(name, np.dtype(np.bool_ if dt == torch.bool else np.float32), shape)
+                  for name, (shape, dt) in state_tensors(preset, torch.float32).items()]
+        return [*arrays, ("rng_state", np.dtype(np.uint8), (rng_state_bytes(torch.device(device_kind)),))]
 
     def arrays(self) -> dict[str, np.ndarray]:
-        host = lambda t: t.detach().float().cpu().numpy() if t.is_floating_point() else t.detach().cpu().numpy()  # noqa: E731
-        return {"memory_latents": host(self.memory.latents), "memory_valid": host(self.memory.valid),
-                "decode_context": host(self.decode_context), "audio_window": host(self.audio_window),
-                "rng_state": self.generator.get_state().numpy(), "last_audio_features": host(self.last_audio)}
+        out = {name: (t.float() if t.is_floating_point() else t).cpu().numpy() for name, t in self.tensors.items()}
+        return {**out, "rng_state": self.generator.get_state().cpu().numpy()}
 
     def header(self) -> dict:
-        return {"chunk_index": self.chunk_index, "prompt": self.prompt, "last_prompt": self.last_prompt,
-                "has_last_audio": self.has_last_audio}
+        return {key: getattr(self, key) for key in self.HEADER}
 
     def load(self, arrays: dict[str, np.ndarray], header: dict) -> None:
         """Set every field from checked snapshot parts (`arrays()` / `header()` of another state)."""
         self.generator.set_state(torch.from_numpy(arrays["rng_state"].copy()))  # first: raises on a bad state
-        latents = torch.from_numpy(arrays["memory_latents"].copy()).to(self.device, self.dtype)
-        self.memory = MemoryBank(latents[0], self.preset.long_term_size, self.slot["memory"], self.slot["valid"])
-        self.memory.latents.copy_(latents)
-        self.memory.valid.copy_(torch.from_numpy(arrays["memory_valid"].copy()))
-        self.decode_context.copy_(torch.from_numpy(arrays["decode_context"].copy()))
-        self.audio_window.copy_(torch.from_numpy(arrays["audio_window"].copy()))
-        self.last_audio.copy_(torch.from_numpy(arrays["last_audio_features"].copy()))
-        self.chunk_index = header["chunk_index"]
-        self.prompt, self.last_prompt = header["prompt"], header["last_prompt"]
-        self.has_last_audio = header["has_last_audio"]
+        for name, t in self.tensors.items():
+            t.copy_(torch.from_numpy(arrays[name].copy()))
+        self.memory = MemoryBank.over(self.tensors["memory_latents"], self.tensors["memory_valid"],
+                                      self.preset.long_term_size)
+        for key in self.HEADER:
+            setattr(self, key, header[key])
 
 
 class StateCapacityError(RuntimeError):
@@ -223,19 +231,16 @@ def free_bytes(device: torch.device) -> int:
 class StatePool:
     """The per-stream state of `capacity` streams, allocated once on one device.
 
-    Slot tensors are rows of one slab per field, so a stream's state never moves, and a server
+    One slab per state tensor, a row per stream, so a stream's state never moves, and a server
     knows at start whether its capacity fits: with `check_fits`, capacity x (state + memory K/V
     workspace) must fit in the device's free memory, or `StateCapacityError` names the numbers.
     The memory keys/values are computed once per chunk by the runners (`kv_bytes_per_stream`)."""
 
     def __init__(self, preset: Preset, capacity: int, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, check_fits: bool = False):
-        p, self.preset, self.capacity = preset, preset, capacity
+        self.preset, self.capacity = preset, capacity
         self.device, self.dtype = torch.device(device), dtype
-        lat = (LATENT_CHANNELS, p.latent_height, p.latent_width)
-        self.shapes = {"memory": ((p.memory_frames, *lat), dtype), "valid": ((p.memory_frames,), torch.bool),
-                       "decode_context": ((1, *lat), dtype), "audio_window": ((p.audio_window_samples,), torch.float32),
-                       "last_audio": ((AUDIO_FEATURES_PER_CHUNK, p.audio.d_model), dtype)}
+        self.shapes = state_tensors(preset, dtype)
         if check_fits:
             need, free = capacity * (self.bytes_per_stream + self.kv_bytes_per_stream), free_bytes(self.device)
             if need > free:
@@ -271,9 +276,8 @@ class StatePool:
         return state
 
     def release(self, state: StreamState) -> None:
-        i = getattr(state, "pool_slot", None)
-        if i is not None and i not in self.free:
-            self.free.append(i)
+        if state.pool_slot is not None and state.pool_slot not in self.free:
+            self.free.append(state.pool_slot)
             state.pool_slot = None
 
 

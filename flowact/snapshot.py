@@ -41,7 +41,7 @@ from flowact.contract import MAX_PROMPT_BYTES, SNAPSHOT_KEY_ENV
 from flowact.presets import Preset
 from flowact.session import InputError, StreamSession, StreamState, check_prompt
 
-VERSION = 1
+VERSION = 2  # 2: layout from StreamState (generator of the device kind)
 MAGIC = b"FASN"
 MIN_KEY_BYTES = 16
 MAX_HEADER_BYTES = 4 * MAX_PROMPT_BYTES + 1024  # two prompts, JSON-escaped, plus a few fields
@@ -162,7 +162,7 @@ class SnapshotCodec:
     def restore(self, session: StreamSession, blob: bytes) -> StreamSession:
         """Put a checked snapshot's state into a fresh session (instead of `session.start`)."""
         parts = self.decode(blob)
-        header = {k: parts.pop(k) for k in ("chunk_index", "prompt", "last_prompt", "has_last_audio")}
+        header = {k: parts.pop(k) for k in StreamState.HEADER}
         try:
             session.restore(parts, header)
         except RuntimeError as e:  # the generator refused its state

@@ -259,7 +259,8 @@ def test_state_pool_slots_and_capacity_check(tiny):
         pool.acquire()
     pool.release(a)
     pool.release(a)  # idempotent
-    assert pool.acquire().slot["memory"].data_ptr() == a.slot["memory"].data_ptr()
-    assert b.slot["memory"].data_ptr() == pool.slabs["memory"][b.pool_slot].data_ptr()  # views, not copies
+    latents = "memory_latents"
+    assert pool.acquire().tensors[latents].data_ptr() == a.tensors[latents].data_ptr() == pool.slabs[latents][0].data_ptr()
+    assert b.tensors[latents].data_ptr() == pool.slabs[latents][b.pool_slot].data_ptr()  # views, not copies
     with pytest.raises(StateCapacityError, match="capacity 100000000 needs .* lower the capacity"):
         StatePool(tiny, 10**8, check_fits=True)

@@ -201,7 +201,7 @@ def test_snapshot_refusals_are_clear(tiny, tiny_runners):
     assert "too short" in refusal(blob[:20])
     assert "more than" in refusal(blob + bytes(codec.max_bytes))
     assert "integrity check failed" in refusal(blob, SnapshotCodec(tiny, b"another deployment's key!", field="RESUME"))
-    assert "version 2 is not supported (this server reads version 1)" in refusal(codec.encode(session, version=2))
+    assert "version 3 is not supported (this server reads version 2)" in refusal(codec.encode(session, version=3))
     other = tiny.with_(long_term_size=2)  # same name, other state layout
     assert "made for preset 'tiny' (fingerprint" in refusal(SnapshotCodec(other, KEY.encode()).encode(
         _session_for(other, tiny_runners)))
