@@ -709,8 +709,8 @@ def mode_list(text: str) -> list[str]:
 
 def add_parser(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks: `bench serve` (capacity vs baseline, overhead, pipeline, soak), "
-                                         "`bench report`")
-    bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="{serve,report}")
+                                         "`bench report`, `bench perf-data` (perf_analyzer input)")
+    bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="{serve,report,perf-data}")
     p = bsub.add_parser("serve", help="real-time capacity of the server vs the in-process baseline, and more",
                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cpu")
@@ -746,6 +746,10 @@ def add_parser(sub) -> None:
     r.add_argument("--results", type=Path, default=RESULTS)
     r.add_argument("--readme", type=Path, default=Path(__file__).parent / "README.md")
     r.set_defaults(func=_report)
+
+    from flowact.benchmarks import perf_data
+
+    perf_data.add_parser(bsub)
 
 
 def _stop_on_sigterm() -> None:
