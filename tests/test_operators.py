@@ -276,3 +276,28 @@ def test_probe_and_drain_work_with_a_keyed_server(served):
                            capture_output=True, text=True, env=served.env(), timeout=60)
     assert probe.returncode == 1 and "draining" in probe.stdout
     (served.tmp / "draining").unlink()
+
+
+# --- docs match the code ------------------------------------------------------------------------------
+
+
+def test_readme_documents_every_published_metric():
+    from flowact.contract import METRICS
+
+    readme = (REPO / "README.md").read_text()
+    rows = {line.split("|")[1].strip().strip("`"): line for line in readme.splitlines() if line.startswith("| `flowact_")}
+    assert set(rows) == set(METRICS), set(METRICS) ^ set(rows)
+    for name, (kind, _help) in METRICS.items():
+        cells = [c.strip() for c in rows[name].split("|")]
+        assert cells[2] == kind.lower() and len(cells[3]) > 20, rows[name]  # the kind and a meaning
+
+
+def test_readme_figures_have_a_results_file():
+    """The headline lip-sync figures quote benchmarks/results/quality_demo.json, rounded."""
+    demo = json.loads((REPO / "benchmarks" / "results" / "quality_demo.json").read_text())["rows"]
+    readme = (REPO / "README.md").read_text()
+    assert f"sync {demo['cpu']['lip_sync']:.2f} on the shipped samples" in readme
+    assert f"random weights {demo['cpu random weights']['lip_sync']:.2f}" in readme
+    assert "benchmarks/results/quality_demo.json" in readme
+    bench = (REPO / "benchmarks" / "README.md").read_text()
+    assert "results/perf_analyzer_tiny.csv" in bench and (REPO / "benchmarks" / "results" / "perf_analyzer_tiny.csv").exists()
