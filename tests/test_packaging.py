@@ -7,7 +7,8 @@ an empty directory.
 
 Cheap: the fresh venv has no packages of its own; a .pth line appends this project's venv
 site-packages (torch, tritonclient, pytriton, ...) to its path, after its own site-packages, so
-`pip install --no-deps --no-build-isolation` installs only flowact itself and nothing is downloaded.
+`pip install --no-deps` installs only flowact itself; the wheel is built with this venv's setuptools
+(`--no-build-isolation`, nothing downloaded) when it has one.
 The source is copied as the Dockerfile copies it (pyproject.toml and the package folders), so the
 build sees nothing else of the checkout.
 """
@@ -53,7 +54,13 @@ def installed(tmp_path_factory) -> Path:
     site = Path(run([venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip())
     (site / "project_venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     wheels = tmp / "wheels"
-    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", wheels, src], cwd=tmp,
+    try:  # build with this venv's setuptools (offline, fast); else pip fetches pyproject's build requirements
+        import setuptools  # noqa: F401
+
+        isolation = ["--no-build-isolation"]
+    except ImportError:
+        isolation = []
+    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, "-w", wheels, src], cwd=tmp,
         env=dict(os.environ, PIP_NO_INPUT="1"))
     wheel = next(wheels.glob("flowact_triton-*.whl"))
     run([sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "-q", "--no-deps",
