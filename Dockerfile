@@ -29,8 +29,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_BREAK_SYSTEM_PACKAGES=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    FLOWACT_DRAIN_FILE=/tmp/flowact/draining \
-    FLOWACT_CHECKPOINTS=/opt/flowact/checkpoints
+    FLOWACT_DRAIN_FILE=/tmp/flowact/draining
 
 # 1. torch first, from the index of the matching CUDA (a bare `torch` would bring another CUDA).
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
@@ -45,16 +44,19 @@ COPY export /opt/flowact/src/export
 COPY client /opt/flowact/src/client
 COPY benchmarks /opt/flowact/src/benchmarks
 COPY model_repository /opt/flowact/src/model_repository
-# The trained tiny / cpu checkpoints (`flowact serve|demo|generate` default to $FLOWACT_CHECKPOINTS/<preset>).
-COPY checkpoints /opt/flowact/checkpoints
+# The trained tiny / cpu checkpoints ship in the wheel (flowact/checkpoints; `flowact serve|demo|generate`
+# default to them); /opt/flowact/checkpoints stays as the path to name in --checkpoint.
+COPY checkpoints /opt/flowact/src/checkpoints
 RUN pip install /opt/flowact/src \
+ && ln -s /opt/flowact/src/checkpoints /opt/flowact/checkpoints \
  && python3 -c "import flowact, torch; assert torch.version.cuda, 'CPU torch in a GPU image'" \
+ && python3 -c "from flowact.networks import shipped_checkpoint as s; p = str(s('cpu')); assert p.endswith('flowact/checkpoints/cpu') and not p.startswith('/opt/flowact/src'), p" \
  && command -v flowact
 
 # 4. Build hash for the engine cache: base image, wheels, project sources and checkpoints.
 RUN { echo "triton=${TRITON_TAG} torch=${TORCH_VERSION} tensorrt=${TENSORRT_PIP} build=${FLOWACT_BUILD_ID}"; \
       pip freeze; \
-      find /opt/flowact/src /opt/flowact/checkpoints -type f | sort | xargs sha256sum; } \
+      find /opt/flowact/src -type f | sort | xargs sha256sum; } \
     | sha256sum | cut -c1-16 > /opt/flowact/build-id
 
 # 5. Non-root user (uid/gid 10001: the chart's podSecurityContext); the chart mounts a read-only

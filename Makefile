@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean perf-analyzer
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/flowact demo --preset cpu --out out.mp4
 
-test: $(STAMP)
+# NVIDIA perf_analyzer into tools/ (git-ignored; a few seconds, nothing system-wide). Optional: its
+# test skips without it, so a failed download does not fail `make test`.
+perf-analyzer: $(STAMP)
+	-bash benchmarks/install_perf_analyzer.sh $(PY)
+
+test: $(STAMP) perf-analyzer
 	$(PY) -m pytest
 
 bench: $(STAMP)

@@ -21,6 +21,13 @@ boundaries / change inside chunks). Rows:
     random weights          seeded random networks (what the project ran before training)
 
 Prints a table and writes benchmarks/results/quality_<preset>.json and quality_<preset>.png.
+
+    python -m flowact.benchmarks.quality --demo [--out DIR]
+
+The demo figure instead: lip sync of what `flowact demo` / `flowact generate` stream, the shipped
+reference.png and speech.wav (real espeak-ng speech, a cartoon face, neither seen in training),
+for the shipped tiny and cpu checkpoints and for cpu with seeded random weights, in process
+(StreamSession, seed 0, as `flowact generate`); writes quality_demo.json (a few minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -169,8 +176,42 @@ def table(rows: dict) -> str:
     return "\n".join(lines)
 
 
+DEMO_ROWS = (("tiny", "tiny"), ("cpu", "cpu"), ("cpu random weights", "cpu"))
+
+
+def demo_lip_sync(out: Path, seed: int = 0) -> dict:
+    """Lip sync of the shipped samples streamed like `flowact generate` (quality_demo.json)."""
+    from flowact.media import REFERENCE_IMAGE, SPEECH_WAV, load_audio, load_image, split_chunks
+    from flowact.networks import shipped_checkpoint
+    from flowact.train.metrics import lip_sync
+
+    speech = load_audio(SPEECH_WAV)
+    chunks, n_frames = split_chunks(speech)
+    rows = {}
+    for name, preset_name in DEMO_ROWS:
+        preset = get_preset(preset_name)
+        ckpt = None if "random" in name else shipped_checkpoint(preset_name)
+        nets = build_networks(preset, seed=seed) if ckpt is None else build_networks(preset, checkpoint=ckpt)
+        session = StreamSession(preset, Engines.from_networks(nets))
+        session.start(load_image(REFERENCE_IMAGE, preset.height, preset.width), seed=seed)
+        t = time.perf_counter()
+        frames = np.concatenate([session.step(c) for c in chunks])[:n_frames]
+        rows[name] = {"preset": preset_name, "lip_sync": lip_sync(frames, speech), "frames": int(len(frames)),
+                      "checkpoint": None if ckpt is None else f"checkpoints/{ckpt.name}",
+                      "seconds": time.perf_counter() - t}
+        print(f"{name}: lip sync {rows[name]['lip_sync']:.3f}", flush=True)
+    result = {"what": "lip sync (flowact.train.metrics.lip_sync) of the shipped samples streamed in process as "
+                      "`flowact generate` does (seed 0)", "image": "flowact/samples/reference.png",
+              "audio": "flowact/samples/speech.wav", "command": "python -m flowact.benchmarks.quality --demo",
+              "machine": platform.processor() or platform.machine(), "rows": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality_demo.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--demo", action="store_true", help="only the lip sync of the shipped samples (quality_demo.json)")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--checkpoints", default=str(REPO / "checkpoints"), help="folder with <preset>, <preset>-teacher, ...")
     p.add_argument("--minutes", type=float, default=5.0, help="stream length")
@@ -183,6 +224,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.demo:
+        demo_lip_sync(Path(args.out) if args.out else RESULTS, args.seed)
+        return 0
     preset = get_preset(args.preset)
     chunks = max(2, int(round(args.minutes * 60 / 0.48)))
     avatars = eval_avatars(preset, args.identities, chunks, args.speech)

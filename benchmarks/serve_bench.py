@@ -3,8 +3,11 @@ would build without this project, and what serving costs.
 
     flowact bench serve --preset cpu --streams 1,2,3,4 --duration 30 [--url HOST:PORT]
         [--jitter-buffer 0.2] [--prometheus-port 9500] [--modes capacity,baseline,overhead,pipeline]
-        [--soak-minutes 30]
+        [--soak-minutes 30] [--out FILE | --publish]
     flowact bench report        # plots and the README table again, from benchmarks/results/serve_*.json
+
+A run writes its JSON and plots to its own directory, runs/serve-PRESET-TIMESTAMP/ (or --out); only
+--publish writes the published benchmarks/results/serve_PRESET.json and regenerates the README table.
 
 Modes (one run, one machine; each section records the load average it started under):
   capacity  N concurrent streams through the server's gRPC ensemble, paced at real time, each with
@@ -49,7 +52,8 @@ from flowact.benchmarks.resources import (CpuClock, MetricsSource, ProcessGroupS
 from flowact.contract import ACTIVE_STREAMS, CHUNK_SECONDS_COUNT, CHUNK_SECONDS_SUM, DRAIN_FILE_ENV, STREAM_CAPACITY
 from flowact.presets import CHUNK_SECONDS
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).parent / "results"  # the published results (`--publish`), with README.md's table
+RUNS = Path("runs")  # default parent of a run's own directory, relative to the working directory
 MODES = ("capacity", "baseline", "overhead", "pipeline", "soak")
 DEFAULT_MODES = "capacity,baseline,overhead,pipeline"
 # The product default. Shorter would free the streams a point abandons (overload) sooner, but Triton
@@ -84,8 +88,13 @@ class BenchConfig:
 
     def __post_init__(self):
         self.onnx_dir = Path(self.onnx_dir or Path("artifacts") / self.preset / "onnx")
-        self.out = Path(self.out or RESULTS / f"serve_{self.preset}.json")
+        self.out = Path(self.out or run_dir(self.preset) / f"serve_{self.preset}.json")
         self.pipeline_streams = self.pipeline_streams or sorted({min(self.streams), max(self.streams)})
+
+
+def run_dir(preset: str, root: Path = RUNS) -> Path:
+    """Where a run writes by default: ./runs/serve-PRESET-UTCSTAMP (not the published results/)."""
+    return root / f"serve-{preset}-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
 
 
 def say(msg: str) -> None:
@@ -698,8 +707,8 @@ def mode_list(text: str) -> list[str]:
 
 def add_parser(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks: `bench serve` (capacity vs baseline, overhead, pipeline, soak), "
-                                         "`bench report`")
-    bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="{serve,report}")
+                                         "`bench report`, `bench perf-data` (perf_analyzer input)")
+    bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="{serve,report,perf-data}")
     p = bsub.add_parser("serve", help="real-time capacity of the server vs the in-process baseline, and more",
                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cpu")
@@ -727,14 +736,22 @@ def add_parser(sub) -> None:
                    help="torch threads per baseline worker (default: try cores // N and 1, keep the better)")
     p.add_argument("--repeat", type=int, default=1,
                    help="attempts per N on each side, interleaved; the best is kept (noisy shared machines)")
-    p.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/serve_PRESET.json)")
-    p.add_argument("--no-report", action="store_true", help="do not redraw plots and the README table")
+    p.add_argument("--out", type=Path, default=None,
+                   help="results JSON; plots go beside it (default runs/serve-PRESET-TIMESTAMP/serve_PRESET.json)")
+    p.add_argument("--publish", action="store_true",
+                   help="write to the published benchmarks/results/serve_PRESET.json (merged with its other sections) "
+                        "and regenerate the table in benchmarks/README.md")
+    p.add_argument("--no-report", action="store_true", help="do not draw the plots (nor, with --publish, the README table)")
     p.set_defaults(func=_serve)
 
     r = bsub.add_parser("report", help="redraw the plots and the README results table from the results JSON files")
     r.add_argument("--results", type=Path, default=RESULTS)
     r.add_argument("--readme", type=Path, default=Path(__file__).parent / "README.md")
     r.set_defaults(func=_report)
+
+    from flowact.benchmarks import perf_data
+
+    perf_data.add_parser(bsub)
 
 
 def _stop_on_sigterm() -> None:
@@ -748,6 +765,8 @@ def _stop_on_sigterm() -> None:
 
 
 def _serve(args) -> int:
+    if args.publish and args.out is not None:
+        raise SystemExit("--publish writes benchmarks/results/serve_PRESET.json: drop --out")
     _stop_on_sigterm()
     modes = list(args.modes)
     if args.soak_minutes > 0 and "soak" not in modes:
@@ -759,7 +778,7 @@ def _serve(args) -> int:
                       prometheus_port=args.prometheus_port, prometheus_addr=args.prometheus_addr,
                       soak_minutes=args.soak_minutes,
                       pipeline_streams=args.pipeline_streams or [], onnx_dir=args.onnx_dir, work_dir=args.work_dir,
-                      out=args.out, max_in_flight=args.max_in_flight,
+                      out=RESULTS / f"serve_{args.preset}.json" if args.publish else args.out, max_in_flight=args.max_in_flight,
                       grace_s=args.grace if args.grace is not None else max(5.0, args.duration / 4),
                       engine_threads=args.engine_threads, device=args.device,
                       baseline_threads=args.baseline_threads, repeat=max(1, args.repeat), plots=not args.no_report)
@@ -771,8 +790,10 @@ def _serve(args) -> int:
 
         for png in plot(result, cfg.out.parent):
             say(f"wrote {png}")
-        if cfg.out.parent.resolve() == RESULTS.resolve():
+        if args.publish:
             say(f"wrote {write_readme(RESULTS, Path(__file__).parent / 'README.md')}")
+    say(f"results in {cfg.out}" + ("" if args.publish else " (not published; --publish writes benchmarks/results/ "
+                                                             "and the README table)"))
     return 0
 
 

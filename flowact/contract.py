@@ -85,3 +85,15 @@ METRICS = {
     TTFF_SECONDS_SUM: ("COUNTER", "seconds from START to its first chunk (stream model)"),
     TTFF_SECONDS_COUNT: ("COUNTER", "streams timed"),
 }
+
+# --- operator access: the admin key (issue 12) -------------------------------------------------------
+# `flowact serve` restricts the admin protocols (model-repository, model-config, shared-memory,
+# logging, trace, statistics) behind this key: from $FLOWACT_ADMIN_KEY or --admin-key-file, else a
+# random key per start that nobody holds. Triton's restricted-key name is ADMIN_KEY_NAME; the
+# header a client sends is that name over HTTP and "triton-grpc-protocol-" + that name over gRPC.
+ADMIN_KEY_ENV = "FLOWACT_ADMIN_KEY"
+ADMIN_KEY_NAME = "admin-key"
+ADMIN_KEY_HTTP_HEADER = ADMIN_KEY_NAME
+ADMIN_KEY_GRPC_HEADER = f"triton-grpc-protocol-{ADMIN_KEY_NAME}"
+ADMIN_KEY_MIN_CHARS = 16  # an operator key shorter than this is refused
+ADMIN_KEY_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._~+/=-"  # safe in a flag and a header

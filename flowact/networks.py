@@ -64,8 +64,12 @@ class Networks:
 
 
 def shipped_checkpoint(preset_name: str) -> Path | None:
-    """The shipped trained checkpoint of a preset (checkpoints/<preset>: tiny and cpu), if there is one."""
-    root = os.environ.get(CHECKPOINTS_ENV) or Path(__file__).resolve().parent.parent / "checkpoints"
+    """The shipped trained checkpoint of a preset (checkpoints/<preset>: tiny and cpu), if there is one.
+
+    $FLOWACT_CHECKPOINTS, else the installed package's copy (the wheel ships them as
+    flowact/checkpoints), else the checkout's checkpoints/ (editable install)."""
+    installed = Path(__file__).resolve().parent / "checkpoints"
+    root = os.environ.get(CHECKPOINTS_ENV) or (installed if installed.is_dir() else installed.parent.parent / "checkpoints")
     path = Path(root) / preset_name
     return path if (path / "preset.json").is_file() else None
 

@@ -10,8 +10,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from flowact.contract import (ACTIVE_STREAMS, DEFAULT_CAPACITY, DEFAULT_DRAIN_FILE, DEFAULT_GRPC_PORT, DEFAULT_HOST,
-                              DEFAULT_HTTP_PORT, DEFAULT_IDLE_TTL_S, DEFAULT_METRICS_PORT, DRAIN_FILE_ENV,
+from flowact.contract import (ACTIVE_STREAMS, ADMIN_KEY_ENV, DEFAULT_CAPACITY, DEFAULT_DRAIN_FILE, DEFAULT_GRPC_PORT,
+                              DEFAULT_HOST, DEFAULT_HTTP_PORT, DEFAULT_IDLE_TTL_S, DEFAULT_METRICS_PORT, DRAIN_FILE_ENV,
                               ENSEMBLE_MODEL, STREAM_CAPACITY, TRITONSERVER_ENV)
 from flowact.serving.server import TritonServer
 
@@ -55,6 +55,9 @@ def add_parser(sub) -> None:
                         "/opt/tritonserver/bin/tritonserver in the NGC image)")
     p.add_argument("--work-dir", type=Path, default=ARTIFACTS / "triton", help="backend folder and server log")
     p.add_argument("--log-stdout", action="store_true", help="copy Triton's log to stdout (containers)")
+    p.add_argument("--admin-key-file", type=Path, default=None,
+                   help=f"file holding the key that opens the admin protocols (model-config, statistics, ...); "
+                        f"default ${ADMIN_KEY_ENV}, else a random key nobody holds. Never printed")
     p.add_argument("triton_args", nargs="*", help="after --: extra tritonserver flags (e.g. TLS)")
     p.set_defaults(func=_serve)
 
@@ -70,7 +73,27 @@ def add_parser(sub) -> None:
     r.set_defaults(func=_probe)
 
 
+def admin_key(key_file: Path | None) -> tuple[str | None, str]:
+    """The operator's admin key (--admin-key-file, else $FLOWACT_ADMIN_KEY, else None: random) and where it came from."""
+    from flowact.serving.server import check_admin_key
+
+    if key_file is not None:
+        try:
+            key, source = key_file.read_text().strip(), str(key_file)
+        except OSError as e:
+            raise SystemExit(f"--admin-key-file: cannot read {key_file}: {e.strerror}")
+    elif os.environ.get(ADMIN_KEY_ENV):
+        key, source = os.environ[ADMIN_KEY_ENV].strip(), f"${ADMIN_KEY_ENV}"
+    else:
+        return None, "random per start (admin protocols unreachable)"
+    try:
+        return check_admin_key(key), f"from {source}"
+    except ValueError as e:
+        raise SystemExit(f"admin key from {source}: {e}")
+
+
 def _serve(args) -> int:
+    key, key_source = admin_key(args.admin_key_file)
     repo = args.repository or ARTIFACTS / args.preset / "repository"
     if args.repository is None or not (repo / ENSEMBLE_MODEL / "config.pbtxt").exists():
         from flowact.networks import shipped_checkpoint
@@ -84,7 +107,7 @@ def _serve(args) -> int:
     drain_file().unlink(missing_ok=True)  # a restarted container must not inherit an old drain
     server = TritonServer(repo, args.grpc_port, args.http_port, args.metrics_port, host=args.host,
                           work_dir=args.work_dir, binary=args.tritonserver, extra_args=args.triton_args,
-                          echo_log=args.log_stdout)
+                          echo_log=args.log_stdout, **({"admin_key": key} if key else {}))
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
@@ -93,6 +116,7 @@ def _serve(args) -> int:
           f"  gRPC     {args.host}:{args.grpc_port}   (model 'flowact')\n"
           f"  HTTP     {args.host}:{args.http_port}\n"
           f"  metrics  http://{args.host}:{args.metrics_port}/metrics\n"
+          f"  admin    key {key_source}\n"
           f"  log      {server.log_path}\nCtrl-C stops it.", flush=True)
     while not stopping.wait(1.0):
         if server.process is None or server.process.poll() is not None:

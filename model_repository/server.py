@@ -31,7 +31,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flowact.contract import DEFAULT_GRPC_PORT, DEFAULT_HOST, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT
+from flowact.contract import (ADMIN_KEY_ALPHABET, ADMIN_KEY_ENV, ADMIN_KEY_MIN_CHARS, ADMIN_KEY_NAME, DEFAULT_GRPC_PORT,
+                              DEFAULT_HOST, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT)
 
 SHM_PREFIX = "triton_python_backend_shm_region"
 STUB_BINARY = "triton_python_backend_stub"
@@ -39,6 +40,18 @@ STUB_EXIT_POLICIES = ("stop", "restart", "ignore")
 SERVER_LINGER_S = 3.0  # how long a stopping tritonserver may outlive its stubs before SIGKILL
 # Protocols no client needs: restricted behind a key only the operator knows.
 RESTRICTED_PROTOCOLS = "model-repository,model-config,shared-memory,logging,trace,statistics"
+REDACTED = "<admin-key>"
+
+
+def check_admin_key(key: str) -> str:
+    """An operator's admin key, validated (the error never contains the key)."""
+    if len(key) < ADMIN_KEY_MIN_CHARS:
+        raise ValueError(f"the admin key must have at least {ADMIN_KEY_MIN_CHARS} characters (got {len(key)})")
+    bad = sorted({c for c in key if c not in ADMIN_KEY_ALPHABET})
+    if bad:
+        raise ValueError(f"the admin key may hold only letters, digits and {ADMIN_KEY_ALPHABET[62:]} "
+                         f"({len(bad)} other character(s) found)")
+    return key
 
 
 def pytriton_dir() -> Path:
@@ -106,7 +119,7 @@ class TritonServer:
             raise ValueError(f"on_stub_exit must be one of {STUB_EXIT_POLICIES}, got {self.on_stub_exit!r}")
 
     def command(self) -> list[str]:
-        restricted = f"{RESTRICTED_PROTOCOLS}:admin-key={self.admin_key}"
+        restricted = f"{RESTRICTED_PROTOCOLS}:{ADMIN_KEY_NAME}={self.admin_key}"
         if self.binary is None:
             launch = [str(pytriton_dir() / "bin" / "tritonserver"),
                       f"--backend-directory={backend_directory(self.work_dir.resolve())}"]
@@ -135,6 +148,7 @@ class TritonServer:
     def _start(self, timeout_s: float) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         env = server_env() | self.extra_env
+        env.pop(ADMIN_KEY_ENV, None)  # the server and its python stubs have no use for the key
         self.process = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True)  # own process group: the stubs stay in it
         threading.Thread(target=self._read_log, args=(self.process.stdout,), daemon=True).start()
@@ -191,7 +205,7 @@ class TritonServer:
     def _read_log(self, pipe) -> None:
         with open(self.work_dir / "tritonserver.log", "w") as log:
             for raw in pipe:
-                line = raw.decode(errors="replace").rstrip("\n")
+                line = raw.decode(errors="replace").rstrip("\n").replace(self.admin_key, REDACTED)  # never logged
                 self.log_lines.append(line)
                 log.write(line + "\n")
                 log.flush()

@@ -273,3 +273,23 @@ def test_server_crashes_in_the_log_are_reported(tmp_path):
     log.write_text("I1122 started\nSignal (11) received.\n 0# 0x1 in tritonserver\nmalloc(): invalid size (unsorted)\n")
     assert log_faults(log) == ["Signal (11) received.", "malloc(): invalid size (unsorted)"]
     assert log_faults(tmp_path / "missing.log") == []
+
+
+def test_serve_writes_a_run_directory_and_publishes_only_when_asked(tmp_path, monkeypatch):
+    """A quick local run must not replace the published results or the README table."""
+    from flowact.benchmarks import report, serve_bench
+
+    seen = []
+    monkeypatch.setattr(serve_bench, "run", lambda cfg: seen.append(cfg) or {"summary": {}})
+    monkeypatch.setattr(serve_bench, "_stop_on_sigterm", lambda: None)
+    monkeypatch.setattr(report, "write_readme", lambda *a: pytest.fail("README regenerated without --publish"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["serve", "--preset", "tiny", "--no-report"]) == 0
+    out = seen[-1].out
+    assert out.name == "serve_tiny.json" and str(out.parent.parent) == "runs" and out.parent.name.startswith("serve-tiny-")
+    assert main(["serve", "--preset", "tiny", "--out", str(tmp_path / "x.json"), "--no-report"]) == 0
+    assert seen[-1].out == tmp_path / "x.json"
+    assert main(["serve", "--preset", "tiny", "--publish", "--no-report"]) == 0
+    assert seen[-1].out == serve_bench.RESULTS / "serve_tiny.json"
+    with pytest.raises(SystemExit, match="drop --out"):
+        main(["serve", "--preset", "tiny", "--publish", "--out", "x.json"])

@@ -459,3 +459,68 @@ def test_helm_test_pod_checks_grpc_readiness(rendered, scenario):
     code = c["command"][2]
     compile(code, "test-grpc-ready", "exec")
     assert 'is_model_ready("flowact")' in code and "is_server_ready()" in code
+
+
+# ---------------------------------------------------------------------------------------------
+# The admin key and the serving contract (flowact.contract is torch-free: names only)
+# ---------------------------------------------------------------------------------------------
+
+def _admin_env(objs: list[dict]) -> dict | None:
+    return next((e for e in container(objs)["env"] if e["name"] == "FLOWACT_ADMIN_KEY"), None)
+
+
+def test_admin_key_comes_from_a_secret(rendered):
+    import base64
+
+    from flowact.contract import ADMIN_KEY_ALPHABET, ADMIN_KEY_ENV, ADMIN_KEY_MIN_CHARS
+
+    # default: no key, so `flowact serve` keeps a random one and the admin protocols stay closed
+    assert _admin_env(rendered["default"]) is None and not [o for o in rendered["default"] if o["kind"] == "Secret"]
+    # create: a Secret the chart makes and keeps (uninstall, upgrades: looked up), valid for `flowact serve`
+    secret = one(rendered["autoscaling"], "Secret", f"{RELEASE}-admin-key")
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    key = base64.b64decode(secret["data"]["admin-key"]).decode()
+    assert len(key) >= ADMIN_KEY_MIN_CHARS and set(key) <= set(ADMIN_KEY_ALPHABET)
+    env = _admin_env(rendered["autoscaling"])
+    assert env == {"name": ADMIN_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": f"{RELEASE}-admin-key", "key": "admin-key"}}}
+    # existingSecret: the operator's own Secret, nothing created
+    assert _admin_env(rendered["tls"])["valueFrom"]["secretKeyRef"] == {"name": "flowact-admin", "key": "key"}
+    assert not [o for o in rendered["tls"] if o["kind"] == "Secret"]
+    # the key never goes to the export init container or the test pod
+    for scenario in SCENARIOS:
+        pods = [one(rendered[scenario], "Pod")["spec"]]
+        deploy = one(rendered[scenario], "Deployment")["spec"]["template"]["spec"]
+        for c in deploy.get("initContainers", []) + pods[0]["containers"]:
+            assert all(e["name"] != ADMIN_KEY_ENV for e in c.get("env", [])), (scenario, c["name"])
+
+
+def test_admin_key_secret_is_kept_across_upgrades():
+    template = (CHART / "templates" / "admin-key-secret.yaml").read_text()
+    assert 'lookup "v1" "Secret" .Release.Namespace $name' in template
+    assert "index $previous.data .Values.adminKey.secretKey" in template
+
+
+def test_prometheus_rule_uses_only_published_metrics_and_alerts_on_what_matters(rendered):
+    from flowact.contract import METRICS
+
+    groups = one(rendered["autoscaling"], "PrometheusRule")["spec"]["groups"]
+    rules = [r for g in groups for r in g["rules"]]
+    used = {m for r in rules for m in re.findall(r"\b(flowact_\w+)\{", r["expr"])}
+    assert used <= set(METRICS), used - set(METRICS)
+    assert used == set(METRICS) - {"flowact_streams_resumed_total", "flowact_streams_ended_total"}
+    recorded = {r["record"]: r["expr"] for r in rules if "record" in r}
+    alerts = {r["alert"]: r["expr"] for r in rules if "alert" in r}
+
+    def source(expr: str) -> set[str]:
+        """The metric families behind an alert expression (through the recording rules)."""
+        names = set(re.findall(r"\b(flowact_\w+)\{", expr))
+        for rec in re.findall(r"\b(flowact:[\w:]+)", expr):
+            names |= source(recorded[rec])
+        return names
+
+    covers = {"chunk latency": "flowact_chunk_latency_seconds_sum", "time to first frame": "flowact_ttff_seconds_sum",
+              "rejections": "flowact_streams_rejected_total", "evictions": "flowact_streams_evicted_total",
+              "invalid requests": "flowact_requests_invalid_total", "saturation": "flowact_stream_capacity",
+              "stuck streams": "flowact_chunks_total"}
+    for what, metric in covers.items():
+        assert any(metric in source(expr) for expr in alerts.values()), f"no alert on {what} ({metric})"

@@ -101,3 +101,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "flowact.testTlsSecret" -}}
 {{- default .Values.tls.secretName .Values.tls.testClientSecretName }}
 {{- end }}
+
+{{/* The Secret holding the admin key (FLOWACT_ADMIN_KEY), or "" when the server keeps a random one. */}}
+{{- define "flowact.adminKeySecret" -}}
+{{- if .Values.adminKey.existingSecret }}
+{{- .Values.adminKey.existingSecret }}
+{{- else if .Values.adminKey.create }}
+{{- printf "%s-admin-key" (include "flowact.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
