@@ -137,7 +137,10 @@ async function updateStats() {
   show("s-fps", f.fps == null ? null : f.fps.toFixed(1));
   show("s-size", f.width ? `${f.width}x${f.height}` : null);
   show("s-playout", f.videoPlayoutMs == null ? null : `video ${f.videoPlayoutMs} ms, audio ${f.audioPlayoutMs ?? "-"} ms`);
+  f.at = performance.now();
+  return f;
 }
+window.flowactStats = updateStats; // fresh numbers now (the tests call it)
 
 // the last frame shown, as numbers: its size and the spread of its pixel values (a blank frame has none)
 window.flowactFrame = () => {
