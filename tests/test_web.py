@@ -185,54 +185,27 @@ def http(method: str, address: str, body: bytes | None = None, ctype: str | None
         return e.code, e.headers, e.read()
 
 
-async def aiortc_viewer(base: str, seconds: float, query: str = "", delete: bool = True, audio: bool = True) -> dict:
-    """A non-browser viewer that follows the README's contract: offer (audio sendrecv, video recvonly,
-    a data channel) -> POST /v1/sessions -> 201 answer + Location; receive; DELETE (or just close)."""
-    import aiohttp
-    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-    from aiortc.contrib.media import MediaPlayer
+async def aiortc_viewer(base: str, seconds: float, delete: bool = True, audio: bool = True) -> dict:
+    """A non-browser viewer (flowact.web.viewer) for `seconds`, switching behaviour half-way; then DELETE
+    (twice: the second must be 404) or just close."""
+    from flowact.web.viewer import Viewer
 
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    player = MediaPlayer(str(SPEECH_WAV), loop=True) if audio else None
-    if player is not None:
-        pc.addTrack(player.audio)
-    pc.addTransceiver("video", direction="recvonly")
-    channel = pc.createDataChannel("control")
-    seen = {"video": [], "audio": [], "messages": []}
-    channel.on("message", lambda m: seen["messages"].append(json.loads(m)))
+    v = await Viewer(base, str(SPEECH_WAV) if audio else None).connect()
+    await asyncio.sleep(seconds / 2)
+    v.control({"behaviour": "listening"})
+    v.control({"behaviour": "dancing"})
+    await asyncio.sleep(seconds / 2)
+    seen = {"video": v.video, "audio": v.audio, "messages": v.messages, "location": v.location,
+            "ctype": v.answer_type}
+    if delete:
+        seen["delete"] = await v.close()
+        import aiohttp
 
-    async def consume(track):
-        while True:
-            try:
-                frame = await track.recv()
-            except Exception:
-                return
-            seen[track.kind].append((time.monotonic(), frame.to_ndarray(format="rgb24") if track.kind == "video"
-                                     else frame.sample_rate))
-
-    pc.on("track", lambda track: asyncio.ensure_future(consume(track)))
-    await pc.setLocalDescription(await pc.createOffer())
-    t0 = time.monotonic()
-    async with aiohttp.ClientSession() as client:
-        async with client.post(base + WEB_SESSIONS_PATH + query, data=pc.localDescription.sdp,
-                               headers={"Content-Type": "application/sdp"}) as r:
-            seen["status"], seen["location"], seen["ctype"] = r.status, r.headers.get("Location"), r.content_type
-            answer = await r.text()
-        assert seen["status"] == 201, answer
-        await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
-        await asyncio.sleep(seconds / 2)
-        channel.send(json.dumps({"behaviour": "listening"}))
-        channel.send(json.dumps({"behaviour": "dancing"}))
-        await asyncio.sleep(seconds / 2)
-        if delete:
-            async with client.delete(base + seen["location"]) as r:
-                seen["delete"] = r.status
-            async with client.delete(base + seen["location"]) as r:
+        async with aiohttp.ClientSession() as client:
+            async with client.delete(base + v.location) as r:
                 seen["delete_again"] = r.status, await r.text()
-    await pc.close()
-    if player is not None and player.audio is not None:
-        player.audio.stop()
-    seen["t0"] = t0
+    else:
+        await v.close(delete=False)
     return seen
 
 
