@@ -103,11 +103,12 @@ WEB_BEHAVIOUR_AUTO = "auto"  # data channel: speaking while the voice is active,
 WEB_SILENCE_RMS = 0.003  # a chunk whose RMS is below this (about -50 dBFS) is silent
 WEB_IDLE_AFTER_CHUNKS = 2  # silent chunks (0.96 s) before auto switches to idle
 WEB_INPUT_SLACK_S = 0.12  # input audio later than this is replaced by silence (the avatar never waits)
-# Jitter buffer: chunk k's first frame plays when its audio is complete plus this delay. The default is
-# the measured p99 of "chunk ready" (audio complete -> frames back at the edge) of tiny on the shared
-# 2-core machine plus one frame (see the README); afterwards each session takes the p99 of the
-# edge's recent chunks, clamped to [MIN, MAX].
-WEB_JITTER_BUFFER_S = 0.16
+# Jitter buffer: chunk k's first frame plays when chunk 0's audio was complete + 0.48 s k + this delay.
+# Default: the measured p99 lateness of a chunk's frames on that clock (server round trip + input
+# jitter; tiny, 1-2 sessions, the shared 2-core machine at load average ~10: p50 35 ms, p99 184 ms)
+# plus one frame. Once the edge has seen 50 chunks, each new session takes the p99 of the edge's
+# recent 600 chunks plus one frame, clamped to [MIN, MAX] (web.timeline.JitterSizer).
+WEB_JITTER_BUFFER_S = 0.22
 WEB_MIN_JITTER_BUFFER_S = 0.08
 WEB_MAX_JITTER_BUFFER_S = 1.0
 

@@ -10,6 +10,7 @@
            -> 201 {"id", "width", "height"}, Location: /v1/images/<id>
            -> 413 too large, 415 not one of those images, 422 too small
     GET    /v1/images/<id>    -> the image as the avatar will use it (cropped and resized), PNG
+    GET    /v1/config         -> JSON: the avatar's size, capacity, the jitter buffer the next session gets
     GET    /  /app.js  /samples/{reference.png,speech.wav}  /metrics  /healthz
 
 Errors are plain text that says what was wrong and what is accepted.
@@ -31,6 +32,7 @@ from PIL import Image, UnidentifiedImageError
 from flowact.contract import (WEB_IMAGE_TYPES, WEB_IMAGES_PATH, WEB_MAX_IMAGE_BYTES, WEB_MAX_IMAGE_PIXELS,
                               WEB_MAX_IMAGES, WEB_METRICS, WEB_MIN_IMAGE_SIDE, WEB_SDP_TYPE, WEB_SESSIONS_PATH)
 from flowact.media import REFERENCE_IMAGE, SPEECH_WAV, load_image
+from flowact.stats import percentile
 from flowact.web.session import OfferError, Session
 from flowact.web.timeline import Conditioning, ControlError, JitterSizer
 
@@ -206,8 +208,12 @@ class Edge:
         return web.Response(body=self.metrics.text(), headers={"Content-Type": "text/plain; version=0.0.4"})
 
     async def config(self, request: web.Request) -> web.Response:
+        recent = list(self.sizer.recent)
         return web.json_response({"width": self.width, "height": self.height, "max_sessions": self.max_sessions,
-                                  "sessions": len(self.sessions)})
+                                  "sessions": len(self.sessions), "jitter_buffer_next_s": self.sizer.size(),
+                                  "recent_chunks": len(recent),
+                                  "lateness_p50_s": percentile(recent, 50) if recent else None,
+                                  "lateness_p99_s": percentile(recent, 99) if recent else None})
 
 
 def text_error(status: int, message: str, headers: dict | None = None) -> web.Response:
