@@ -93,8 +93,8 @@ def test_jitter_buffer_is_sized_from_measured_lateness():
     s = JitterSizer(default_s=0.16, min_samples=50)
     assert s.size() == 0.16
     for k in range(200):
-        s.add(0.03 + 0.0005 * (k % 100))  # 30 .. 80 ms
-    assert s.size() == pytest.approx(np.percentile([0.03 + 0.0005 * (k % 100) for k in range(200)], 99) + 0.04)
+        s.add(0.1 + 0.0005 * (k % 100))  # 100 .. 150 ms
+    assert s.size() == pytest.approx(np.percentile([0.1 + 0.0005 * (k % 100) for k in range(200)], 99) + 0.04)
     s.recent.clear()
     for _ in range(60):
         s.add(0.001)
