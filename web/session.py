@@ -101,6 +101,7 @@ class Session:
         self._not_shown: dict[int, float] = {}  # the same, for chunks whose first frame has not left yet
         self._connected_at: float | None = None
         self._stream_task: asyncio.Task | None = None
+        self._has_speech = False  # the offer has an audio section: the speech goes back on it
         self._chunk0_complete: float | None = None
         self._first_frame_of: dict[int, float] = {}  # chunk -> when its first frame left (for the A/V offset)
         self._started_stream = False  # START went out: the server may hold the stream
@@ -124,7 +125,8 @@ class Session:
         if "video" not in kinds:
             raise OfferError("the offer has no video section: offer to receive video (and send audio)")
         pc.addTrack(self.video)
-        if "audio" in kinds:
+        self._has_speech = "audio" in kinds
+        if self._has_speech:
             pc.addTrack(self.speech)
         await pc.setLocalDescription(await pc.createAnswer())
         self._stream_task = self._spawn(self._stream())
@@ -248,10 +250,12 @@ class Session:
             self.stats.ttff_s = now - self.stats.offer_at
             self.metrics.ttff.observe(self.stats.ttff_s)
         complete = self._not_shown.pop(k, None)
+        for stale in [i for i in self._not_shown if i < k]:  # chunks none of whose frames made it in time
+            del self._not_shown[stale]
         if complete is not None:  # the chunk's first frame to leave
             self.stats.mouth_latency_s.append(now - complete)
             self.metrics.mouth_latency.observe(now - complete)
-        if n % FRAMES_PER_CHUNK == 0:
+        if n % FRAMES_PER_CHUNK == 0 and self._has_speech:
             self._first_frame_of[k] = now
 
     def _on_audio_sent(self, m: int) -> None:
