@@ -17,6 +17,7 @@ COMMANDS = {
     "drain": "flowact.serving.cli",
     "probe": "flowact.serving.cli",
     "stream": "flowact.client.cli",
+    "web": "flowact.web.cli",
     "demo": "flowact.demo",
     "export": "flowact.export.cli",
     "bench": "flowact.benchmarks.serve_bench",

@@ -97,3 +97,53 @@ ADMIN_KEY_HTTP_HEADER = ADMIN_KEY_NAME
 ADMIN_KEY_GRPC_HEADER = f"triton-grpc-protocol-{ADMIN_KEY_NAME}"
 ADMIN_KEY_MIN_CHARS = 16  # an operator key shorter than this is refused
 ADMIN_KEY_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._~+/=-"  # safe in a flag and a header
+
+# --- the WebRTC edge (`flowact web`, package flowact.web) -----------------------------------------
+# Signaling (WHIP/WHEP style): POST WEB_SESSIONS_PATH with an SDP offer (application/sdp) -> 201, the
+# SDP answer and Location: WEB_SESSIONS_PATH/<id>; DELETE that location ends the session.
+WEB_DEFAULT_PORT = 8080
+WEB_DEFAULT_MAX_SESSIONS = 4  # viewer sessions the edge admits at once (one gRPC stream each)
+WEB_SESSIONS_PATH = "/v1/sessions"
+WEB_IMAGES_PATH = "/v1/images"  # POST an image (its Content-Type) -> 201 {"id": ...}; sessions name it ?image=<id>
+WEB_SDP_TYPE = "application/sdp"
+WEB_IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}  # declared type -> PIL format
+WEB_MAX_IMAGE_BYTES = 8 * 1024 * 1024  # an uploaded reference image, encoded
+WEB_MAX_IMAGE_PIXELS = 40_000_000  # decoded (decompression bombs are refused before decoding)
+WEB_MIN_IMAGE_SIDE = 32  # pixels
+WEB_MAX_IMAGES = 64  # uploaded images the edge keeps (least recently used dropped)
+WEB_BEHAVIOUR_AUTO = "auto"  # data channel: speaking while the voice is active, idle after a silence
+WEB_SILENCE_RMS = 0.003  # a chunk whose RMS is below this (about -50 dBFS) is silent
+WEB_IDLE_AFTER_CHUNKS = 2  # silent chunks (0.96 s) before auto switches to idle
+WEB_INPUT_SLACK_S = 0.12  # input audio later than this is replaced by silence (the avatar never waits)
+# Jitter buffer: chunk k's first frame plays when chunk 0's audio was complete + 0.48 s k + this delay.
+# Default: the measured p99 lateness of a chunk's frames on that clock (server round trip + input
+# jitter; tiny, 1-2 sessions, the shared 2-core machine at load average ~10: p50 35 ms, p99 184 ms)
+# plus one frame. Once the edge has seen 50 chunks, each new session takes the p99 of the edge's
+# recent 600 chunks plus one frame, clamped to [MIN, MAX] (web.timeline.JitterSizer).
+WEB_JITTER_BUFFER_S = 0.22
+WEB_MIN_JITTER_BUFFER_S = 0.12  # a window measured at lighter load under-predicts (4 sessions after 1-2: 1.8 % late at 80 ms)
+WEB_MAX_JITTER_BUFFER_S = 1.0
+
+WEB_SESSIONS_ACTIVE = "flowact_web_sessions_active"
+WEB_TTFF = "flowact_web_ttff_seconds"
+WEB_MOUTH_LATENCY = "flowact_web_mouth_latency_seconds"
+WEB_AUDIO_DELAY = "flowact_web_audio_delay_seconds"
+WEB_CHUNK_READY = "flowact_web_chunk_ready_seconds"
+WEB_AV_OFFSET = "flowact_web_av_offset_seconds"
+WEB_JITTER_BUFFER = "flowact_web_jitter_buffer_seconds"
+
+WEB_METRICS = {  # the edge's own /metrics (prometheus-client; histograms add _bucket/_sum/_count)
+    WEB_SESSIONS_ACTIVE: ("GAUGE", "viewer sessions open on this edge"),
+    "flowact_web_sessions_started_total": ("COUNTER", "viewer sessions admitted"),
+    "flowact_web_sessions_rejected_total": ("COUNTER", "session offers refused (edge at --max-sessions, bad offer)"),
+    "flowact_web_sessions_failed_total": ("COUNTER", "sessions ended by an error (server refused or gone, ICE failed)"),
+    "flowact_web_frames_sent_total": ("COUNTER", "video frames handed to the WebRTC encoder"),
+    "flowact_web_frames_late_total": ("COUNTER", "frames not there when due (the previous frame was repeated)"),
+    "flowact_web_silence_filled_seconds_total": ("COUNTER", "input audio replaced by silence (late or absent)"),
+    WEB_TTFF: ("HISTOGRAM", "session offer received -> first video frame leaves the edge"),
+    WEB_MOUTH_LATENCY: ("HISTOGRAM", "a chunk's audio complete at the edge -> its first frame leaves the edge"),
+    WEB_AUDIO_DELAY: ("HISTOGRAM", "delay applied to the returned speech so that lips and sound match (per session)"),
+    WEB_CHUNK_READY: ("HISTOGRAM", "a chunk's audio complete at the edge -> its frames back from the server"),
+    WEB_AV_OFFSET: ("HISTOGRAM", "a chunk's first audio sample leaves minus its first frame leaves the edge"),
+    WEB_JITTER_BUFFER: ("HISTOGRAM", "jitter buffer chosen per session"),
+}

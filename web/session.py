@@ -1,0 +1,344 @@
+"""One viewer session: a peer connection in front, one gRPC stream into the `flowact` ensemble behind.
+
+The chunk loop, per session:
+  1. the viewer's audio track is decoded by aiortc, resampled to 16 kHz mono (libswresample, which
+     keeps its filter state across frames) and pushed onto the ChunkAssembler; a ticker fills
+     silence when input is late or absent;
+  2. each complete chunk goes out on the gRPC stream (START with the reference image on chunk 0),
+     conditioned by the data channel's behaviour or prompt (`auto`: speaking / idle by voice);
+  3. its frames come back; chunk 0 fixes the playout origin: when its audio was complete plus the
+     jitter buffer (or when it arrived, if later);
+  4. the video track plays frame n at origin + n / 25, the speech track the same samples at the
+     same times: the speech is delayed by exactly the time its frames took;
+  5. the session ends (DELETE, the viewer closing, ICE failure, the server gone) with END on the
+     gRPC stream when the server still holds the stream, and frees everything.
+
+The session knows nothing about HTTP: the app creates it from an offer and closes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import av
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as aioclient
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+
+from flowact.client.stream import make_inputs
+from flowact.contract import ENSEMBLE_MODEL, FRAMES
+from flowact.presets import CHUNK_SECONDS, FRAMES_PER_CHUNK, SAMPLE_RATE
+from flowact.stats import percentile
+from flowact.web.timeline import Chunk, ChunkAssembler, Conditioning, ControlError
+from flowact.web.tracks import AUDIO_FRAMES_PER_CHUNK, AvatarVideoTrack, Playout, SpeechTrack
+
+log = logging.getLogger("flowact.web")
+
+NO_AUDIO_WAIT_S = 0.5  # after connecting, start the timeline on silence if no audio came by then
+CONNECT_TIMEOUT_S = 20.0  # a session whose viewer never connects is ended
+TICK_S = 0.04  # how often the silence filler looks at the clock
+END_TIMEOUT_S = 5.0  # wait this long for the server's answer to END
+STATS_EVERY_S = 1.0  # session stats to the viewer over the data channel
+
+
+class OfferError(ValueError):
+    """An SDP offer the edge cannot answer; the message says why."""
+
+
+@dataclass
+class SessionStats:
+    offer_at: float
+    jitter_buffer_s: float
+    ttff_s: float | None = None
+    audio_delay_s: float | None = None
+    chunks_sent: int = 0
+    chunks_back: int = 0
+    frames_sent: int = 0
+    frames_late: int = 0
+    mouth_latency_s: list[float] = field(default_factory=list)
+    av_offset_s: list[float] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        ms = lambda v: None if v is None else round(v * 1000, 1)  # noqa: E731
+        return {"ttff_ms": ms(self.ttff_s), "audio_delay_ms": ms(self.audio_delay_s),
+                "jitter_buffer_ms": ms(self.jitter_buffer_s),
+                "mouth_latency_p50_ms": ms(percentile(self.mouth_latency_s[-250:], 50)) if self.mouth_latency_s else None,
+                "mouth_latency_p99_ms": ms(percentile(self.mouth_latency_s[-250:], 99)) if self.mouth_latency_s else None,
+                "chunks_sent": self.chunks_sent, "chunks_back": self.chunks_back,
+                "frames_sent": self.frames_sent, "frames_late": self.frames_late}
+
+
+class Session:
+    def __init__(self, url: str, image: np.ndarray, metrics, jitter_buffer_s: float,
+                 on_lateness: Callable[[float], None], ice_servers=(), conditioning: Conditioning | None = None,
+                 model: str = ENSEMBLE_MODEL):
+        self.id = secrets.token_urlsafe(12)
+        self.stream_id = f"web-{secrets.token_hex(16)}"  # 128-bit random sequence id
+        self.url, self.model, self.image, self.metrics = url, model, image, metrics
+        self.on_lateness = on_lateness
+        self.stats = SessionStats(time.monotonic(), jitter_buffer_s)
+        self.conditioning = conditioning or Conditioning()
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=list(ice_servers)))
+        self.playout = Playout()
+        self.video = AvatarVideoTrack(self.playout, self._on_frame_sent)
+        self.speech = SpeechTrack(self.playout, self._on_audio_sent)
+        self.assembler = ChunkAssembler()
+        self.requests: asyncio.Queue = asyncio.Queue()  # Chunk, or None for END
+        self.channel = None
+        self.state = "new"  # new -> live -> ended
+        self.end_reason: str | None = None
+        self.closed = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self._complete_at: dict[int, float] = {}  # chunk index -> when its audio was complete
+        self._not_shown: dict[int, float] = {}  # the same, for chunks whose first frame has not left yet
+        self._connected_at: float | None = None
+        self._stream_task: asyncio.Task | None = None
+        self._has_speech = False  # the offer has an audio section: the speech goes back on it
+        self._chunk0_complete: float | None = None
+        self._first_frame_of: dict[int, float] = {}  # chunk -> when its first frame left (for the A/V offset)
+        self._started_stream = False  # START went out: the server may hold the stream
+        self._server_failed = False
+        self._closing: asyncio.Task | None = None
+        self.on_closed: Callable[["Session"], None] | None = None
+
+    # --- signaling -------------------------------------------------------------------------------
+
+    async def answer(self, offer_sdp: str) -> str:
+        """The offer -> the answer (ICE candidates gathered, no trickle)."""
+        pc = self.pc
+        pc.on("track", self._on_track)
+        pc.on("datachannel", self._on_datachannel)
+        pc.on("connectionstatechange", self._on_connection_state)
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+        except Exception as e:  # aiortc raises ValueError and friends on a bad offer
+            raise OfferError(f"cannot parse the SDP offer: {e}") from None
+        kinds = {t.kind for t in pc.getTransceivers()}
+        if "video" not in kinds:
+            raise OfferError("the offer has no video section: offer to receive video (and send audio)")
+        pc.addTrack(self.video)
+        self._has_speech = "audio" in kinds
+        if self._has_speech:
+            pc.addTrack(self.speech)
+        await pc.setLocalDescription(await pc.createAnswer())
+        self._stream_task = self._spawn(self._stream())
+        self._spawn(self._tick())
+        self.state = "live"
+        return pc.localDescription.sdp
+
+    # --- input: audio -> chunks ------------------------------------------------------------------
+
+    def _on_track(self, track) -> None:
+        if track.kind == "audio":
+            self._spawn(self._read_audio(track))
+
+    async def _read_audio(self, track) -> None:
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        try:
+            while True:
+                frame = await track.recv()
+                now = time.monotonic()
+                for out in resampler.resample(frame):
+                    self._enqueue(self.assembler.push(out.to_ndarray().reshape(-1), now))
+        except MediaStreamError:  # the viewer's audio ended: the ticker goes on with silence
+            log.info("session %s: audio input ended", self.id)
+
+    async def _tick(self) -> None:
+        """Fill silence when input is late or absent, so chunks keep coming at 0.48 s."""
+        while True:
+            await asyncio.sleep(TICK_S)
+            now = time.monotonic()
+            if self._connected_at is None:
+                if now - self.stats.offer_at > CONNECT_TIMEOUT_S:
+                    self._fail(f"the viewer did not connect within {CONNECT_TIMEOUT_S:.0f} s (ICE)")
+                    return
+            elif self.assembler.origin is None and now - self._connected_at >= NO_AUDIO_WAIT_S:
+                self.assembler.start(self._connected_at)  # no audio: the avatar idles on silence
+            before = self.assembler.filled_total
+            self._enqueue(self.assembler.fill(now))
+            if self.assembler.filled_total > before:
+                self.metrics.silence_filled.inc((self.assembler.filled_total - before) / SAMPLE_RATE)
+
+    def _enqueue(self, chunks: list[Chunk]) -> None:
+        if self.state != "live":
+            return
+        for chunk in chunks:
+            self._complete_at[chunk.index] = chunk.complete_at
+            if chunk.index == 0:
+                self._chunk0_complete = chunk.complete_at
+            self.speech.put_chunk(chunk.index, chunk.audio)
+            self.requests.put_nowait(chunk)
+
+    # --- the gRPC stream -------------------------------------------------------------------------
+
+    async def _requests(self):
+        outputs = [grpcclient.InferRequestedOutput(FRAMES)]
+        while True:
+            chunk = await self.requests.get()
+            end = chunk is None
+            if end and not self._started_stream:
+                return  # nothing reached the server: nothing to end
+            audio = self.assembler.flush(time.monotonic()) if end else chunk.audio
+            behaviour, prompt = (None, None) if end else self.conditioning.next(chunk)
+            first = not self._started_stream
+            self._started_stream = True
+            self.stats.chunks_sent += 0 if end else 1
+            yield {"model_name": self.model, "outputs": outputs, "sequence_id": self.stream_id,
+                   "sequence_start": first, "sequence_end": end,
+                   "inputs": make_inputs(audio, self.image if first else None, prompt=prompt, behaviour=behaviour)}
+            if end:
+                return
+
+    async def _stream(self) -> None:
+        client = aioclient.InferenceServerClient(self.url)
+        responses = client.stream_infer(self._requests())
+        k = 0
+        try:
+            async for result, error in responses:
+                if error is not None:
+                    self._server_failed = True  # the server freed (or never admitted) the stream
+                    message = error.message() if hasattr(error, "message") else str(error)
+                    self._fail(f"the server refused chunk {k}: {message}")
+                    return
+                if self.state != "live":
+                    continue  # the END chunk's answer
+                self._on_frames(k, result.as_numpy(FRAMES)[0], time.monotonic())  # (12, H, W, 3)
+                k += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # grpc.aio.AioRpcError: the server went away
+            self._server_failed = True
+            self._fail(f"connection to the server lost: {getattr(e, 'details', lambda: e)()}")
+        finally:
+            responses.cancel()
+            await client.close()
+
+    def _on_frames(self, k: int, frames: np.ndarray, now: float) -> None:
+        self.stats.chunks_back += 1
+        complete = self._complete_at.pop(k, now)
+        self.metrics.chunk_ready.observe(now - complete)
+        self.on_lateness(now - (self._chunk0_complete + k * CHUNK_SECONDS))
+        if k == 0:
+            origin = max(self._chunk0_complete + self.stats.jitter_buffer_s, now)
+            self.playout.begin(origin)
+            # the speech of chunk 0 arrived from (complete - 0.48 s) on and leaves from the origin on
+            self.stats.audio_delay_s = origin - (self._chunk0_complete - CHUNK_SECONDS)
+            self.metrics.audio_delay.observe(self.stats.audio_delay_s)
+        self._not_shown[k] = complete  # until its first frame leaves (mouth latency)
+        self.video.put_chunk(k, frames)
+
+    # --- output: what left -----------------------------------------------------------------------
+
+    def _on_frame_sent(self, n: int, present: bool) -> None:
+        now = time.monotonic()
+        self.stats.frames_sent += 1
+        self.metrics.frames_sent.inc()
+        if not present:
+            self.stats.frames_late += 1
+            self.metrics.frames_late.inc()
+            return
+        k = n // FRAMES_PER_CHUNK
+        if self.stats.ttff_s is None:
+            self.stats.ttff_s = now - self.stats.offer_at
+            self.metrics.ttff.observe(self.stats.ttff_s)
+        complete = self._not_shown.pop(k, None)
+        for stale in [i for i in self._not_shown if i < k]:  # chunks none of whose frames made it in time
+            del self._not_shown[stale]
+        if complete is not None:  # the chunk's first frame to leave
+            self.stats.mouth_latency_s.append(now - complete)
+            self.metrics.mouth_latency.observe(now - complete)
+        if n % FRAMES_PER_CHUNK == 0 and self._has_speech:
+            self._first_frame_of[k] = now
+
+    def _on_audio_sent(self, m: int) -> None:
+        k, j = divmod(m, AUDIO_FRAMES_PER_CHUNK)
+        if j == 0:
+            video = self._first_frame_of.pop(k, None)
+            if video is not None:
+                offset = time.monotonic() - video
+                self.stats.av_offset_s.append(offset)
+                self.metrics.av_offset.observe(offset)
+
+    # --- data channel ----------------------------------------------------------------------------
+
+    def _on_datachannel(self, channel) -> None:
+        self.channel = channel
+
+        @channel.on("message")
+        def on_message(message):
+            try:
+                self.conditioning.apply(json.loads(message))
+                self.send({"type": "behaviour", "mode": self.conditioning.mode})
+            except (ControlError, ValueError) as e:
+                self.send({"type": "error", "message": str(e)})
+
+        self.send({"type": "session", "id": self.id, "jitter_buffer_ms": round(self.stats.jitter_buffer_s * 1000, 1)})
+        self._spawn(self._report())
+
+    def send(self, message: dict) -> None:
+        if self.channel is not None and self.channel.readyState == "open":
+            self.channel.send(json.dumps(message))
+
+    async def _report(self) -> None:
+        while True:
+            await asyncio.sleep(STATS_EVERY_S)
+            self.send({"type": "stats", "mode": self.conditioning.mode, **self.stats.to_json()})
+
+    # --- the end ---------------------------------------------------------------------------------
+
+    def _on_connection_state(self) -> None:
+        state = self.pc.connectionState
+        log.info("session %s: connection %s", self.id, state)
+        if state == "connected":
+            self._connected_at = time.monotonic()
+        elif state in ("failed", "closed"):
+            self.close(f"connection {state}")
+
+    def _fail(self, reason: str) -> None:
+        log.warning("session %s: %s", self.id, reason)
+        self.metrics.sessions_failed.inc()
+        self.send({"type": "error", "message": reason})
+        self.close(reason)
+
+    def close(self, reason: str) -> asyncio.Task:
+        """End the session (idempotent): END on the gRPC stream, then the peer connection. -> the closing task."""
+        if self._closing is None:
+            self.end_reason = reason
+            self._closing = asyncio.get_running_loop().create_task(self._close())
+        return self._closing
+
+    async def _close(self) -> None:
+        self.state = "ended"
+        log.info("session %s: ending (%s)", self.id, self.end_reason)
+        stream = self._stream_task
+        if stream is not None and not stream.done() and not self._server_failed:
+            self.requests.put_nowait(None)  # END (sent only if START went out), then the stream closes
+            try:
+                await asyncio.wait_for(asyncio.shield(stream), END_TIMEOUT_S)
+            except (asyncio.TimeoutError, Exception):
+                log.warning("session %s: no answer to END within %.0f s", self.id, END_TIMEOUT_S)
+        self.video.stop()
+        self.speech.stop()
+        current = asyncio.current_task()
+        for task in list(self._tasks):
+            if task is not current:
+                task.cancel()
+        await asyncio.gather(*(t for t in self._tasks if t is not current), return_exceptions=True)
+        await self.pc.close()
+        self.closed.set()
+        if self.on_closed is not None:
+            self.on_closed(self)
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
