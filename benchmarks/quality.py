@@ -192,7 +192,7 @@ def demo_lip_sync(out: Path, seed: int = 0) -> dict:
         preset = get_preset(preset_name)
         ckpt = None if "random" in name else shipped_checkpoint(preset_name)
         nets = build_networks(preset, seed=seed) if ckpt is None else build_networks(preset, checkpoint=ckpt)
-        session = StreamSession(preset, Engines.from_networks(nets))
+        session = StreamSession(preset, Runners.from_networks(nets))
         session.start(load_image(REFERENCE_IMAGE, preset.height, preset.width), seed=seed)
         t = time.perf_counter()
         frames = np.concatenate([session.step(c) for c in chunks])[:n_frames]
