@@ -273,7 +273,7 @@ def inprocess_worker(kind: str, preset_name: str, index: int, n: int, chunks: in
         import torch
 
         from flowact.runtime import Runners
-from flowact.session import StreamSession
+        from flowact.session import StreamSession
         from flowact.networks import build_networks
         from flowact.presets import get_preset
 
