@@ -28,11 +28,11 @@ import torch
 
 from flowact.export import graph
 from flowact.export.fp8 import export_fp8
-from flowact.export.manifest import Manifest, Precision, digest, resolve
+from flowact.export.manifest import Manifest, Precision, digest
 from flowact.export.onnx import WeightSource
 from flowact.export.trt_check import check_tensorrt_compat, errors
 from flowact.networks import Networks
-from flowact.presets import Preset, get_preset
+from flowact.presets import Preset
 from flowact.runtime.tensorrt import TensorRTBuildError, TensorRTUnavailable, import_tensorrt
 from flowact.specs import NETWORK_NAMES, NetworkSpec, network_specs
 

@@ -216,7 +216,7 @@ class Session:
             raise
         except Exception as e:  # grpc.aio.AioRpcError: the server went away
             self._server_failed = True
-            self._fail(f"connection to the server lost: {getattr(e, 'details', lambda: e)()}")
+            self._fail(f"connection to the server lost: {e.details() if hasattr(e, 'details') else e}")
         finally:
             responses.cancel()
             await client.close()
