@@ -44,6 +44,7 @@ COPY export /opt/flowact/src/export
 COPY client /opt/flowact/src/client
 COPY benchmarks /opt/flowact/src/benchmarks
 COPY model_repository /opt/flowact/src/model_repository
+COPY web /opt/flowact/src/web
 # The trained tiny / cpu checkpoints ship in the wheel (flowact/checkpoints; `flowact serve|demo|generate`
 # default to them); /opt/flowact/checkpoints stays as the path to name in --checkpoint.
 COPY checkpoints /opt/flowact/src/checkpoints

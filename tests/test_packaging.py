@@ -26,8 +26,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# What the Dockerfile copies into /opt/flowact/src before `pip install /opt/flowact/src`.
-SOURCES = ("pyproject.toml", "flowact", "export", "client", "benchmarks", "model_repository", "checkpoints")
+# What the Dockerfile copies into /opt/flowact/src before `pip install /opt/flowact/src` (read from it,
+# so a package folder the Dockerfile forgets fails the wheel build here).
+SOURCES = tuple(line.split()[1] for line in (REPO / "Dockerfile").read_text().splitlines()
+                if line.startswith("COPY ") and line.split()[-1].startswith("/opt/flowact/src"))
 IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "results")
 
 
