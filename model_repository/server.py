@@ -322,7 +322,10 @@ class TritonServer:
             os.killpg(pgid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-        deadline = time.monotonic() + timeout_s
+        # Measured under `flowact serve` with client gRPC streams still open: tritonserver logs "Exit timeout
+        # expired. Exiting immediately." and then neither it nor its stubs exit. Past its exit timeout
+        # (plus the linger) nothing is left to wait for: SIGKILL, then unlink the stubs' regions below.
+        deadline = time.monotonic() + min(timeout_s, self.exit_timeout_s() + SERVER_LINGER_S)
         alone_since = None
         while time.monotonic() < deadline and group_alive(pgid):
             self.process.poll()  # reap the guard (it exits once tritonserver has)
@@ -346,6 +349,11 @@ class TritonServer:
         for stub in self.stubs.values():  # a killed stub cannot remove its shared memory region
             (Path("/dev/shm") / stub.shm_region).unlink(missing_ok=True)
         self.stubs = {}
+
+    def exit_timeout_s(self) -> float:
+        """tritonserver's --exit-timeout-secs (the last one given wins, as in Triton)."""
+        values = [a.split("=", 1)[1] for a in self.command() if a.startswith("--exit-timeout-secs=")]
+        return float(values[-1]) if values else 30.0
 
     def __enter__(self) -> "TritonServer":
         return self.start()
