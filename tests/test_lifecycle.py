@@ -21,7 +21,7 @@ from conftest import metrics, ref_image, speech_chunks, start_server, url
 from flowact.client.stream import AvatarStream, StreamError
 from flowact.contract import SNAPSHOT_KEY_ENV
 from flowact.presets import get_preset
-from flowact.serving.server import StartupError, TritonServer, free_ports, group_alive, shm_regions
+from flowact.serving.server import StartupError, TritonServer, free_ports, shm_regions
 
 TINY = get_preset("tiny")
 KEY = "test-snapshot-key-0123456789abcdef"
