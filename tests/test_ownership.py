@@ -4,7 +4,6 @@ that hold no scarce slot, and refusals that name their cause (eviction, another 
 Figures are printed; run with -s to see them."""
 
 import collections
-import os
 import secrets
 import subprocess
 import sys
