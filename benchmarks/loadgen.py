@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import random
+import secrets
 import time
 from dataclasses import asdict, dataclass, field
 import numpy as np
 
-from flowact.contract import ENSEMBLE_MODEL, FRAMES
+from flowact.contract import ENSEMBLE_MODEL, FRAMES, STREAM_ID_BYTES
 from flowact.presets import CHUNK_SECONDS, FRAMES_PER_CHUNK, SAMPLES_PER_CHUNK
 from flowact.stats import count_stalls, percentile
 
@@ -150,12 +150,9 @@ def stream_audio(audio: np.ndarray, index: int) -> AudioLoop:
     return AudioLoop(audio, offset_samples=int(index * 1.37 * 16_000))
 
 
-_ids = itertools.count(1)
-_id_base = random.SystemRandom().randrange(1 << 40, 1 << 50)  # unique across concurrent benchmark runs
-
-
-def new_stream_id() -> int:
-    return _id_base + next(_ids)
+def new_stream_id() -> str:
+    """Unguessable (128 random bits), like the shipped client's: accepted by servers that require random ids."""
+    return secrets.token_hex(STREAM_ID_BYTES)
 
 
 # --- client-side Prometheus view -----------------------------------------------------------------

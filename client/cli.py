@@ -47,7 +47,8 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="out.mp4")
     p.add_argument("--realtime", action="store_true", help="pace requests at real time (a live talker)")
     p.add_argument("--prompt", default=None)
-    p.add_argument("--stream-id", default=None, help="sequence id (integer or string; default: a fresh integer)")
+    p.add_argument("--stream-id", default=None, help="sequence id (integer or string; default: 128 random bits, which nobody else can guess: "
+                        "whoever knows a stream's id can feed, read and end it)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_run)
 

@@ -6,6 +6,11 @@ chunk i is sent 0.48 s * i after the first) or sent as fast as the server answer
 `max_in_flight` chunks outstanding. One gRPC stream per avatar stream keeps all its chunks on one
 server behind any HTTP/2-aware load balancer.
 
+Stream ids are capabilities: whoever holds one can feed, read and END that stream. By default a
+stream gets 128 random bits (a 32-character hex string). After sending START the sender waits for
+its answer before sending anything else into the id: if the START is refused (at capacity, or the
+id is already active), nothing of this client reaches a stream it does not own.
+
 Resumable streams: with `want_snapshots=True` every response also carries the stream's signed
 state (`AvatarStream.snapshot`, opaque bytes). If the server goes away, a new AvatarStream on any
 server of the same deployment continues the stream with `run(None, remaining_chunks,
@@ -14,8 +19,8 @@ snapshot=that_snapshot)`: the frames are those an uninterrupted run would have p
 
 from __future__ import annotations
 
-import itertools
 import queue
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,12 +31,16 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from flowact.contract import (AUDIO, BEHAVIOUR, ENSEMBLE_MODEL, FRAMES, PROMPT, REF_IMAGE, RESUME, SEED, SNAPSHOT,
-                              WANT_SNAPSHOT, WIRE_DTYPES)
+                              STREAM_ID_BYTES, WANT_SNAPSHOT, WIRE_DTYPES)
 from flowact.presets import CHUNK_SECONDS
 from flowact.stats import StreamSummary
 
 MODEL = ENSEMBLE_MODEL
-_ids = itertools.count(1)
+
+
+def new_stream_id() -> str:
+    """An unguessable stream id: 128 random bits as 32 hex characters."""
+    return secrets.token_hex(STREAM_ID_BYTES)
 
 
 class StreamError(RuntimeError):
@@ -76,19 +85,30 @@ def make_inputs(audio: np.ndarray, image: np.ndarray | None = None, seed: int | 
     return inputs
 
 
+def resume_refusal(snapshot: bytes, message: str) -> str:
+    """Triton refused a RESUME's size (the input has one fixed size per preset): name the preset the
+    snapshot was made for, which is the usual cause."""
+    from flowact.snapshot import peek_preset  # torch: only on this error path
+
+    made_for = peek_preset(snapshot)
+    what = f"a snapshot of preset {made_for!r}" if made_for else "not a snapshot"
+    return f"{RESUME}: {what} ({len(snapshot)} bytes) does not fit this server's preset: {message}"
+
+
 class AvatarStream:
     """One avatar stream over one gRPC bidirectional stream."""
 
     def __init__(self, url: str, stream_id: int | str | None = None, model: str = MODEL, timeout_s: float = 60.0,
                  want_snapshots: bool = False):
         self.url, self.model, self.timeout_s = url, model, timeout_s
-        self.stream_id = stream_id if stream_id is not None else next(_ids)
+        self.stream_id = stream_id if stream_id is not None else new_stream_id()
         self.want_snapshots = want_snapshots
         self.snapshot: bytes | None = None  # the latest snapshot received
         self.outputs = [FRAMES, SNAPSHOT] if want_snapshots else [FRAMES]
         self.client = grpcclient.InferenceServerClient(url)
         self.responses: queue.Queue = queue.Queue()
         self.last_error: str | None = None  # the latest error the stream callback saw
+        self.last_resume: bytes | None = None  # the snapshot the latest START resumed from
         self.client.start_stream(callback=self._on_response)
 
     def _on_response(self, result, error):  # tritonclient needs these parameter names
@@ -99,6 +119,8 @@ class AvatarStream:
     def send(self, audio: np.ndarray, start: bool = False, end: bool = False, image=None, seed=None, prompt=None,
              behaviour=None, snapshot: bytes | None = None):
         inputs = make_inputs(audio, image, seed, prompt, behaviour, snapshot, self.want_snapshots)
+        if start:
+            self.last_resume = snapshot
         try:
             self.client.async_stream_infer(self.model, inputs, sequence_id=self.stream_id, sequence_start=start,
                                            sequence_end=end,
@@ -118,6 +140,8 @@ class AvatarStream:
             if getattr(error, "status", lambda: None)() is not None:  # a gRPC status: the stream itself broke
                 raise StreamError(f"stream {self.stream_id}: connection to the server lost ({error.status()}: {message}); "
                                   "open a new AvatarStream (with RESUME to continue from the last snapshot)")
+            if self.last_resume is not None and f"input '{RESUME}'" in message:  # Triton refused its size
+                message = resume_refusal(self.last_resume, message)
             raise StreamError(f"stream {self.stream_id}: {message}")  # the server's answer to this request
         if self.want_snapshots:
             self.snapshot = result.as_numpy(SNAPSHOT)[0].tobytes()
@@ -129,11 +153,14 @@ class AvatarStream:
             snapshot: bytes | None = None, behaviour: str | None = None) -> StreamResult:
         """Send every chunk (START with the first, END with the last) and collect the frames in order.
 
-        With `snapshot` the stream resumes from it (image and seed are then not needed)."""
+        With `snapshot` the stream resumes from it (image and seed are then not needed). The second
+        chunk leaves only once the START is answered: a refused START ends the run with nothing more
+        sent into an id that may belong to another stream."""
         chunks = list(chunks)
         result = StreamResult()
         in_flight = threading.Semaphore(max_in_flight)
         stop = threading.Event()
+        started = threading.Event()  # the START's answer arrived (or the run ended)
         t0 = time.monotonic()
         errors: list[BaseException] = []
 
@@ -142,6 +169,8 @@ class AvatarStream:
                 for i, audio in enumerate(chunks):
                     if realtime:
                         time.sleep(max(0.0, t0 + i * CHUNK_SECONDS - time.monotonic()))
+                    if i == 1 and (not started.wait(self.timeout_s) or stop.is_set()):
+                        return  # the START was refused (or never answered): the id is not ours
                     if not in_flight.acquire(timeout=self.timeout_s) or stop.is_set():
                         return
                     result.send_times.append(time.monotonic())
@@ -160,6 +189,7 @@ class AvatarStream:
         try:
             for _ in chunks:
                 arrival, frames = self.receive()
+                started.set()
                 in_flight.release()
                 result.arrival_times.append(arrival)
                 result.frames.append(frames)
@@ -168,6 +198,7 @@ class AvatarStream:
                     on_chunk(frames)
         finally:
             stop.set()
+            started.set()  # wake a sender waiting for the START's answer (it sees stop)
             in_flight.release()  # wake a sender waiting for a slot
             thread.join(timeout=self.timeout_s)
         if errors:

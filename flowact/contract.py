@@ -147,3 +147,24 @@ WEB_METRICS = {  # the edge's own /metrics (prometheus-client; histograms add _b
     WEB_AV_OFFSET: ("HISTOGRAM", "a chunk's first audio sample leaves minus its first frame leaves the edge"),
     WEB_JITTER_BUFFER: ("HISTOGRAM", "jitter buffer chosen per session"),
 }
+
+# --- stream ownership, refusals and stops ---------------------------------------------------------
+# A stream's id is its capability: whoever holds it can feed, read (as a second client without an
+# image) and END that stream. The shipped clients draw ids of STREAM_ID_BYTES random bytes (hex).
+STREAM_ID_BYTES = 16  # 128 random bits: secrets.token_hex(16), 32 characters
+REQUIRE_RANDOM_IDS_ENV = "FLOWACT_REQUIRE_RANDOM_IDS"  # "1": START refuses integer ids and short string ids
+MIN_RANDOM_ID_CHARS = 2 * STREAM_ID_BYTES  # the shortest string id a START may use when random ids are required
+# Triton's sequence idle timeout is set above the stream model's own TTL, so the model evicts first
+# and can name the eviction: Triton's timeout = max(TTL * factor, TTL + margin).
+TRITON_IDLE_FACTOR = 2.0
+TRITON_IDLE_MARGIN_S = 5.0
+# Candidate sequence slots beyond capacity: a refused START that never sends END holds one slot
+# until Triton's idle timeout; this many of them (at once) delay no other START.
+CANDIDATE_HEADROOM = 1024
+GONE_MEMORY = 4096  # evicted / evacuated stream ids the model remembers, to name why they are gone
+# The drain file's content says why new streams are refused (empty: `flowact drain`, the preStop hook).
+DRAIN_STOPPING = "stopping"  # `flowact serve` got SIGTERM: no new streams, active ones finish
+DRAIN_EVACUATE = "evacuate"  # the drain timeout passed: active streams are ended, to resume elsewhere
+DEFAULT_DRAIN_TIMEOUT_S = 30.0  # `flowact serve --drain-timeout`: how long active streams may finish after SIGTERM
+EVACUATE_GRACE_S = 2.0  # after the drain timeout, how long streams get to receive "resume elsewhere"
+LAUNCHER_GUARD_KILL_S = 3.0  # launcher gone: the guard SIGTERMs the server group, SIGKILLs it after this

@@ -168,3 +168,41 @@ class SnapshotCodec:
         except RuntimeError as e:  # the generator refused its state
             raise SnapshotError(f"{self.field}: invalid RNG state ({e})") from None
         return session
+
+
+# --- one size per preset: RESUME has fixed dims, so Triton itself refuses any other size ----------
+
+
+def padded(blob: bytes, size: int) -> bytes:
+    """A snapshot padded with zeros to its preset's fixed size (max_snapshot_bytes): the SNAPSHOT output."""
+    if len(blob) > size:
+        raise ValueError(f"snapshot of {len(blob)} bytes exceeds its preset's size {size}")
+    return blob + bytes(size - len(blob))
+
+
+def unpadded(blob: bytes, padded_size: int) -> bytes:
+    """The signed snapshot inside one padded to `padded_size` (max_snapshot_bytes of the server's preset
+    and device kind; a blob that is no padded snapshot comes back as it is, for decode to refuse). The
+    padding is not signed and is ignored: it carries nothing."""
+    if len(blob) < _PREFIX.size:
+        return blob
+    magic, _, header_len = _PREFIX.unpack_from(blob)
+    if magic != MAGIC or header_len > MAX_HEADER_BYTES:
+        return blob
+    size = padded_size - MAX_HEADER_BYTES + header_len  # prefix | header | arrays | HMAC
+    return blob[:size] if size <= len(blob) else blob
+
+
+def peek_preset(blob: bytes) -> str | None:
+    """The preset a snapshot names in its header (unverified: only to word a refusal), or None."""
+    if len(blob) < _PREFIX.size:
+        return None
+    magic, _, header_len = _PREFIX.unpack_from(blob)
+    if magic != MAGIC or header_len > MAX_HEADER_BYTES or len(blob) < _PREFIX.size + header_len:
+        return None
+    try:
+        header = json.loads(blob[_PREFIX.size:_PREFIX.size + header_len])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    preset = header.get("preset") if isinstance(header, dict) else None
+    return preset[:64] if isinstance(preset, str) else None

@@ -10,10 +10,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-from flowact.contract import (ACTIVE_STREAMS, ADMIN_KEY_ENV, DEFAULT_CAPACITY, DEFAULT_DRAIN_FILE, DEFAULT_GRPC_PORT,
-                              DEFAULT_HOST, DEFAULT_HTTP_PORT, DEFAULT_IDLE_TTL_S, DEFAULT_METRICS_PORT, DRAIN_FILE_ENV,
-                              ENSEMBLE_MODEL, STREAM_CAPACITY, TRITONSERVER_ENV)
-from flowact.serving.server import TritonServer
+from flowact.contract import (ACTIVE_STREAMS, ADMIN_KEY_ENV, DEFAULT_CAPACITY, DEFAULT_DRAIN_FILE, DEFAULT_DRAIN_TIMEOUT_S,
+                              DEFAULT_GRPC_PORT, DEFAULT_HOST, DEFAULT_HTTP_PORT, DEFAULT_IDLE_TTL_S,
+                              DEFAULT_METRICS_PORT, DRAIN_EVACUATE, DRAIN_FILE_ENV, DRAIN_STOPPING, ENSEMBLE_MODEL,
+                              EVACUATE_GRACE_S, MIN_RANDOM_ID_CHARS, REQUIRE_RANDOM_IDS_ENV, STREAM_CAPACITY,
+                              TRITONSERVER_ENV)
+from flowact.serving.server import StartupError, TritonServer
 
 # This module stays free of torch at import time: `probe` and `drain` run as Kubernetes probes.
 ARTIFACTS = Path("artifacts")
@@ -58,6 +60,12 @@ def add_parser(sub) -> None:
     p.add_argument("--admin-key-file", type=Path, default=None,
                    help=f"file holding the key that opens the admin protocols (model-config, statistics, ...); "
                         f"default ${ADMIN_KEY_ENV}, else a random key nobody holds. Never printed")
+    p.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT_S,
+                   help="on SIGTERM / Ctrl-C: new streams are refused and active ones get this many seconds to finish, "
+                        "then are told to resume elsewhere; a second signal stops at once")
+    p.add_argument("--require-random-ids", action="store_true",
+                   help=f"refuse STARTs with an integer stream id or a string id shorter than {MIN_RANDOM_ID_CHARS} "
+                        f"characters (ids act as capabilities: make them unguessable)")
     p.add_argument("triton_args", nargs="*", help="after --: extra tritonserver flags (e.g. TLS)")
     p.set_defaults(func=_serve)
 
@@ -105,13 +113,22 @@ def _serve(args) -> int:
         opts = RepositoryOptions(capacity=args.capacity, idle_ttl_s=args.idle_ttl, pipeline=Pipeline(args.pipeline))
         build_embedded_repository(args.preset, repo, checkpoint, opts)  # up-to-date exports are reused
     drain_file().unlink(missing_ok=True)  # a restarted container must not inherit an old drain
+    extra_env = {REQUIRE_RANDOM_IDS_ENV: "1"} if args.require_random_ids else {}
     server = TritonServer(repo, args.grpc_port, args.http_port, args.metrics_port, host=args.host,
                           work_dir=args.work_dir, binary=args.tritonserver, extra_args=args.triton_args,
-                          echo_log=args.log_stdout, **({"admin_key": key} if key else {}))
-    stopping = threading.Event()
+                          echo_log=args.log_stdout, extra_env=extra_env, **({"admin_key": key} if key else {}))
+    stopping, at_once = threading.Event(), threading.Event()
+
+    def on_signal(*_):
+        (at_once if stopping.is_set() else stopping).set()  # a second signal skips the drain
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopping.set())
-    server.start(timeout_s=args.ready_timeout)
+        signal.signal(sig, on_signal)
+    try:
+        server.start(timeout_s=args.ready_timeout)
+    except (StartupError, TimeoutError) as e:
+        print(f"flowact serve: {e}", file=sys.stderr, flush=True)
+        return 1
     print(f"flowact serving preset {args.preset} from {repo}\n"
           f"  gRPC     {args.host}:{args.grpc_port}   (model 'flowact')\n"
           f"  HTTP     {args.host}:{args.http_port}\n"
@@ -123,10 +140,55 @@ def _serve(args) -> int:
             print(f"tritonserver exited unexpectedly:\n{server.log_tail()}", file=sys.stderr)
             server.stop()
             return 1
-    print("stopping ...", flush=True)
+    drain_then_evacuate(f"http://{local_address(args.host)}:{args.metrics_port}/metrics", args.drain_timeout, at_once)
+    print("stopping tritonserver ...", flush=True)
     server.stop()
     print("stopped", flush=True)
     return 0
+
+
+def local_address(host: str) -> str:
+    return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+
+
+def set_drain_state(state: str) -> None:
+    """Write the drain file atomically (the stream model reads it on every START)."""
+    flag = drain_file()
+    flag.parent.mkdir(parents=True, exist_ok=True)
+    tmp = flag.with_name(flag.name + ".tmp")
+    tmp.write_text(state)
+    os.replace(tmp, flag)
+
+
+def active_streams(metrics_url: str) -> float:
+    try:
+        return metric_value(scrape(metrics_url), ACTIVE_STREAMS) or 0.0
+    except OSError:
+        return 0.0  # metrics gone: nothing left to wait for
+
+
+def drain_then_evacuate(metrics_url: str, timeout_s: float, at_once: threading.Event) -> None:
+    """SIGTERM's drain: refuse new streams ("server is stopping"), give active ones `timeout_s` to
+    finish, then tell the rest to resume elsewhere (their next request is refused, naming it) and
+    give them EVACUATE_GRACE_S to hear it. `at_once` (a second signal) cuts either wait short."""
+    set_drain_state(DRAIN_STOPPING)
+    deadline, said = time.monotonic() + timeout_s, 0.0
+    active = active_streams(metrics_url)
+    while active and time.monotonic() < deadline and not at_once.is_set():
+        if time.monotonic() - said >= 5:
+            print(f"stopping: new streams refused; waiting for {active:.0f} active stream(s), "
+                  f"{deadline - time.monotonic():.0f} s left", flush=True)
+            said = time.monotonic()
+        time.sleep(0.2)
+        active = active_streams(metrics_url)
+    if not active:
+        return
+    set_drain_state(DRAIN_EVACUATE)
+    print(f"stopping: drain timeout; {active:.0f} stream(s) told to resume elsewhere", flush=True)
+    grace = time.monotonic() + EVACUATE_GRACE_S
+    while active and time.monotonic() < grace and not at_once.is_set():
+        time.sleep(0.1)
+        active = active_streams(metrics_url)
 
 
 def _drain(args) -> int:

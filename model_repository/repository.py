@@ -33,10 +33,11 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from flowact.contract import (AUDIO, BEHAVIOUR, CHUNK_INDEX, DEFAULT_CAPACITY, DEFAULT_IDLE_TTL_S, END,
-                              ENSEMBLE_MODEL, FRAMES, PROMPT, REF_IMAGE, RESUME, SEED, SNAPSHOT, START, STREAM_MODEL,
-                              WANT_SNAPSHOT)
+from flowact.contract import (AUDIO, BEHAVIOUR, CANDIDATE_HEADROOM, CHUNK_INDEX, DEFAULT_CAPACITY, DEFAULT_IDLE_TTL_S,
+                              END, ENSEMBLE_MODEL, FRAMES, PROMPT, REF_IMAGE, RESUME, SEED, SNAPSHOT, START,
+                              STREAM_MODEL, TRITON_IDLE_FACTOR, TRITON_IDLE_MARGIN_S, WANT_SNAPSHOT)
 from flowact.presets import SAMPLES_PER_CHUNK, Preset, get_preset
+from flowact.snapshot import max_snapshot_bytes
 from flowact.specs import LATENTS, NetworkSpec, TensorSpec, network_specs
 
 HERE = Path(__file__).parent
@@ -111,7 +112,7 @@ def network_config(spec: NetworkSpec, target: Target, opts: RepositoryOptions, s
     return cfg
 
 
-def stream_inputs(preset: Preset) -> list[mc.ModelInput]:
+def stream_inputs(preset: Preset, device_kind: str = "cpu") -> list[mc.ModelInput]:
     image = network_specs(preset)["vae_encoder"].inputs[0]
     return [
         # AUDIO is required in every request, but marked optional so that the stream model answers a
@@ -121,7 +122,9 @@ def stream_inputs(preset: Preset) -> list[mc.ModelInput]:
         mc.ModelInput(name=SEED, data_type=mc.TYPE_INT64, dims=[1], optional=True),
         mc.ModelInput(name=PROMPT, data_type=mc.TYPE_STRING, dims=[1], optional=True),
         mc.ModelInput(name=BEHAVIOUR, data_type=mc.TYPE_STRING, dims=[1], optional=True),
-        mc.ModelInput(name=RESUME, data_type=mc.TYPE_UINT8, dims=[-1], optional=True),
+        # Fixed size (every SNAPSHOT of the preset is padded to it): Triton refuses any other size
+        # before the request reaches the stream model's shared memory.
+        mc.ModelInput(name=RESUME, data_type=mc.TYPE_UINT8, dims=[max_snapshot_bytes(preset, device_kind)], optional=True),
         mc.ModelInput(name=WANT_SNAPSHOT, data_type=mc.TYPE_BOOL, dims=[1], optional=True),
     ]
 
@@ -132,20 +135,32 @@ def stream_outputs() -> list[mc.ModelOutput]:
             mc.ModelOutput(name=SNAPSHOT, data_type=mc.TYPE_UINT8, dims=[-1])]  # empty unless WANT_SNAPSHOT
 
 
+def triton_idle_s(idle_ttl_s: float) -> float:
+    """Triton's sequence idle timeout: above the model's own TTL, so the model evicts a stream first (and
+    names the eviction to its next request) before Triton forgets the sequence."""
+    return max(idle_ttl_s * TRITON_IDLE_FACTOR, idle_ttl_s + TRITON_IDLE_MARGIN_S)
+
+
+def state_device_kind(opts: RepositoryOptions, target: Target) -> str:
+    """Where the stream model keeps its state ("cpu" or "cuda"): it sizes the snapshots it accepts."""
+    return "cpu" if target == Target.EMBEDDED else opts.device.split(":")[0]
+
+
 def stream_config(preset: Preset, opts: RepositoryOptions, target: Target = Target.EMBEDDED,
                   source: Path | None = None) -> mc.ModelConfig:
     """`source`: the checkpoint directory (torch; None: seeded random) or the plan directory (trt)."""
     specs = network_specs(preset)
     out = specs["vae_decoder"].outputs[0] if opts.pipeline == Pipeline.SERIAL else specs["vae_decoder"].inputs[0]
     cfg = mc.ModelConfig(name=STREAM_MODEL, backend="python", max_batch_size=opts.capacity)
-    cfg.input.extend(stream_inputs(preset))
+    cfg.input.extend(stream_inputs(preset, state_device_kind(opts, target)))
     cfg.output.extend([tensor_config(out, mc.ModelOutput), *stream_outputs()])
     cfg.instance_group.add(count=1, kind=instance_kind(opts, target))  # one process holds every stream
     seq = cfg.sequence_batching
-    seq.max_sequence_idle_microseconds = int(opts.idle_ttl_s * 1e6)
-    # Triton backlogs STARTs beyond max_candidate_sequences; leave headroom so that extra STARTs
-    # reach the model and are refused at once with "at capacity".
-    seq.oldest.max_candidate_sequences = 2 * opts.capacity + 4
+    seq.max_sequence_idle_microseconds = int(triton_idle_s(opts.idle_ttl_s) * 1e6)
+    # Triton backlogs STARTs beyond max_candidate_sequences, and a sequence keeps its slot until END
+    # or Triton's idle timeout, also when the model refused its START. The headroom lets that many
+    # refused STARTs without END stand at once while every further START still reaches the model.
+    seq.oldest.max_candidate_sequences = opts.capacity + CANDIDATE_HEADROOM
     seq.oldest.max_queue_delay_microseconds = opts.queue_delay_us
     for name, kind in ((START, mc.ModelSequenceBatching.Control.CONTROL_SEQUENCE_START),
                        (END, mc.ModelSequenceBatching.Control.CONTROL_SEQUENCE_END)):
@@ -162,13 +177,14 @@ def stream_config(preset: Preset, opts: RepositoryOptions, target: Target = Targ
     return cfg
 
 
-def ensemble_config(preset: Preset, opts: RepositoryOptions) -> mc.ModelConfig:
+def ensemble_config(preset: Preset, opts: RepositoryOptions, target: Target = Target.EMBEDDED) -> mc.ModelConfig:
     frames = network_specs(preset)["vae_decoder"].outputs[0]
     cfg = mc.ModelConfig(name=ENSEMBLE_MODEL, platform="ensemble", max_batch_size=opts.capacity)
-    cfg.input.extend(stream_inputs(preset))
+    inputs = stream_inputs(preset, state_device_kind(opts, target))
+    cfg.input.extend(inputs)
     cfg.output.extend([tensor_config(frames, mc.ModelOutput), *stream_outputs()])
     step = cfg.ensemble_scheduling.step.add(model_name=STREAM_MODEL, model_version=-1)
-    for name in (i.name for i in stream_inputs(preset)):
+    for name in (i.name for i in inputs):
         step.input_map[name] = name
     for name in (CHUNK_INDEX, SNAPSHOT):
         step.output_map[name] = name
@@ -224,7 +240,7 @@ def render_repository(preset: Preset, target: Target, out: Path, network_files: 
             shutil.copy2(files[name], stream_source / files[name].name)
         shutil.copy2(files["vae_decoder"].parent / "manifest.json", stream_source / "manifest.json")
     write_model(out, stream_config(preset, opts, target, stream_source), HERE / "stream" / "1" / "model.py")
-    write_model(out, ensemble_config(preset, opts))
+    write_model(out, ensemble_config(preset, opts, target))
     meta = {"preset": preset.name, "target": target.value, "pipeline": Pipeline(opts.pipeline).value,
             "capacity": opts.capacity, "idle_ttl_s": opts.idle_ttl_s, "device": opts.device,
             "networks": {k: str(v) for k, v in files.items()},

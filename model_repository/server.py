@@ -13,12 +13,22 @@ with "Stub process '<model>_0_0' is not healthy.", and its streams' state is gon
 launcher watches its stubs and, when one dies, logs it and stops the server (`on_stub_exit="stop"`:
 `flowact serve` then exits non-zero and its supervisor, e.g. Kubernetes, restarts it) or restarts
 it in place (`"restart"`). Clients see a clear error and resume from their last snapshot.
+
+Launcher death. tritonserver runs under a guard process (guard.py), the leader of its process group,
+which takes the group down when the launcher dies by any signal (even SIGKILL of the launcher's
+group, which does not reach the server's own session).
+
+Startup failures name their cause first: the configuration is checked before launching (ports free,
+snapshot key long enough, libpython findable) and a server that exits or stalls has the error lines
+of its log pulled to the top of the exception.
 """
 
 from __future__ import annotations
 
 import collections
+import glob
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -32,7 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flowact.contract import (ADMIN_KEY_ALPHABET, ADMIN_KEY_ENV, ADMIN_KEY_MIN_CHARS, ADMIN_KEY_NAME, DEFAULT_GRPC_PORT,
-                              DEFAULT_HOST, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT)
+                              DEFAULT_HOST, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, LAUNCHER_GUARD_KILL_S,
+                              SNAPSHOT_KEY_ENV)
 
 SHM_PREFIX = "triton_python_backend_shm_region"
 STUB_BINARY = "triton_python_backend_stub"
@@ -52,6 +63,54 @@ def check_admin_key(key: str) -> str:
         raise ValueError(f"the admin key may hold only letters, digits and {ADMIN_KEY_ALPHABET[62:]} "
                          f"({len(bad)} other character(s) found)")
     return key
+
+
+GUARD = Path(__file__).with_name("guard.py")
+# Log lines that state why a server failed (Triton's error lines start with E and the date: E1201 ...).
+CAUSE_LINE = re.compile(r"^E\d{4} |error|failed|unavailable|cannot open shared object|exception", re.IGNORECASE)
+NOISE_LINE = re.compile(r"cuda|nvml|dcgm|gpu metrics|pinned memory|cupti", re.IGNORECASE)  # harmless on CPU
+# A stalled load that never ends by itself (e.g. the stub cannot load libpython: Triton waits forever).
+FATAL_LINE = re.compile(r"error while loading shared libraries|cannot open shared object file")
+
+
+class StartupError(RuntimeError):
+    """The server did not start; the message begins with the cause."""
+
+
+def cause_lines(lines, limit: int = 8) -> list[str]:
+    """The lines of a server log that state an error, in order, without repeats or CPU noise."""
+    found = []
+    for line in lines:
+        line = line.strip()
+        if CAUSE_LINE.search(line) and not NOISE_LINE.search(line) and line not in found:
+            found.append(line)
+    return found[-limit:]
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a listener blocks the bind; TIME_WAIT does not
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def libpython_dirs(env: dict[str, str]) -> list[str]:
+    """Where the stub's loader looks for libpython: LD_LIBRARY_PATH, then the system folders."""
+    extra = [d for d in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if d]
+    return extra + ["/lib", "/usr/lib", "/lib64", "/usr/lib64", "/usr/local/lib", "/lib/x86_64-linux-gnu",
+                    "/usr/lib/x86_64-linux-gnu", "/lib/aarch64-linux-gnu", "/usr/lib/aarch64-linux-gnu"]
+
+
+def find_libpython(env: dict[str, str], version: str | None = None) -> str | None:
+    version = version or f"{sys.version_info.major}.{sys.version_info.minor}"
+    for d in libpython_dirs(env):
+        hits = sorted(glob.glob(os.path.join(d, f"libpython{version}.so*")))
+        if hits:
+            return hits[0]
+    return None
 
 
 def pytriton_dir() -> Path:
@@ -106,13 +165,15 @@ class TritonServer:
     admin_key: str = field(default_factory=lambda: secrets.token_hex(16))
     on_stub_exit: str = "stop"  # a python stub died: "stop" the server, "restart" it, or "ignore" (STUB_EXIT_POLICIES)
     watch_period_s: float = 0.5
-    process: subprocess.Popen | None = None
+    process: subprocess.Popen | None = None  # the guard (guard.py), leader of the server's process group
     log_lines: collections.deque = field(default_factory=lambda: collections.deque(maxlen=400))
     stubs: dict[int, "Stub"] = field(default_factory=dict)  # pid -> stub, found when the server became ready
     restarts: int = 0  # in-place restarts after a stub died
     failures: list[str] = field(default_factory=list)  # what the watchdog saw, in order
     _watchdog_stop: threading.Event = field(default_factory=threading.Event)
     _lifecycle: threading.RLock = field(default_factory=threading.RLock)
+    _guard_fd: int | None = None  # write end of the guard's pipe: closed when this process dies
+    _log_reader: threading.Thread | None = None
 
     def __post_init__(self):
         if self.on_stub_exit not in STUB_EXIT_POLICIES:
@@ -145,18 +206,61 @@ class TritonServer:
             self._start(timeout_s)
         return self
 
+    def preflight(self, env: dict[str, str]) -> None:
+        """Refuse a launch that cannot work, naming why, before tritonserver runs."""
+        for what, port, flag in (("gRPC", self.grpc_port, "--grpc-port"), ("HTTP", self.http_port, "--http-port"),
+                                 ("metrics", self.metrics_port, "--metrics-port")):
+            if port_in_use(self.host, port):
+                raise StartupError(f"{what} port {port} on {self.host} is already in use: stop what listens there "
+                                   f"or choose another {flag}")
+        if env.get(SNAPSHOT_KEY_ENV):
+            from flowact.snapshot import key_from_env
+
+            try:
+                key_from_env(env)
+            except ValueError as e:
+                raise StartupError(str(e)) from None
+        if self.binary is None and find_libpython(env) is None:
+            py = f"{sys.version_info.major}.{sys.version_info.minor}"
+            raise StartupError(f"libpython{py}.so not found in LD_LIBRARY_PATH or the system library folders: the "
+                               f"python backend stub needs it (install this interpreter's shared library, or put its "
+                               f"folder on LD_LIBRARY_PATH)")
+
+    def failure(self, what: str) -> str:
+        """`what` happened: the log's error lines first, then the log tail."""
+        if self._log_reader is not None:
+            self._log_reader.join(timeout=2)  # the last lines of an exited server
+        causes = cause_lines(self.log_lines)
+        cause = "\n".join(f"  {line}" for line in causes) if causes else "  (no error line in the log)"
+        return f"{what}; cause, from {self.log_path}:\n{cause}\nlog tail:\n{self.log_tail(20)}"
+
     def _start(self, timeout_s: float) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         env = server_env() | self.extra_env
         env.pop(ADMIN_KEY_ENV, None)  # the server and its python stubs have no use for the key
-        self.process = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)  # own process group: the stubs stay in it
-        threading.Thread(target=self._read_log, args=(self.process.stdout,), daemon=True).start()
+        self.preflight(env)
+        read_fd, self._guard_fd = os.pipe()
+        guard = [sys.executable, "-I", str(GUARD), str(read_fd), str(LAUNCHER_GUARD_KILL_S), "--", *self.command()]
+        try:
+            self.process = subprocess.Popen(guard, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                            start_new_session=True,  # own process group: the stubs stay in it
+                                            pass_fds=(read_fd,))
+        finally:
+            os.close(read_fd)
+        self._log_reader = threading.Thread(target=self._read_log, args=(self.process.stdout,), daemon=True)
+        self._log_reader.start()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                code = self.process.returncode
+                message = self.failure(f"tritonserver exited with code {code} while starting")
                 self.stop()
-                raise RuntimeError(f"tritonserver exited with code {self.process.returncode}:\n{self.log_tail()}")
+                raise StartupError(message)
+            fatal = next((line for line in list(self.log_lines) if FATAL_LINE.search(line)), None)
+            if fatal is not None:
+                message = self.failure(f"tritonserver cannot load a model ({fatal.strip()})")
+                self.stop()
+                raise StartupError(message)
             if self.ready():
                 self.stubs = find_stubs(self.process.pid)
                 self._watchdog_stop = threading.Event()
@@ -164,8 +268,9 @@ class TritonServer:
                     threading.Thread(target=self._watch, args=(self._watchdog_stop, timeout_s), daemon=True).start()
                 return
             time.sleep(0.25)
+        message = self.failure(f"tritonserver not ready after {timeout_s:.0f} s")
         self.stop()
-        raise TimeoutError(f"tritonserver not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
+        raise TimeoutError(message)
 
     def dead_stubs(self) -> list["Stub"]:
         """Stubs found at readiness that have exited since (Triton would not restart them)."""
@@ -233,14 +338,17 @@ class TritonServer:
             os.killpg(pgid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-        deadline = time.monotonic() + timeout_s
+        # Measured under `flowact serve` with client gRPC streams still open: tritonserver logs "Exit timeout
+        # expired. Exiting immediately." and then neither it nor its stubs exit. Past its exit timeout
+        # (plus the linger) nothing is left to wait for: SIGKILL, then unlink the stubs' regions below.
+        deadline = time.monotonic() + min(timeout_s, self.exit_timeout_s() + SERVER_LINGER_S)
         alone_since = None
         while time.monotonic() < deadline and group_alive(pgid):
-            self.process.poll()  # reap the server itself
+            self.process.poll()  # reap the guard (it exits once tritonserver has)
             # Measured on 2.51: while a client holds a gRPC stream open, tritonserver never exits, even
             # after its exit timeout ("Exiting immediately"). Once its stubs are gone nothing of
-            # value is left to lose: a lingering server alone in its group gets SIGKILL.
-            if self.process.returncode is None and len(group_processes(pgid)) == 1:
+            # value is left to lose: a lingering server alone in its group (with its guard) gets SIGKILL.
+            if self.process.returncode is None and len([p for p in group_processes(pgid) if p.pid != pgid]) == 1:
                 alone_since = alone_since or time.monotonic()
                 if time.monotonic() - alone_since > SERVER_LINGER_S:
                     break
@@ -251,9 +359,17 @@ class TritonServer:
             os.killpg(pgid, signal.SIGKILL)
         self.process.wait()
         self.process = None
+        if self._guard_fd is not None:
+            os.close(self._guard_fd)
+            self._guard_fd = None
         for stub in self.stubs.values():  # a killed stub cannot remove its shared memory region
             (Path("/dev/shm") / stub.shm_region).unlink(missing_ok=True)
         self.stubs = {}
+
+    def exit_timeout_s(self) -> float:
+        """tritonserver's --exit-timeout-secs (the last one given wins, as in Triton)."""
+        values = [a.split("=", 1)[1] for a in self.command() if a.startswith("--exit-timeout-secs=")]
+        return float(values[-1]) if values else 30.0
 
     def __enter__(self) -> "TritonServer":
         return self.start()

@@ -20,6 +20,7 @@ Triton itself refuses dtypes and dims that contradict config.pbtxt, and unknown 
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 import unicodedata
@@ -29,14 +30,28 @@ from typing import Callable, Hashable, Mapping
 
 import numpy as np
 
-from flowact.contract import (AUDIO, BEHAVIOUR, BEHAVIOURS, DEFAULT_DRAIN_FILE, MAX_SEED, MAX_TEXT_WIRE_BYTES, PROMPT,
-                              REF_IMAGE, RESUME, SEED, START_ONLY_INPUTS, WANT_SNAPSHOT)
+from flowact.contract import (AUDIO, BEHAVIOUR, BEHAVIOURS, DEFAULT_DRAIN_FILE, DRAIN_EVACUATE, DRAIN_STOPPING,
+                              GONE_MEMORY, MAX_SEED, MAX_TEXT_WIRE_BYTES, MIN_RANDOM_ID_CHARS, PROMPT, REF_IMAGE,
+                              RESUME, SEED, START_ONLY_INPUTS, STREAM_ID_BYTES, WANT_SNAPSHOT)
 from flowact.session import InputError, StreamSession, check_audio_chunk, check_image, check_prompt
 from flowact.presets import Preset
+from flowact.snapshot import peek_preset, unpadded
 
 
 class AdmissionError(InputError):
     """A START the server refuses now (capacity, draining); the client may retry elsewhere."""
+
+
+STOPPING = "server is stopping"  # how every refusal caused by `flowact serve` stopping begins
+
+
+def check_stream_id(stream_id: Hashable, require_random: bool) -> None:
+    """With random ids required, a START's id must be a string of at least MIN_RANDOM_ID_CHARS characters."""
+    if not require_random or (isinstance(stream_id, str) and len(stream_id) >= MIN_RANDOM_ID_CHARS):
+        return
+    got = f"a {len(stream_id)}-character string" if isinstance(stream_id, str) else "an integer"
+    raise InputError(f"stream id: this server requires unguessable stream ids, a string of at least "
+                     f"{MIN_RANDOM_ID_CHARS} characters (e.g. {STREAM_ID_BYTES} random bytes as hex); got {got}")
 
 
 @dataclass(frozen=True)
@@ -117,9 +132,13 @@ def parse_request(inputs: Mapping[str, np.ndarray | None], start: bool, end: boo
         raw = single(get(RESUME), RESUME)
         if raw.dtype != np.uint8 or raw.ndim != 1:
             raise InputError(f"{RESUME}: expected uint8 bytes (1, n), got {raw.dtype} {tuple(get(RESUME).shape)}")
+        made_for = peek_preset(raw[:max_snapshot_bytes].tobytes())  # before the size: name the preset
+        if made_for is not None and made_for != preset.name:
+            raise InputError(f"{RESUME}: a snapshot of preset {made_for!r} cannot resume on this server "
+                             f"(preset {preset.name!r})")
         if not 0 < raw.size <= max_snapshot_bytes:
             raise InputError(f"{RESUME}: {raw.size} bytes is outside (0, {max_snapshot_bytes}]")
-        snapshot = raw.tobytes()
+        snapshot = unpadded(raw.tobytes(), max_snapshot_bytes)
     image = None
     if get(REF_IMAGE) is not None:
         image = check_image(single(get(REF_IMAGE), REF_IMAGE), preset, REF_IMAGE)
@@ -169,12 +188,34 @@ class StreamRegistry:
     release: Callable[[StreamSession], None] = lambda session: None  # a stream left: free its state slot
     drain_file: Path = Path(DEFAULT_DRAIN_FILE)
     clock: Callable[[], float] = time.monotonic
+    require_random_ids: bool = False  # START refuses integer and short string ids (check_stream_id)
     streams: dict[Hashable, Stream] = field(default_factory=dict)
     counters: Counters = field(default_factory=Counters)
     lock: threading.RLock = field(default_factory=threading.RLock)
+    # Ids freed by the server (idle TTL, stop), newest last -> why: their next request names the cause.
+    gone: collections.OrderedDict = field(default_factory=collections.OrderedDict)
+
+    def drain_state(self) -> str | None:
+        """None: admitting. Else the drain file's content: "" (`flowact drain`), DRAIN_STOPPING or
+        DRAIN_EVACUATE (`flowact serve` is stopping)."""
+        try:
+            return self.drain_file.read_text().strip()
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return ""
 
     def draining(self) -> bool:
-        return self.drain_file.exists()
+        return self.drain_state() is not None
+
+    def stopping(self) -> bool:
+        return self.drain_state() in (DRAIN_STOPPING, DRAIN_EVACUATE)
+
+    def remember_gone(self, stream_id: Hashable, why: str) -> None:
+        self.gone[stream_id] = why
+        self.gone.move_to_end(stream_id)
+        while len(self.gone) > GONE_MEMORY:
+            self.gone.popitem(last=False)
 
     def active(self) -> int:
         return len(self.streams)
@@ -193,10 +234,14 @@ class StreamRegistry:
     def admit(self, stream_id: Hashable, begin: Callable[[StreamSession], object]) -> StreamSession:
         """Admission (duplicate id, drain, capacity), then `begin(session)`; nothing is kept if either refuses."""
         with self.lock:
+            check_stream_id(stream_id, self.require_random_ids)
             if stream_id in self.streams:
                 raise InputError(f"stream {stream_id!r} is already active: END it before starting it again")
-            if self.draining():
+            state = self.drain_state()
+            if state is not None:
                 self.counters.rejected += 1
+                if state in (DRAIN_STOPPING, DRAIN_EVACUATE):
+                    raise AdmissionError(f"{STOPPING}: no new streams; retry on another replica")
                 raise AdmissionError(f"server is draining: no new streams (active {self.active()}); retry on another replica")
             if self.active() >= self.capacity:
                 self.counters.rejected += 1
@@ -209,12 +254,22 @@ class StreamRegistry:
                 raise
             now = self.clock()
             self.streams[stream_id] = Stream(session, now, now)
+            self.gone.pop(stream_id, None)
             self.counters.started += 1
             return session
 
     def get(self, stream_id: Hashable) -> Stream:
+        """The stream of a request after START; refuses an unknown id naming why it is gone, and ends
+        every stream once the server evacuates (the drain timeout of a stop passed)."""
         with self.lock:
             stream = self.streams.get(stream_id)
+            if stream is None and stream_id in self.gone:
+                raise InputError(f"stream {stream_id!r} {self.gone[stream_id]}")
+            if stream is not None and self.drain_state() == DRAIN_EVACUATE:
+                self.end(stream_id)
+                resume = f"continue it on another replica (START with {RESUME} = your last SNAPSHOT)"
+                self.remember_gone(stream_id, f"was ended: {STOPPING} and the drain timeout passed; {resume}")
+                raise AdmissionError(f"{STOPPING}: stream {stream_id!r} ended here (the drain timeout passed); {resume}")
             if stream is None:
                 raise InputError(f"unknown stream {stream_id!r}: it ended, was evicted after {self.idle_ttl_s:g} s idle, "
                                  "or never started (send the reference image with START)")
@@ -250,6 +305,9 @@ class StreamRegistry:
             now = self.clock()
             gone = [sid for sid, s in self.streams.items() if now - s.last_seen > self.idle_ttl_s]
             for sid in gone:
-                self.release(self.streams.pop(sid).session)
+                stream = self.streams.pop(sid)
+                self.release(stream.session)
+                self.remember_gone(sid, f"was evicted after {now - stream.last_seen:.1f} s idle (idle TTL "
+                                        f"{self.idle_ttl_s:g} s): START it again ({RESUME} with its last SNAPSHOT continues it)")
             self.counters.evicted += len(gone)
             return gone

@@ -112,6 +112,7 @@ def test_helm_lint_strict(tools, scenario):
     ("bogusKey=1", "Additional property bogusKey is not allowed"),
     ("modelRepository.target=onnx", "modelRepository.target"),
     ("drain.deadlineSeconds=-5", "drain.deadlineSeconds"),
+    ("streams.requireRandomIds=maybe", "streams.requireRandomIds"),
     ("shm.sizeLimit=8GB", "shm.sizeLimit"),
     ("tls.enabled=true", "then"),  # TLS needs a secret
 ])
@@ -263,6 +264,10 @@ def test_drain_and_grace_period(rendered, scenario, deadline, margin):
     assert c["lifecycle"]["preStop"]["exec"]["command"] == [
         "flowact", "drain", "--deadline", str(deadline), "--metrics-url", "http://127.0.0.1:8002/metrics"]
     assert pod["terminationGracePeriodSeconds"] == deadline + margin
+    # After preStop, SIGTERM drains what is left for --drain-timeout; the margin covers it plus Triton's stop.
+    args = c["args"]
+    assert args[args.index("--drain-timeout") + 1] == "10" and margin >= 10 + 15
+    assert ("--require-random-ids" in args) == (scenario == "autoscaling")
     env = {e["name"]: e.get("value") for e in c["env"]}
     drain_file = env["FLOWACT_DRAIN_FILE"]
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}

@@ -34,7 +34,7 @@ from flowact.presets import BEHAVIOURS, SAMPLES_PER_CHUNK, get_preset
 from flowact.serving.cli import metric_value
 from flowact.serving.server import TritonServer, free_ports, group_alive, group_rss, shm_regions
 from flowact.serving.streams import parse_request
-from flowact.snapshot import SnapshotCodec, SnapshotError, key_from_env, max_snapshot_bytes
+from flowact.snapshot import SnapshotCodec, SnapshotError, key_from_env, max_snapshot_bytes, padded
 
 CAPACITY = 24
 IDLE_TTL_S = 1.5
@@ -297,7 +297,9 @@ def test_invalid_requests_get_clear_errors_and_leave_nothing(server):
         ([audio_in(), image_in(), text_tensor("PROMPT", b"a" * 5000)], True, True, "PROMPT: 5000 bytes is far too long"),
         ([audio_in(), image_in(), text_tensor("BEHAVIOUR", b"yelling")], True, True, "BEHAVIOUR: unknown behaviour"),
         ([audio_in(), image_in(), tensor("RESUME", np.arange(64, dtype=np.uint8)[None], "UINT8")], True, True,
-         "RESUME: not a flowact stream snapshot"),
+         "unexpected shape for input 'RESUME'"),  # RESUME has one fixed size per preset
+        ([audio_in(), image_in(), tensor("RESUME", np.zeros((1, max_snapshot_bytes(TINY)), np.uint8), "UINT8")], True,
+         True, "RESUME: not a flowact stream snapshot"),
     ]
     req = Requester(server)
     try:
@@ -309,7 +311,7 @@ def test_invalid_requests_get_clear_errors_and_leave_nothing(server):
         assert error is None and ok.as_numpy("FRAMES").shape == (1, 12, 64, 64, 3)
     finally:
         req.close()
-    assert gauge(server, "flowact_requests_invalid_total") - invalid_before == 7  # the model's own refusals (cases 7-13)
+    assert gauge(server, "flowact_requests_invalid_total") - invalid_before == 7  # the model's own refusals (cases 7-12 and 14)
     assert gauge(server, "flowact_active_streams") == 0
     assert_accounted(server)
 
@@ -649,7 +651,7 @@ def test_stream_resumes_on_another_server_with_identical_frames(server, spare, t
     other_version[4] = 9  # the version field; the signature then fails too, the version is checked first
     for blob, part in ((bytes(tampered), "RESUME: integrity check failed"),
                        (bytes(other_version), "RESUME: version 9 is not supported"),
-                       (stream.snapshot[:1000], "RESUME: integrity check failed")):
+                       (padded(stream.snapshot[:1000], len(stream.snapshot)), "RESUME: integrity check failed")):
         with AvatarStream(url(spare), want_snapshots=True) as bad:
             with pytest.raises(StreamError, match=part):
                 bad.run(None, chunks[4:5], snapshot=blob)

@@ -36,15 +36,15 @@ import triton_python_backend_utils as pb_utils
 
 from flowact.contract import (ACTIVE_STREAMS, CHUNK_INDEX, CHUNK_SECONDS_COUNT, CHUNK_SECONDS_SUM, CHUNKS_TOTAL,
                               DEFAULT_DRAIN_FILE, DEFAULT_PROMPT, DRAIN_FILE_ENV, DRAINING, END, FRAMES, METRICS,
-                              RESUME, SNAPSHOT, SNAPSHOT_KEY_ENV, START, STREAM_CAPACITY, TTFF_SECONDS_COUNT,
-                              TTFF_SECONDS_SUM, WANT_SNAPSHOT)
+                              REQUIRE_RANDOM_IDS_ENV, RESUME, SNAPSHOT, SNAPSHOT_KEY_ENV, START, STREAM_CAPACITY,
+                              TTFF_SECONDS_COUNT, TTFF_SECONDS_SUM, WANT_SNAPSHOT)
 from flowact.presets import get_preset
 from flowact.runtime import build_runners
 from flowact.runtime.pytorch import default_dtype
 from flowact.session import InputError, PromptCache, StateCapacityError, StatePool, StreamSession, denoise_batch
 from flowact.serving.repository import stream_inputs
-from flowact.serving.streams import StreamRegistry, parse_request, scalar
-from flowact.snapshot import SnapshotCodec, key_from_env, max_snapshot_bytes
+from flowact.serving.streams import STOPPING, StreamRegistry, parse_request, scalar
+from flowact.snapshot import SnapshotCodec, key_from_env, max_snapshot_bytes, padded
 
 NO_SNAPSHOT = np.zeros((1, 0), dtype=np.uint8)
 
@@ -97,7 +97,8 @@ class TritonPythonModel:
             capacity=capacity, idle_ttl_s=float(parameter(config, "idle_ttl_s")),
             new_session=lambda: StreamSession(self.preset, self.runners, device, dtype, prompts, pool.acquire()),
             release=lambda session: pool.release(session.state),
-            drain_file=Path(os.environ.get(DRAIN_FILE_ENV, DEFAULT_DRAIN_FILE)))
+            drain_file=Path(os.environ.get(DRAIN_FILE_ENV, DEFAULT_DRAIN_FILE)),
+            require_random_ids=os.environ.get(REQUIRE_RANDOM_IDS_ENV, "") == "1")
         self.metric_families = {  # must outlive their Metric objects
             name: pb_utils.MetricFamily(name=name, description=help_text, kind=getattr(pb_utils.MetricFamily, kind))
             for name, (kind, help_text) in METRICS.items()}
@@ -175,16 +176,18 @@ class TritonPythonModel:
                 seconds = time.monotonic() - t0
                 for j, (i, sid, session, req) in enumerate(batch):
                     index = np.array([[session.chunk_index - 1]], dtype=np.int64)
-                    snapshot = (np.frombuffer(self.codec.encode(session), dtype=np.uint8)[None] if req.want_snapshot
-                                else NO_SNAPSHOT)
+                    snapshot = (np.frombuffer(padded(self.codec.encode(session), self.max_snapshot_bytes),
+                                              dtype=np.uint8)[None] if req.want_snapshot else NO_SNAPSHOT)
                     responses[i] = pb_utils.InferenceResponse(output_tensors=[
                         triton_tensor(self.output_name, out[j:j + 1]), pb_utils.Tensor(CHUNK_INDEX, index),
                         pb_utils.Tensor(SNAPSHOT, snapshot)])
                     self.registry.chunk_done(sid, seconds)
             except Exception as e:  # an engine failed: these streams' state is unknown, free them
+                cause = (f"{STOPPING}, resume on another replica ({e})"
+                         if self.registry.stopping() or "not ready" in str(e) else str(e))
                 for i, sid, _, _ in batch:
                     responses[i] = pb_utils.InferenceResponse(
-                        error=pb_utils.TritonError(f"chunk generation failed, stream {sid!r} ended: {e}"))
+                        error=pb_utils.TritonError(f"chunk generation failed, stream {sid!r} ended: {cause}"))
                     self.registry.end(sid)
         for sid in ends:
             self.registry.end(sid)
