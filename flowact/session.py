@@ -100,9 +100,15 @@ class MemoryBank:
         return valid
 
 
+RNG_STATE_BYTES = {"cpu": 5056, "cuda": 16}  # torch.Generator(device).get_state(): mt19937 on the CPU, Philox on CUDA
+
+
 def rng_state_bytes(device: torch.device) -> int:
-    """Size of a per-stream generator's state on this kind of device (CPU mt19937: 5,056; CUDA Philox: 16)."""
-    return int(torch.Generator(device=device).get_state().numel())
+    """Size of a per-stream generator's state on this kind of device (known without the device: a CPU
+    machine renders a GPU repository)."""
+    if device.type not in RNG_STATE_BYTES:
+        raise ValueError(f"no per-stream generator layout for device kind {device.type!r}")
+    return RNG_STATE_BYTES[device.type]
 
 
 def state_tensors(preset: Preset, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

@@ -20,6 +20,7 @@ from flowact.serving.server import StartupError, TritonServer
 # This module stays free of torch at import time: `probe` and `drain` run as Kubernetes probes.
 ARTIFACTS = Path("artifacts")
 PIPELINES = ("overlap", "serial")
+TARGETS = ("embedded", "torch")  # `trt` plans are built with `flowact export repository --target trt`
 
 
 def metric_value(text: str, name: str) -> float | None:
@@ -42,7 +43,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="run the embedded tritonserver with this project's model repository")
     p.add_argument("--preset", default="cpu")
     p.add_argument("--repository", type=Path, default=None,
-                   help="serve this repository as it is (built if missing); default: artifacts/<preset>/repository, kept up to date")
+                   help="serve this repository as it is (built if missing); default: artifacts/<preset>/repository[-torch], kept up to date")
     p.add_argument("--checkpoint", default=None, help="weights (default: checkpoints/<preset> if shipped, else random)")
     p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (loopback by default)")
     p.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT)
@@ -51,6 +52,10 @@ def add_parser(sub) -> None:
     p.add_argument("--capacity", type=int, default=DEFAULT_CAPACITY, help="streams admitted at once (when building)")
     p.add_argument("--idle-ttl", type=float, default=DEFAULT_IDLE_TTL_S, help="seconds before an idle stream is freed (when building)")
     p.add_argument("--pipeline", choices=PIPELINES, default="overlap", help="decode overlapping denoise, or serial")
+    p.add_argument("--target", choices=TARGETS, default="embedded",
+                   help="embedded: ONNX Runtime network models behind BLS; torch: PyTorch inside the stream model, "
+                        "beside the per-stream state on --device (when building)")
+    p.add_argument("--device", default="cpu", help="--target torch: the device of the state and networks (cuda:0, cpu)")
     p.add_argument("--ready-timeout", type=float, default=180.0)
     p.add_argument("--tritonserver", type=Path, default=os.environ.get(TRITONSERVER_ENV),
                    help="tritonserver binary (default: the one the nvidia-pytriton wheel ships; "
@@ -102,16 +107,22 @@ def admin_key(key_file: Path | None) -> tuple[str | None, str]:
 
 def _serve(args) -> int:
     key, key_source = admin_key(args.admin_key_file)
-    repo = args.repository or ARTIFACTS / args.preset / "repository"
+    repo = args.repository or ARTIFACTS / args.preset / ("repository" if args.target == "embedded" else f"repository-{args.target}")
     if args.repository is None or not (repo / ENSEMBLE_MODEL / "config.pbtxt").exists():
         from flowact.networks import shipped_checkpoint
-        from flowact.serving.repository import Pipeline, RepositoryOptions, build_embedded_repository
+        from flowact.presets import get_preset
+        from flowact.serving.repository import (Pipeline, RepositoryOptions, Target, build_embedded_repository,
+                                                render_repository)
 
         checkpoint = args.checkpoint or shipped_checkpoint(args.preset)
-        print(f"model repository for preset {args.preset} in {repo} (weights: {checkpoint or 'seeded random'}) ...",
-              flush=True)
-        opts = RepositoryOptions(capacity=args.capacity, idle_ttl_s=args.idle_ttl, pipeline=Pipeline(args.pipeline))
-        build_embedded_repository(args.preset, repo, checkpoint, opts)  # up-to-date exports are reused
+        print(f"model repository for preset {args.preset} in {repo} (target {args.target}, weights: "
+              f"{checkpoint or 'seeded random'}) ...", flush=True)
+        opts = RepositoryOptions(capacity=args.capacity, idle_ttl_s=args.idle_ttl, pipeline=Pipeline(args.pipeline),
+                                 device=args.device)
+        if args.target == Target.TORCH.value:
+            render_repository(get_preset(args.preset), Target.TORCH, repo, opts=opts, checkpoint=checkpoint)
+        else:
+            build_embedded_repository(args.preset, repo, checkpoint, opts)  # up-to-date exports are reused
     drain_file().unlink(missing_ok=True)  # a restarted container must not inherit an old drain
     extra_env = {REQUIRE_RANDOM_IDS_ENV: "1"} if args.require_random_ids else {}
     server = TritonServer(repo, args.grpc_port, args.http_port, args.metrics_port, host=args.host,

@@ -264,3 +264,11 @@ def test_state_pool_slots_and_capacity_check(tiny):
     assert b.tensors[latents].data_ptr() == pool.slabs[latents][b.pool_slot].data_ptr()  # views, not copies
     with pytest.raises(StateCapacityError, match="capacity 100000000 needs .* lower the capacity"):
         StatePool(tiny, 10**8, check_fits=True)
+
+
+def test_generator_state_sizes_match_torch():
+    from flowact.session import RNG_STATE_BYTES
+
+    assert RNG_STATE_BYTES["cpu"] == torch.Generator().get_state().numel()
+    if torch.cuda.is_available():
+        assert RNG_STATE_BYTES["cuda"] == torch.Generator(device="cuda").get_state().numel()

@@ -144,7 +144,9 @@ def test_a_killed_launcher_takes_tritonserver_and_its_stubs_with_it(repository, 
             t0 = time.monotonic()
             os.killpg(serve.proc.pid, signal.SIGKILL)  # the launcher's whole group: the server is in its own session
             serve.proc.wait()
-            while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in procs) and time.monotonic() - t0 < 10:
+            # the guard unlinks the stubs' regions after it has killed them: wait for both
+            while ((any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in procs) or ours & shm_regions())
+                   and time.monotonic() - t0 < 10):
                 time.sleep(0.05)
             gone = time.monotonic() - t0
         print(f"\nlauncher SIGKILL: tritonserver and {len(procs) - 1} stubs gone after {gone:.1f} s")

@@ -155,7 +155,7 @@ def test_required_random_ids_refuse_integer_and_short_ids(server):
         req.close()
 
 
-def test_a_refused_start_leaves_the_owners_frames_identical(server, tiny, tiny_engines):
+def test_a_refused_start_leaves_the_owners_frames_identical(server, tiny, tiny_runners):
     """The shipped client waits for its START's answer: refused ("already active"), it sends nothing
     more into the id, so the owner's stream gets no foreign chunk and no END."""
     chunks = speech_chunks(8, seed=4)
@@ -177,7 +177,7 @@ def test_a_refused_start_leaves_the_owners_frames_identical(server, tiny, tiny_e
                 intruder.run(ref_image(tiny, 7), speech_chunks(3, seed=7), seed=7)
     thread.join(timeout=60)
     assert len(got["result"].frames) == 8
-    want = run_session(tiny, tiny_engines, 4, chunks, ref_image(tiny, 4))
+    want = run_session(tiny, tiny_runners, 4, chunks, ref_image(tiny, 4))
     diff = np.abs(np.stack(got["result"].frames).astype(int) - want.astype(int))
     assert diff.max() <= 1 and diff.mean() < 1e-3, f"max {diff.max()} mean {diff.mean():.2e}"
 
@@ -263,5 +263,9 @@ def test_two_stream_clis_at_once_get_their_own_frames(server, tmp_path):
     outputs = [p.communicate(timeout=120)[0] for p in both]
     assert [p.returncode for p in both] == [0, 0], outputs
     alone = frames("alone")
-    assert np.array_equal(frames("a"), alone)  # its own frames, undisturbed
-    assert len(frames("b")) == len(alone) and not np.array_equal(frames("b"), alone)
+    # Its own frames, undisturbed: streams batched together match their solo runs within one level
+    # before H.264 (test_core: batched vs per-session), so compare the decoded videos by error size.
+    own, other = (np.abs(frames(n).astype(int) - alone.astype(int)).mean() for n in ("a", "b"))
+    print(f"mean |a - alone| {own:.3f} levels, mean |b - alone| {other:.3f} levels")
+    assert len(frames("a")) == len(frames("b")) == len(alone)
+    assert own < 3.0 and other > 5 * max(own, 0.5)  # b is another stream: far from a's solo run
