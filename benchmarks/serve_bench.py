@@ -485,10 +485,10 @@ def run_sweep(cfg: BenchConfig, modes: set[str], endpoint: Endpoint | None, spec
 
 def overhead_section(cfg: BenchConfig, header: dict, server_n1: dict | None, inproc: dict) -> dict:
     section = header | {
-        "what": "N=1 paced at real time: chunk latency through the server (gRPC ensemble, BLS to ONNX Runtime "
-                "network models) vs the same ONNX files in process via flowact.runtime.onnx.load_onnx_runners "
-                f"(ONNX Runtime, {cfg.engine_threads} intra-op threads and no spinning, like the server's engine "
-                "models), measured right after each other",
+        "what": "N=1 paced at real time: chunk latency through the server (gRPC ensemble, ONNX Runtime in the "
+                "stream model) vs the same ONNX files in process via flowact.runtime.onnx.load_onnx_runners "
+                f"(ONNX Runtime, {cfg.engine_threads} intra-op threads and no spinning, like the server's "
+                "stream model), measured right after each other",
         "inprocess_onnx": inproc}
     if server_n1 is not None:
         section["server"] = server_n1

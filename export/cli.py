@@ -53,8 +53,8 @@ def add_parser(sub) -> None:
     p = steps.add_parser("repository", help="a complete Triton model repository (exports what it needs)")
     common(p)
     p.add_argument("--target", choices=["embedded", "torch", "trt"], default="embedded",
-                   help="embedded: ONNX Runtime network models behind BLS (CPU); torch: PyTorch beside the stream "
-                        "state in the stream model (CUDA bf16 or CPU); trt: TensorRT plans beside the state")
+                   help="what the stream model runs the networks with, beside the per-stream state: embedded: ONNX "
+                        "Runtime (CPU); torch: PyTorch (CUDA bf16 or CPU); trt: TensorRT plans")
     p.add_argument("--device", default="cpu", help="targets torch and trt: the stream model's device (e.g. cuda:0)")
     p.add_argument("--engines", type=Path, default=None, help="export root for ONNX / plans (default artifacts/<preset>)")
     p.add_argument("--capacity", type=int, default=DEFAULT_CAPACITY, help="streams the server admits at once")

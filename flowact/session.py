@@ -10,7 +10,7 @@ allocates the states of a server's streams up front, sized by its capacity. `ste
 
 This module knows nothing about Triton, gRPC or files. It calls its networks through
 `flowact.runtime.Runners`: callables with the PyTorch modules' signatures, so ONNX Runtime,
-TensorRT or BLS runners replace the modules without the sampler noticing.
+or TensorRT runners replace the modules without the sampler noticing.
 """
 
 from __future__ import annotations

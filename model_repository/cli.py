@@ -53,8 +53,8 @@ def add_parser(sub) -> None:
     p.add_argument("--idle-ttl", type=float, default=DEFAULT_IDLE_TTL_S, help="seconds before an idle stream is freed (when building)")
     p.add_argument("--pipeline", choices=PIPELINES, default="overlap", help="decode overlapping denoise, or serial")
     p.add_argument("--target", choices=TARGETS, default="embedded",
-                   help="embedded: ONNX Runtime network models behind BLS; torch: PyTorch inside the stream model, "
-                        "beside the per-stream state on --device (when building)")
+                   help="where the stream model runs the networks, beside the per-stream state: embedded: ONNX Runtime "
+                        "on the CPU; torch: PyTorch on --device (when building)")
     p.add_argument("--device", default="cpu", help="--target torch: the device of the state and networks (cuda:0, cpu)")
     p.add_argument("--ready-timeout", type=float, default=180.0)
     p.add_argument("--tritonserver", type=Path, default=os.environ.get(TRITONSERVER_ENV),

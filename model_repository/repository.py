@@ -4,19 +4,19 @@
       stream/                 python backend, sequence batching (oldest), holds every stream's state
       vae_decoder/            the ensemble's second step: decoding chunk n overlaps denoising n+1
       flowact/                the ensemble clients call: stream -> vae_decoder
-      audio_encoder/ vae_encoder/ denoiser_memory/ denoiser/ text_encoder/
-                              target embedded only: network models the stream model calls through BLS
       repository.json         what was rendered, from what
 
-Targets (where the networks run, and where the per-stream state lives):
-    embedded  every network a python model running its ONNX file with ONNX Runtime (CPU); the
-              stream model calls them through BLS and keeps its state on the host.
-    torch     the stream model runs the audio encoder, VAE encoder, memory pass, denoiser and text
-              encoder itself, PyTorch on its device (CUDA bf16, or CPU fp32: the same code path),
-              next to a pool of per-stream state on that device; vae_decoder is a python model
-              running PyTorch on the same device (GPU tensors pass through DLPack).
-    trt       as torch, with TensorRT plans: the stream model loads the five plans from its own
-              directory; vae_decoder is a tensorrt_plan model.
+In every target the stream model runs the audio encoder, VAE encoder, memory pass, denoiser and
+text encoder itself, next to a pool of per-stream state on its device, and vae_decoder is a
+separate model (the ensemble's second step):
+    embedded  ONNX Runtime on the CPU, from the export directory; vae_decoder a python model
+              running its ONNX file (measured here: colocating beats calling network models
+              through BLS, see benchmarks/README.md).
+    torch     PyTorch on the stream model's device (CUDA bf16, or CPU fp32: the same code path);
+              vae_decoder a python model running PyTorch on the same device (GPU tensors pass
+              through DLPack).
+    trt       TensorRT plans, which the stream model loads from its own directory; vae_decoder a
+              tensorrt_plan model.
 
 Every config.pbtxt is built as Triton's own ModelConfig protobuf and printed in text format; no
 tensor name is written here that the specs do not define.
@@ -44,13 +44,13 @@ HERE = Path(__file__).parent
 
 
 class Target(str, Enum):
-    EMBEDDED = "embedded"  # python network models running ONNX with ONNX Runtime, reached through BLS
+    EMBEDDED = "embedded"  # ONNX Runtime on the CPU inside the stream model (the bundled server)
     TORCH = "torch"  # PyTorch inside the stream model, beside the state (GPUs without TensorRT; CPU)
     TRT = "trt"  # TensorRT plans inside the stream model; vae_decoder a tensorrt_plan model
 
 
 # The stream model's runtime per target (flowact.runtime.RuntimeKind values).
-STREAM_RUNTIME = {Target.EMBEDDED: "bls", Target.TORCH: "torch", Target.TRT: "trt"}
+STREAM_RUNTIME = {Target.EMBEDDED: "onnx", Target.TORCH: "torch", Target.TRT: "trt"}
 
 
 class Pipeline(str, Enum):
@@ -225,9 +225,9 @@ def render_repository(preset: Preset, target: Target, out: Path, network_files: 
     out.mkdir(parents=True, exist_ok=True)
     network_py = HERE / "network" / "1" / "model.py"
     stream_source = None
-    if target == Target.EMBEDDED:  # ONNX Runtime reads the export directory's file (and its external data)
-        for name, spec in specs.items():
-            write_model(out, network_config(spec, target, opts, files[name], preset), network_py)
+    if target == Target.EMBEDDED:  # ONNX Runtime reads the export directory's files (and their external data)
+        write_model(out, network_config(specs["vae_decoder"], target, opts, files["vae_decoder"], preset), network_py)
+        stream_source = files["vae_decoder"].parent  # the export directory: its manifest names every file
     elif target == Target.TORCH:
         write_model(out, network_config(specs["vae_decoder"], target, opts, checkpoint, preset), network_py)
         stream_source = checkpoint

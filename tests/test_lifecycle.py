@@ -139,7 +139,7 @@ def test_a_killed_launcher_takes_tritonserver_and_its_stubs_with_it(repository, 
         with AvatarStream(serve.url) as stream:  # an open gRPC stream holds a SIGTERMed tritonserver forever
             stream.run(ref_image(tiny), speech_chunks(1), end=False)
             procs = serve.server_processes()
-            assert len(procs) >= 8  # tritonserver and its 7 stubs
+            assert len(procs) >= 3  # tritonserver and its 2 stubs (stream, vae_decoder)
             ours = shm_regions() - before
             t0 = time.monotonic()
             os.killpg(serve.proc.pid, signal.SIGKILL)  # the launcher's whole group: the server is in its own session

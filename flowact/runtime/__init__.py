@@ -6,8 +6,9 @@ the stream sampler (flowact.session) cannot tell which one runs:
     torch     PyTorch modules on a device and dtype (flowact.runtime.pytorch; CPU fp32, CUDA bf16)
     onnx      ONNX Runtime on the CPU (flowact.runtime.onnx; the embedded target's network models)
     trt       TensorRT plans on a GPU (flowact.runtime.tensorrt)
-    bls       the repository's Triton network models, called through BLS (flowact.runtime.bls;
-              only inside Triton's python stub)
+
+(Calling separate Triton network models through BLS was measured slower than running the
+networks in the stream model's own process, even on the CPU; see benchmarks/README.md.)
 
 Memory validity: `denoiser_memory(memory, valid)` and `denoiser(..., kv, valid)` take `valid=None`
 when every memory slot of every stream in the batch is valid. The torch runner then runs attention
@@ -37,7 +38,6 @@ class RuntimeKind(str, Enum):
     TORCH = "torch"
     ONNX = "onnx"
     TRT = "trt"
-    BLS = "bls"
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def build_runners(kind: RuntimeKind | str, preset, source: str | Path | None = N
 
     torch: `source` is a checkpoint directory (None: seeded random weights), on `device` in `dtype`
     (default bf16 on CUDA, float32 elsewhere); onnx: `source` is an export directory (fp32 below it);
-    trt: `source` is a plan directory; bls: the repository's network models (inside Triton)."""
+    trt: `source` is a plan directory."""
     kind = RuntimeKind(kind)
     if kind == RuntimeKind.TORCH:
         from flowact.runtime.pytorch import load_torch_runners
@@ -89,11 +89,7 @@ def build_runners(kind: RuntimeKind | str, preset, source: str | Path | None = N
     if kind == RuntimeKind.ONNX:
         from flowact.runtime.onnx import load_onnx_runners
 
-        return load_onnx_runners(source, preset, threads=threads)
-    if kind == RuntimeKind.TRT:
-        from flowact.runtime.tensorrt import load_trt_runners
+        return load_onnx_runners(source, preset, threads=threads, spin=False)  # the server's processes share the cores
+    from flowact.runtime.tensorrt import load_trt_runners
 
-        return load_trt_runners(source, preset, device)
-    from flowact.runtime.bls import bls_runners
-
-    return bls_runners(preset)
+    return load_trt_runners(source, preset, device)

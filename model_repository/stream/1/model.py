@@ -2,13 +2,14 @@
 
 This file only adapts: it turns Triton requests into sampler calls and answers every request.
 Sessions, admission, drain and eviction live in flowact.serving.streams; the chunk maths and the
-per-stream state in flowact.session. Where the networks run is the parameter `runtime`:
-    bls    the repository's network models, through BLS (target embedded; state on the host)
-    torch  PyTorch in this process, on `device` (target torch: CUDA bf16, or CPU fp32)
-    trt    TensorRT plans from this model's directory, in this process (target trt)
-With torch and trt every per-stream tensor lives on `device`, in a pool of `capacity` slots
-allocated here (startup fails, naming the numbers, if they do not fit); per chunk only the audio
-comes in and the latents (or frames) go out.
+per-stream state in flowact.session. The networks but the decoder run here, beside the state, by
+the parameter `runtime`:
+    onnx   ONNX Runtime on the CPU, the export directory `source` (target embedded)
+    torch  PyTorch on `device` (target torch: CUDA bf16, or CPU fp32)
+    trt    TensorRT plans from this model's directory (target trt)
+Every per-stream tensor lives on `device`, in a pool of `capacity` slots allocated here (startup
+fails, naming the numbers, if they do not fit); per chunk only the audio comes in and the latents
+(or frames) go out.
 
 Per request: AUDIO (7,680 float32 samples), optional PROMPT or BEHAVIOUR, WANT_SNAPSHOT; with
 START also REF_IMAGE (or RESUME, a snapshot to continue a stream from) and an optional SEED. The
@@ -38,7 +39,7 @@ from flowact.contract import (ACTIVE_STREAMS, CHUNK_INDEX, CHUNK_SECONDS_COUNT, 
                               DEFAULT_DRAIN_FILE, DEFAULT_PROMPT, DRAIN_FILE_ENV, DRAINING, END, FRAMES, METRICS,
                               REQUIRE_RANDOM_IDS_ENV, RESUME, SNAPSHOT, SNAPSHOT_KEY_ENV, START, STREAM_CAPACITY,
                               TTFF_SECONDS_COUNT, TTFF_SECONDS_SUM, WANT_SNAPSHOT)
-from flowact.presets import get_preset
+from flowact.presets import SAMPLES_PER_CHUNK, get_preset
 from flowact.runtime import build_runners
 from flowact.runtime.pytorch import default_dtype
 from flowact.session import InputError, PromptCache, StateCapacityError, StatePool, StreamSession, denoise_batch
@@ -79,12 +80,12 @@ class TritonPythonModel:
             key = key_from_env()
         except ValueError as e:
             raise pb_utils.TritonModelException(str(e)) from None
-        # bls: the network models do the heavy lifting; torch / trt: this process does
-        torch.set_num_threads(1 if runtime == "bls" else int(parameter(config, "threads")))
-        self.runners = build_runners(runtime, self.preset, parameter(config, "source") or None, str(device))
-        dtype = torch.float32 if runtime == "bls" else default_dtype(device)
+        threads = int(parameter(config, "threads"))
+        torch.set_num_threads(threads)
+        self.runners = build_runners(runtime, self.preset, parameter(config, "source") or None, str(device), threads=threads)
+        dtype = default_dtype(device)
         try:
-            pool = StatePool(self.preset, capacity, device, dtype, check_fits=runtime != "bls")
+            pool = StatePool(self.preset, capacity, device, dtype, check_fits=True)
         except StateCapacityError as e:
             raise pb_utils.TritonModelException(f"stream model: {e}") from None
         print(f"flowact stream model: {capacity} stream slots on {device} ({runtime}), {pool.describe_stream()}",
@@ -93,6 +94,7 @@ class TritonPythonModel:
         self.max_snapshot_bytes = max_snapshot_bytes(self.preset, device.type)
         self.input_names = [i.name for i in stream_inputs(self.preset)]
         prompts = PromptCache(self.runners.text_encoder, self.preset, device, dtype)
+        self.warm_up(StreamSession(self.preset, self.runners, device, dtype, prompts, pool.acquire()), pool)
         self.registry = StreamRegistry(
             capacity=capacity, idle_ttl_s=float(parameter(config, "idle_ttl_s")),
             new_session=lambda: StreamSession(self.preset, self.runners, device, dtype, prompts, pool.acquire()),
@@ -110,6 +112,17 @@ class TritonPythonModel:
         self.stop = threading.Event()
         self.reaper = threading.Thread(target=self.reap_idle, daemon=True)
         self.reaper.start()
+
+    def warm_up(self, session: StreamSession, pool: StatePool) -> None:
+        """Two chunks of a throwaway stream, so that the first client's chunk runs warm (allocator
+        arenas, kernels, the default prompt's tokens); its slot goes back to the pool."""
+        p = self.preset
+        try:
+            session.start(np.zeros((p.height, p.width, 3), dtype=np.uint8))
+            for _ in range(2):
+                denoise_batch([session], [np.zeros(SAMPLES_PER_CHUNK, dtype=np.float32)], [None])
+        finally:
+            pool.release(session.state)
 
     def reap_idle(self):
         period = max(0.2, min(5.0, self.registry.idle_ttl_s / 4))
