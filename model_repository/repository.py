@@ -11,7 +11,7 @@ text encoder itself, next to a pool of per-stream state on its device, and vae_d
 separate model (the ensemble's second step):
     embedded  ONNX Runtime on the CPU, from the export directory; vae_decoder a python model
               running its ONNX file (measured here: colocating beats calling network models
-              through BLS, see benchmarks/README.md).
+              through BLS; benchmarks/results/cpu_{bls,colocated}_vs_inprocess.json).
     torch     PyTorch on the stream model's device (CUDA bf16, or CPU fp32: the same code path);
               vae_decoder a python model running PyTorch on the same device (GPU tensors pass
               through DLPack).

@@ -4,11 +4,11 @@ Every adapter has the PyTorch module's call signature (torch tensors in, a torch
 the stream sampler (flowact.session) cannot tell which one runs:
 
     torch     PyTorch modules on a device and dtype (flowact.runtime.pytorch; CPU fp32, CUDA bf16)
-    onnx      ONNX Runtime on the CPU (flowact.runtime.onnx; the embedded target's network models)
+    onnx      ONNX Runtime on the CPU (flowact.runtime.onnx; the embedded target)
     trt       TensorRT plans on a GPU (flowact.runtime.tensorrt)
 
 (Calling separate Triton network models through BLS was measured slower than running the
-networks in the stream model's own process, even on the CPU; see benchmarks/README.md.)
+networks in the stream model's own process, even on the CPU: benchmarks/results/cpu_{bls,colocated}_vs_inprocess.json.)
 
 Memory validity: `denoiser_memory(memory, valid)` and `denoiser(..., kv, valid)` take `valid=None`
 when every memory slot of every stream in the batch is valid. The torch runner then runs attention
@@ -16,7 +16,7 @@ without a mask (so SDPA may pick the flash or cuDNN kernels); runners whose grap
 feed an all-true one (`full_valid`).
 
 This package knows nothing about streams or Triton's sequence batching. It imports torch only
-where a runner needs it: the embedded network models open ONNX sessions without it.
+where a runner needs it: the embedded decoder model opens its ONNX session without it.
 """
 
 from __future__ import annotations
