@@ -98,4 +98,4 @@ def test_demo_runs_from_the_installed_wheel_in_any_directory(installed, tmp_path
     assert f"weights: {site}" in demo.stdout and "flowact/checkpoints/tiny" in demo.stdout, demo.stdout
     assert "server stopped" in demo.stdout and (tmp_path / "demo.mp4").stat().st_size > 10_000
     models = tmp_path / "artifacts" / "tiny" / "repository"
-    assert (models / "denoiser" / "1" / "model.py").is_file() and (models / "stream" / "1" / "model.py").is_file()
+    assert (models / "vae_decoder" / "1" / "model.py").is_file() and (models / "stream" / "1" / "model.py").is_file()
