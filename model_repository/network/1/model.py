@@ -15,6 +15,8 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from flowact.serving.triton_tensors import output_tensor
+
 PARAMETERS = ("network", "preset", "runtime", "source", "device", "threads")
 
 
@@ -40,7 +42,7 @@ class TritonPythonModel:
             error = pb_utils.TritonError(f"network {self.name} failed: {e}")
             return [pb_utils.InferenceResponse(error=error) for _ in requests]
         offsets = np.cumsum([0] + sizes)
-        return [pb_utils.InferenceResponse(output_tensors=[self.network.tensor(self.output_name, out[a:b])])
+        return [pb_utils.InferenceResponse(output_tensors=[output_tensor(self.output_name, out[a:b])])
                 for a, b in zip(offsets[:-1], offsets[1:])]
 
 
@@ -57,10 +59,6 @@ class OnnxNetwork:
         feed = {name: np.concatenate([t.as_numpy() for t in p]) if len(p) > 1 else p[0].as_numpy()
                 for name, p in zip(self.input_names, parts)}
         return self.session.run([self.output_name], feed)[0]
-
-    @staticmethod
-    def tensor(name: str, value: np.ndarray):
-        return pb_utils.Tensor(name, np.ascontiguousarray(value))
 
 
 class TorchNetwork:
@@ -89,11 +87,3 @@ class TorchNetwork:
         if tensor.is_cpu():
             return torch.from_numpy(tensor.as_numpy()).to(self.device)
         return torch.utils.dlpack.from_dlpack(tensor.to_dlpack()).to(self.device)
-
-    @staticmethod
-    def tensor(name: str, value):
-        import torch
-
-        if value.is_cuda:
-            return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value.contiguous()))
-        return pb_utils.Tensor(name, np.ascontiguousarray(value.numpy()))

@@ -45,6 +45,7 @@ from flowact.runtime.pytorch import default_dtype
 from flowact.session import InputError, PromptCache, StateCapacityError, StatePool, StreamSession, denoise_batch
 from flowact.serving.repository import stream_inputs
 from flowact.serving.streams import STOPPING, StreamRegistry, parse_request, scalar
+from flowact.serving.triton_tensors import output_tensor
 from flowact.snapshot import SnapshotCodec, key_from_env, max_snapshot_bytes, padded
 
 NO_SNAPSHOT = np.zeros((1, 0), dtype=np.uint8)
@@ -55,13 +56,6 @@ def parameter(config: dict, key: str) -> str:
         return config["parameters"][key]["string_value"]
     except KeyError:
         raise pb_utils.TritonModelException(f"stream model config lacks parameter {key!r}") from None
-
-
-def triton_tensor(name: str, value: torch.Tensor):
-    """An output tensor: CUDA tensors leave through DLPack (no host copy), host tensors as numpy."""
-    if value.is_cuda:
-        return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value.contiguous()))
-    return pb_utils.Tensor(name, np.ascontiguousarray(value.numpy()))
 
 
 def optional_input(request, name: str) -> np.ndarray | None:
@@ -192,7 +186,7 @@ class TritonPythonModel:
                     snapshot = (np.frombuffer(padded(self.codec.encode(session), self.max_snapshot_bytes),
                                               dtype=np.uint8)[None] if req.want_snapshot else NO_SNAPSHOT)
                     responses[i] = pb_utils.InferenceResponse(output_tensors=[
-                        triton_tensor(self.output_name, out[j:j + 1]), pb_utils.Tensor(CHUNK_INDEX, index),
+                        output_tensor(self.output_name, out[j:j + 1]), pb_utils.Tensor(CHUNK_INDEX, index),
                         pb_utils.Tensor(SNAPSHOT, snapshot)])
                     self.registry.chunk_done(sid, seconds)
             except Exception as e:  # an engine failed: these streams' state is unknown, free them
