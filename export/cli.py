@@ -55,7 +55,10 @@ def add_parser(sub) -> None:
     p.add_argument("--target", choices=["embedded", "torch", "trt"], default="embedded",
                    help="what the stream model runs the networks with, beside the per-stream state: embedded: ONNX "
                         "Runtime (CPU); torch: PyTorch (CUDA bf16 or CPU); trt: TensorRT plans")
-    p.add_argument("--device", default="cpu", help="targets torch and trt: the stream model's device (e.g. cuda:0)")
+    p.add_argument("--device", default=None,
+                   help="the stream model's device, where the per-stream state and networks live: trt: cuda:N "
+                        "(default cuda:0); torch: cuda:N or cpu (default cuda:0 where CUDA is visible, else cpu); "
+                        "embedded: cpu")
     p.add_argument("--engines", type=Path, default=None, help="export root for ONNX / plans (default artifacts/<preset>)")
     p.add_argument("--capacity", type=int, default=DEFAULT_CAPACITY, help="streams the server admits at once")
     p.add_argument("--idle-ttl", type=float, default=DEFAULT_IDLE_TTL_S, help="seconds before an idle stream is freed")
@@ -92,11 +95,16 @@ def _trt(args) -> int:
 
 def _repository(args) -> int:
     from flowact.serving.repository import (Pipeline, RepositoryOptions, Target, build_embedded_repository,
-                                            render_repository)
+                                            render_repository, target_device)
 
     preset = get_preset(args.preset)
+    try:  # before any export or engine build
+        device = target_device(Target(args.target), args.device)
+    except ValueError as e:
+        print(f"flowact export repository: {e}")
+        return 2
     opts = RepositoryOptions(capacity=args.capacity, idle_ttl_s=args.idle_ttl, pipeline=Pipeline(args.pipeline),
-                             device=args.device)
+                             device=device)
     engines = args.engines or Path("artifacts") / preset.name
     if args.target == Target.EMBEDDED.value:
         repo = build_embedded_repository(preset.name, args.out, args.checkpoint, opts, engines, seed=args.seed)

@@ -55,7 +55,8 @@ def add_parser(sub) -> None:
     p.add_argument("--target", choices=TARGETS, default="embedded",
                    help="where the stream model runs the networks, beside the per-stream state: embedded: ONNX Runtime "
                         "on the CPU; torch: PyTorch on --device (when building)")
-    p.add_argument("--device", default="cpu", help="--target torch: the device of the state and networks (cuda:0, cpu)")
+    p.add_argument("--device", default=None, help="--target torch: the device of the state and networks, cuda:N or cpu "
+                                                  "(default cuda:0 where CUDA is visible, else cpu; when building)")
     p.add_argument("--ready-timeout", type=float, default=180.0)
     p.add_argument("--tritonserver", type=Path, default=os.environ.get(TRITONSERVER_ENV),
                    help="tritonserver binary (default: the one the nvidia-pytriton wheel ships; "
@@ -112,13 +113,17 @@ def _serve(args) -> int:
         from flowact.networks import shipped_checkpoint
         from flowact.presets import get_preset
         from flowact.serving.repository import (Pipeline, RepositoryOptions, Target, build_embedded_repository,
-                                                render_repository)
+                                                render_repository, target_device)
 
+        try:
+            device = target_device(Target(args.target), args.device)
+        except ValueError as e:
+            raise SystemExit(f"flowact serve: {e}")
         checkpoint = args.checkpoint or shipped_checkpoint(args.preset)
-        print(f"model repository for preset {args.preset} in {repo} (target {args.target}, weights: "
+        print(f"model repository for preset {args.preset} in {repo} (target {args.target} on {device}, weights: "
               f"{checkpoint or 'seeded random'}) ...", flush=True)
         opts = RepositoryOptions(capacity=args.capacity, idle_ttl_s=args.idle_ttl, pipeline=Pipeline(args.pipeline),
-                                 device=args.device)
+                                 device=device)
         if args.target == Target.TORCH.value:
             render_repository(get_preset(args.preset), Target.TORCH, repo, opts=opts, checkpoint=checkpoint)
         else:

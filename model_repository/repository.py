@@ -24,7 +24,9 @@ tensor name is written here that the specs do not define.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from enum import Enum
@@ -65,7 +67,7 @@ class RepositoryOptions:
     pipeline: Pipeline = Pipeline.OVERLAP
     engine_threads: int = 2  # intra-op threads per network model (ONNX Runtime, or torch on the CPU)
     queue_delay_us: int = 2000  # how long the stream batcher waits to gather streams into one batch
-    device: str = "cpu"  # targets torch and trt: where the stream model's state and networks live ("cuda:0")
+    device: str | None = None  # where the stream model's state and networks live; None: target_device's default
 
 
 def tensor_config(spec: TensorSpec, cls, optional: bool = False):
@@ -75,8 +77,30 @@ def tensor_config(spec: TensorSpec, cls, optional: bool = False):
     return t
 
 
-def instance_kind(opts: RepositoryOptions, target: Target):
-    on_gpu = target != Target.EMBEDDED and opts.device.startswith("cuda")
+def target_device(target: Target, device: str | None) -> str:
+    """The stream model's device for a target. embedded: the CPU (ONNX Runtime's CPU provider). trt: a
+    CUDA device (TensorRT plans run nowhere else; default cuda:0). torch: the device given; by default
+    cuda:0 where CUDA is visible (the pod's init container renders on the GPU it serves on), else the CPU."""
+    target = Target(target)
+    if target == Target.EMBEDDED:
+        if device not in (None, "cpu"):
+            raise ValueError(f"target embedded runs ONNX Runtime on the CPU; device {device!r} is for targets torch and trt")
+        return "cpu"
+    if device is None:
+        if target == Target.TRT:
+            return "cuda:0"
+        import torch
+
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if not (device == "cpu" or re.fullmatch(r"cuda(:\d+)?", device)):
+        raise ValueError(f"device {device!r}: expected cpu, cuda or cuda:N")
+    if target == Target.TRT and not device.startswith("cuda"):
+        raise ValueError(f"target trt needs a CUDA device (TensorRT plans run only on the GPU), not {device!r}")
+    return device
+
+
+def instance_kind(opts: RepositoryOptions):
+    on_gpu = opts.device.startswith("cuda")
     return mc.ModelInstanceGroup.KIND_GPU if on_gpu else mc.ModelInstanceGroup.KIND_CPU
 
 
@@ -96,14 +120,13 @@ def network_config(spec: NetworkSpec, target: Target, opts: RepositoryOptions, s
         warmup.inputs[t.name].zero_data = True
     if target != Target.TRT:
         cfg.backend = "python"
-        cfg.instance_group.add(count=1, kind=instance_kind(opts, target))
+        cfg.instance_group.add(count=1, kind=instance_kind(opts))
         runtime = "onnx" if target == Target.EMBEDDED else "torch"
-        device = "cpu" if target == Target.EMBEDDED else opts.device
         for key, value in (("network", spec.name), ("preset", preset.name), ("runtime", runtime),
-                           ("source", "" if source is None else str(source)), ("device", device),
+                           ("source", "" if source is None else str(source)), ("device", opts.device),
                            ("threads", str(opts.engine_threads))):
             cfg.parameters[key].string_value = value
-        if device.startswith("cuda"):  # GPU inputs stay on the GPU (DLPack)
+        if opts.device.startswith("cuda"):  # GPU inputs stay on the GPU (DLPack)
             cfg.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value = "no"
     else:
         cfg.platform = "tensorrt_plan"
@@ -141,9 +164,9 @@ def triton_idle_s(idle_ttl_s: float) -> float:
     return max(idle_ttl_s * TRITON_IDLE_FACTOR, idle_ttl_s + TRITON_IDLE_MARGIN_S)
 
 
-def state_device_kind(opts: RepositoryOptions, target: Target) -> str:
+def state_device_kind(opts: RepositoryOptions) -> str:
     """Where the stream model keeps its state ("cpu" or "cuda"): it sizes the snapshots it accepts."""
-    return "cpu" if target == Target.EMBEDDED else opts.device.split(":")[0]
+    return opts.device.split(":")[0]
 
 
 def stream_config(preset: Preset, opts: RepositoryOptions, target: Target = Target.EMBEDDED,
@@ -152,9 +175,9 @@ def stream_config(preset: Preset, opts: RepositoryOptions, target: Target = Targ
     specs = network_specs(preset)
     out = specs["vae_decoder"].outputs[0] if opts.pipeline == Pipeline.SERIAL else specs["vae_decoder"].inputs[0]
     cfg = mc.ModelConfig(name=STREAM_MODEL, backend="python", max_batch_size=opts.capacity)
-    cfg.input.extend(stream_inputs(preset, state_device_kind(opts, target)))
+    cfg.input.extend(stream_inputs(preset, state_device_kind(opts)))
     cfg.output.extend([tensor_config(out, mc.ModelOutput), *stream_outputs()])
-    cfg.instance_group.add(count=1, kind=instance_kind(opts, target))  # one process holds every stream
+    cfg.instance_group.add(count=1, kind=instance_kind(opts))  # one process holds every stream
     seq = cfg.sequence_batching
     seq.max_sequence_idle_microseconds = int(triton_idle_s(opts.idle_ttl_s) * 1e6)
     # Triton backlogs STARTs beyond max_candidate_sequences, and a sequence keeps its slot until END
@@ -166,13 +189,12 @@ def stream_config(preset: Preset, opts: RepositoryOptions, target: Target = Targ
                        (END, mc.ModelSequenceBatching.Control.CONTROL_SEQUENCE_END)):
         control = seq.control_input.add(name=name)
         control.control.add(kind=kind, int32_false_true=[0, 1])
-    device = "cpu" if target == Target.EMBEDDED else opts.device
     for key, value in (("preset", preset.name), ("capacity", str(opts.capacity)),
                        ("idle_ttl_s", str(opts.idle_ttl_s)), ("output", out.name),
-                       ("runtime", STREAM_RUNTIME[target]), ("device", device),
+                       ("runtime", STREAM_RUNTIME[target]), ("device", opts.device),
                        ("source", "" if source is None else str(source)), ("threads", str(opts.engine_threads))):
         cfg.parameters[key].string_value = value
-    if device.startswith("cuda"):
+    if opts.device.startswith("cuda"):
         cfg.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value = "no"
     return cfg
 
@@ -180,7 +202,7 @@ def stream_config(preset: Preset, opts: RepositoryOptions, target: Target = Targ
 def ensemble_config(preset: Preset, opts: RepositoryOptions, target: Target = Target.EMBEDDED) -> mc.ModelConfig:
     frames = network_specs(preset)["vae_decoder"].outputs[0]
     cfg = mc.ModelConfig(name=ENSEMBLE_MODEL, platform="ensemble", max_batch_size=opts.capacity)
-    inputs = stream_inputs(preset, state_device_kind(opts, target))
+    inputs = stream_inputs(preset, state_device_kind(opts))
     cfg.input.extend(inputs)
     cfg.output.extend([tensor_config(frames, mc.ModelOutput), *stream_outputs()])
     step = cfg.ensemble_scheduling.step.add(model_name=STREAM_MODEL, model_version=-1)
@@ -215,6 +237,7 @@ def render_repository(preset: Preset, target: Target, out: Path, network_files: 
     place) or TensorRT plan (trt: vae_decoder's is copied in as model.plan, the others into the
     stream model's directory). target torch reads `checkpoint` (None: seeded random weights)."""
     target, out = Target(target), Path(out)
+    opts = dataclasses.replace(opts, device=target_device(target, opts.device))
     specs = network_specs(preset)
     files = {k: Path(v).resolve() for k, v in (network_files or {}).items()}
     network_max = min(spec.profile.max for spec in specs.values())

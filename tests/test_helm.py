@@ -13,6 +13,7 @@ contract (ports, `flowact probe ready`, `flowact drain`, FLOWACT_DRAIN_FILE).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -111,6 +112,8 @@ def test_helm_lint_strict(tools, scenario):
 @pytest.mark.parametrize("bad, message", [
     ("bogusKey=1", "Additional property bogusKey is not allowed"),
     ("modelRepository.target=onnx", "modelRepository.target"),
+    ("modelRepository.device=cpu", "modelRepository.device"),
+    ("streams.capacity=0", "streams.capacity"),
     ("drain.deadlineSeconds=-5", "drain.deadlineSeconds"),
     ("streams.requireRandomIds=maybe", "streams.requireRandomIds"),
     ("shm.sizeLimit=8GB", "shm.sizeLimit"),
@@ -330,16 +333,32 @@ def test_export_init_container_keys_engine_cache(rendered):
     assert init["resources"]["limits"]["nvidia.com/gpu"] == 1
     env = {e["name"]: e["value"] for e in init["env"]}
     assert env["FLOWACT_TARGET"] == "trt" and env["FLOWACT_PRESET"] == "r1-480p"
+    assert env["FLOWACT_DEVICE"] == "cuda:0" and env["FLOWACT_CAPACITY"] == ""  # flowact's default capacity
     assert container(objs)["args"][3] == env["FLOWACT_REPOSITORY_LINK"]
     script = one(objs, "ConfigMap", f"{RELEASE}-scripts")["data"]["prepare-repository.sh"]
     assert "nvidia-smi --query-gpu=name --format=csv,noheader" in script
-    assert 'key="$FLOWACT_PRESET-$FLOWACT_TARGET/$gpu_key/$build"' in script
+    assert 'key="$FLOWACT_PRESET-$FLOWACT_TARGET/$gpu_key/$build-$args_key"' in script
     assert "flowact export repository" in script and "mv -T" in script
     # Shared cache in the autoscaling scenario, read-only for the server.
     pod = one(rendered["autoscaling"], "Deployment")["spec"]["template"]["spec"]
     cache = next(v for v in pod["volumes"] if v["name"] == "engine-cache")
     assert cache["persistentVolumeClaim"] == {"claimName": "flowact-engine-cache"}
     assert {"name": "engine-cache", "mountPath": "/var/cache/flowact", "readOnly": True} in pod["containers"][0]["volumeMounts"]
+
+
+def test_torch_target_with_capacity(tools):
+    """The torch target on the pod's GPU, admitting the streams measured real time on it."""
+    objs = render(tools, set_values=("modelRepository.target=torch", "streams.capacity=3"))
+    init = container(objs, "prepare-repository")
+    env = {e["name"]: e["value"] for e in init["env"]}
+    assert (env["FLOWACT_TARGET"], env["FLOWACT_DEVICE"], env["FLOWACT_CAPACITY"]) == ("torch", "cuda:0", "3")
+    assert container(objs)["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def _cache_key(*export_args: str) -> str:
+    """The init script's key suffix for these `flowact export repository` arguments."""
+    lines = "".join(f"{a}\n" for a in export_args) or "\n"  # printf '%s\n' with no arguments prints one newline
+    return hashlib.sha256(lines.encode()).hexdigest()[:12]
 
 
 def _fake_export_env(rendered, tmp_path: Path, race: bool = False) -> tuple[Path, dict]:
@@ -349,8 +368,8 @@ def _fake_export_env(rendered, tmp_path: Path, race: bool = False) -> tuple[Path
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3'\n")
-    other_pod = ('d="$FLOWACT_CACHE_DIR/r1-480p-trt/NVIDIA-H100-80GB-HBM3/abc123"; mkdir -p "$d/repository/other"'
-                 ' && echo other > "$d/complete"\n') if race else ""
+    other_pod = (f'd="$FLOWACT_CACHE_DIR/r1-480p-trt/NVIDIA-H100-80GB-HBM3/abc123-{_cache_key("--device", "cuda:0")}"; '
+                 'mkdir -p "$d/repository/other" && echo other > "$d/complete"\n') if race else ""
     (bin_dir / "flowact").write_text(
         '#!/bin/sh\necho "$@" >> "$FAKE_LOG"\nwhile [ $# -gt 0 ]; do [ "$1" = --out ] && out="$2"; shift; done\n'
         'mkdir -p "$out/flowact/1" && echo ok > "$out/flowact/config.pbtxt"\n' + other_pod)
@@ -363,19 +382,37 @@ def _fake_export_env(rendered, tmp_path: Path, race: bool = False) -> tuple[Path
 
 
 def test_prepare_repository_script(rendered, tmp_path):
-    """Run the init script with a fake nvidia-smi and flowact: builds once, then reuses."""
+    """Run the init script with a fake nvidia-smi and flowact: builds once, then reuses; other export
+    arguments (here a checkpoint) are another key, so they build again."""
     script, env = _fake_export_env(rendered, tmp_path)
+    env["FLOWACT_CAPACITY"] = "3"
     for _ in range(2):
         proc = _run(["/bin/sh", script, "--checkpoint", "/w/x.safetensors"], env=env)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-    built = tmp_path / "cache" / "r1-480p-trt" / "NVIDIA-H100-80GB-HBM3" / "abc123"
+    export_args = ("--capacity", "3", "--device", "cuda:0", "--checkpoint", "/w/x.safetensors")
+    built = tmp_path / "cache" / "r1-480p-trt" / "NVIDIA-H100-80GB-HBM3" / f"abc123-{_cache_key(*export_args)}"
     assert (tmp_path / "repository").resolve() == (built / "repository").resolve()
     assert (tmp_path / "repository" / "flowact" / "config.pbtxt").read_text() == "ok\n"
     assert "found cached repository" in proc.stdout
     calls = (tmp_path / "log").read_text().splitlines()
     assert len(calls) == 1 and calls[0].startswith("export repository --preset r1-480p --target trt --out ")
-    assert calls[0].endswith("--checkpoint /w/x.safetensors")
+    assert calls[0].endswith(" ".join(export_args))
     assert not list((tmp_path / "cache").glob(".build-*"))
+    proc = _run(["/bin/sh", script, "--checkpoint", "/w/y.safetensors"], env=env)
+    assert proc.returncode == 0 and "building" in proc.stdout, proc.stdout + proc.stderr
+    assert len((tmp_path / "log").read_text().splitlines()) == 2
+
+
+def test_prepare_repository_script_embedded_runs_on_the_cpu(rendered, tmp_path):
+    """embedded: no --device (its stream model runs ONNX Runtime on the CPU), no GPU in the key."""
+    script, env = _fake_export_env(rendered, tmp_path)
+    env["FLOWACT_TARGET"], env["FLOWACT_DEVICE"] = "embedded", "cuda:0"
+    proc = _run(["/bin/sh", script], env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    call = (tmp_path / "log").read_text()
+    assert call.startswith("export repository --preset r1-480p --target embedded --out ") and "--device" not in call
+    built = tmp_path / "cache" / "r1-480p-embedded" / "any" / f"abc123-{_cache_key()}"
+    assert (tmp_path / "repository").resolve() == (built / "repository").resolve()
 
 
 def test_prepare_repository_script_lost_race(rendered, tmp_path):

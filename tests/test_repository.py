@@ -3,10 +3,11 @@
 from pathlib import Path
 
 import pytest
+import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from flowact.serving.repository import Pipeline, RepositoryOptions, Target, render_repository
+from flowact.serving.repository import Pipeline, RepositoryOptions, Target, render_repository, target_device
 from flowact.specs import NETWORK_NAMES, network_specs
 
 
@@ -75,3 +76,28 @@ def test_serial_pipeline_has_one_ensemble_step(tmp_path, tiny):
 def test_trt_capacity_beyond_engine_profile_is_refused(tmp_path, tiny):
     with pytest.raises(ValueError, match="exceeds the engines' batch profile max"):
         render_repository(tiny, Target.TRT, tmp_path / "repo", fake_engines(tmp_path, ".plan"), RepositoryOptions(capacity=64))
+
+
+def test_target_device_defaults_and_refusals(tmp_path, tiny):
+    """trt state and plans live on a CUDA device; embedded on the CPU; torch where it is told (default: CUDA if visible)."""
+    assert target_device(Target.TRT, None) == "cuda:0" and target_device(Target.TRT, "cuda:1") == "cuda:1"
+    assert target_device(Target.EMBEDDED, None) == "cpu"
+    assert target_device(Target.TORCH, None) == ("cuda:0" if torch.cuda.is_available() else "cpu")
+    for target, device, message in ((Target.TRT, "cpu", "target trt needs a CUDA device"),
+                                    (Target.EMBEDDED, "cuda:0", "target embedded runs ONNX Runtime on the CPU"),
+                                    (Target.TORCH, "gpu0", "expected cpu, cuda or cuda:N")):
+        with pytest.raises(ValueError, match=message):
+            target_device(target, device)
+    # A trt repository rendered without a device puts the stream model and its state on the GPU.
+    repo = render_repository(tiny, Target.TRT, tmp_path / "repo", fake_engines(tmp_path, ".plan"), RepositoryOptions(capacity=4))
+    stream = parse(repo)["stream"]
+    assert stream.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU and params(stream)["device"] == "cuda:0"
+
+
+def test_export_cli_refuses_trt_on_the_cpu_before_building(tmp_path, capsys):
+    from flowact.cli import main
+
+    assert main(["export", "repository", "--preset", "tiny", "--target", "trt", "--device", "cpu",
+                 "--out", str(tmp_path / "repo"), "--engines", str(tmp_path / "engines")]) == 2
+    assert "target trt needs a CUDA device" in capsys.readouterr().out
+    assert not (tmp_path / "engines").exists() and not (tmp_path / "repo").exists()
