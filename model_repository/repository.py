@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+import numpy as np
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -97,6 +98,24 @@ def target_device(target: Target, device: str | None) -> str:
     if target == Target.TRT and not device.startswith("cuda"):
         raise ValueError(f"target trt needs a CUDA device (TensorRT plans run only on the GPU), not {device!r}")
     return device
+
+
+# Batches whose GPU tensors are in Triton's CUDA memory pool at once: the stream model's latents of
+# chunk n+1 while vae_decoder's frames of chunk n are still being copied out.
+POOL_BATCHES_IN_FLIGHT = 2
+POOL_HEADROOM_BYTES = 64 << 20  # Triton's default pool size, kept on top
+
+
+def cuda_memory_pool_bytes(preset: Preset, opts: RepositoryOptions) -> int:
+    """Triton's CUDA memory pool on the stream model's GPU (--cuda-memory-pool-byte-size). The python
+    backend passes GPU tensors between the stubs and the server through that pool; when a batch does
+    not fit, Triton falls back to pinned memory and the python stub fails to load the GPU buffer
+    (triton-inference-server/server#8177: empty outputs). The default 64 MiB holds one r1-480p batch
+    of 4 streams' frames (57.5 MB) but not two in flight: size it from capacity and the tensors."""
+    decoder = network_specs(preset)["vae_decoder"]
+    per_stream = sum(int(np.prod(t.dims_without_batch)) * t.dtype.itemsize for t in (*decoder.inputs, *decoder.outputs))
+    total = POOL_BATCHES_IN_FLIGHT * opts.capacity * per_stream + POOL_HEADROOM_BYTES
+    return -(-total // (1 << 20)) << 20  # whole MiB
 
 
 def instance_kind(opts: RepositoryOptions):
@@ -268,6 +287,9 @@ def render_repository(preset: Preset, target: Target, out: Path, network_files: 
             "capacity": opts.capacity, "idle_ttl_s": opts.idle_ttl_s, "device": opts.device,
             "networks": {k: str(v) for k, v in files.items()},
             "checkpoint": None if checkpoint is None else str(checkpoint)}
+    if opts.device.startswith("cuda"):  # read by flowact.serving.server when it starts tritonserver
+        meta["cuda_memory_pool"] = {"gpu": int(opts.device.partition(":")[2] or 0),
+                                    "bytes": cuda_memory_pool_bytes(preset, opts)}
     (out / "repository.json").write_text(json.dumps(meta, indent=2))
     return out
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import glob
+import json
 import os
 import re
 import secrets
@@ -195,7 +196,13 @@ class TritonServer:
                 f"--grpc-restricted-protocol={restricted}", f"--http-restricted-api={restricted}",
                 "--backend-config=python,shm-default-byte-size=33554432",
                 "--backend-config=python,shm-growth-byte-size=33554432",
-                "--exit-timeout-secs=10", "--log-verbose=0", *self.extra_args]
+                "--exit-timeout-secs=10", "--log-verbose=0", *self.cuda_memory_pool(), *self.extra_args]
+
+    def cuda_memory_pool(self) -> list[str]:
+        """The CUDA memory pool the repository was sized for (a GPU repository's repository.json)."""
+        meta = Path(self.repository) / "repository.json"
+        pool = json.loads(meta.read_text()).get("cuda_memory_pool") if meta.exists() else None
+        return [] if pool is None else [f"--cuda-memory-pool-byte-size={pool['gpu']}:{pool['bytes']}"]
 
     @property
     def http_url(self) -> str:

@@ -1,5 +1,6 @@
 """Repository rendering for every target, parsed back with Triton's own model_config protobuf."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,21 @@ def test_export_cli_refuses_trt_on_the_cpu_before_building(tmp_path, capsys):
                  "--out", str(tmp_path / "repo"), "--engines", str(tmp_path / "engines")]) == 2
     assert "target trt needs a CUDA device" in capsys.readouterr().out
     assert not (tmp_path / "engines").exists() and not (tmp_path / "repo").exists()
+
+
+def test_gpu_repository_sizes_tritons_cuda_memory_pool(tmp_path):
+    """GPU tensors pass between the python stubs and the server through Triton's CUDA pool: sized for two
+    batches of `capacity` streams' latents and frames in flight, passed to tritonserver by the launcher."""
+    from flowact.presets import get_preset
+    from flowact.serving.server import TritonServer
+
+    r1 = get_preset("r1-480p")
+    gpu = render_repository(r1, Target.TORCH, tmp_path / "gpu", opts=RepositoryOptions(capacity=4, device="cuda:1"))
+    per_stream = 4 * 16 * 60 * 104 * 4 + 12 * 480 * 832 * 3  # LATENTS fp32 + FRAMES uint8
+    pool = json.loads((gpu / "repository.json").read_text())["cuda_memory_pool"]
+    assert pool["gpu"] == 1 and pool["bytes"] >= 2 * 4 * per_stream + (64 << 20) > 2 * (64 << 20)
+    assert pool["bytes"] % (1 << 20) == 0 and pool["bytes"] < 2 * 4 * per_stream + (65 << 20)
+    assert f"--cuda-memory-pool-byte-size=1:{pool['bytes']}" in TritonServer(gpu).command()
+    cpu = render_repository(r1, Target.TORCH, tmp_path / "cpu", opts=RepositoryOptions(device="cpu"))
+    assert "cuda_memory_pool" not in json.loads((cpu / "repository.json").read_text())
+    assert not any(a.startswith("--cuda-memory-pool") for a in TritonServer(cpu).command())
