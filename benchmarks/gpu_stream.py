@@ -14,19 +14,24 @@ one `vae_decoder` instance behind the `stream` model in the Triton ensemble.
 
 Per N (after START and warm-up chunks, so every stream's memory is full):
 - TTFF: START of all N streams (VAE encoder of the reference) + the first chunk, decoded to host;
+- then the streams are staggered (stream i runs i mod K chunks ahead, K = 4 the memory refinement
+  period), as streams that started at different times are: each timed chunk refines about N/K
+  streams (one more memory pass and NFE each, with the mask), instead of all N every K-th chunk;
 - chunk latency p50/p99: denoising start to decoded frames on the host, back to back with the
   decoder overlapped (each chunk waits for nothing but the GPU: an upper bound for paced streams);
   period: interval between consecutive chunks' frames (the pipeline's throughput);
 - serial chunk: the same chunk with the decode not overlapped; per-part times come from these
   chunks (no overlap skews them), and from the overlapped chunks as served;
 - real time: p99 chunk latency < 480 ms; realtime_streams = the largest such N;
-- GPU memory: torch.cuda.max_memory_allocated over the weights' footprint, per stream;
+- GPU memory: torch.cuda.max_memory_allocated over the weights' footprint during the timed chunks
+  (after the cold START's autotuning), per stream;
 - per part (audio_encoder, denoiser_memory, denoiser = one NFE, vae_decoder): ms per call, calls
   per chunk, achieved TFLOP/s and its fraction of a bf16 8192^3 matmul measured in the same run.
   FLOPs come from flowact.benchmarks.flops.count_flops (linear and conv hooks plus dense attention,
   masked keys included) on a meta-device copy of the networks, replaying each call's shapes;
-- attention: SDPA calls with an explicit mask during one probe chunk (torch engine), and on CUDA the
-  attention kernels the profiler saw (mask-free calls can use flash / cuDNN).
+- attention: SDPA calls with an explicit mask during one probe chunk without refinement (torch
+  engine), and on CUDA the attention kernels the profiler saw (mask-free calls can use flash /
+  cuDNN); the refinement pass always attends with the mask;
 
 An out-of-memory N is recorded and the others still run; a time budget (--budget-s) skips the N that
 would overrun it. Results: JSON (--out, or a run directory under the system temp dir; with --publish
@@ -89,7 +94,7 @@ def load_inputs(preset) -> tuple[np.ndarray, np.ndarray, str]:
     """(reference image (H, W, 3) uint8, speech chunks (K, 7680) float32, how they were read)."""
     try:
         from flowact.media import REFERENCE_IMAGE, SPEECH_WAV, load_audio, load_image, split_chunks
-    except ImportError:  # the GPU machine has no PyAV / soundfile: read the same files with wave and PIL
+    except (ImportError, OSError):  # no PyAV / soundfile (or no libsndfile): the same files with wave and PIL
         return (*_load_inputs_stdlib(preset), "wave+PIL")
     return load_image(REFERENCE_IMAGE, preset.height, preset.width), split_chunks(load_audio(SPEECH_WAV))[0], "flowact.media"
 
@@ -154,9 +159,7 @@ def load_trt_runners(plans: Path, preset, device: torch.device):
 
 def meta_runners(preset):
     """The same networks on the meta device (shapes only): what count_flops replays each call on."""
-    with torch.device("meta"):
-        nets = build_networks(preset)
-    nets.to("meta")
+    nets = build_networks(preset, device="meta")  # no host memory: 3.3 B fp32 parameters would be 13 GB
     return Runners.from_networks(nets), nets.modules()
 
 
@@ -299,6 +302,16 @@ class Point:
     def decode(self, latents) -> np.ndarray:
         with torch.inference_mode():
             return self.ctx.runners.vae_decoder(latents).cpu().numpy()  # frames out, to the host
+
+    def stagger(self) -> None:
+        """Stream i runs i mod K chunks ahead (K: the memory refinement period), as streams that started
+        at different times do: each chunk then refines about N/K streams, not all N every K-th chunk."""
+        k = self.ctx.preset.refine_every
+        for j in range(1, k):
+            ahead = [i for i in range(self.n) if i % k >= j]
+            if ahead:
+                audio = self.audio()
+                denoise_batch([self.sessions[i] for i in ahead], [audio[i] for i in ahead], [None] * len(ahead))
 
     def start(self) -> None:
         for i, s in enumerate(self.sessions):
@@ -452,6 +465,11 @@ def run_point(n: int, ctx: Context, first: bool) -> dict:
         result["attention"] = {p: {"sdpa_calls": c.sdpa_calls, "sdpa_masked": c.sdpa_masked}
                                for p, c in counts.items() if c.sdpa_calls}
 
+    rec.tag("warmup", args.warmup)
+    point.stagger()
+    if cuda:  # the peak from here on: chunks as served, not the cold START's autotuning workspaces
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     serial = [point.serial_chunk("serial", k) for k in range(args.serial)]
     say(f"  N={n}: serial chunk (decode not overlapped) p50 {statistics.median(serial):.1f} ms")
     piped = point.pipelined(args.chunks)
@@ -638,7 +656,7 @@ def main(argv=None) -> int:
         "dtype": str(dtype).removeprefix("torch."), "device": info, "torch": torch.__version__,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(["python -m flowact.benchmarks.gpu_stream",
                                                                               *(argv if argv is not None else sys.argv[1:])]),
-        "plan": {"warmup": args.warmup, "serial": args.serial, "chunks": args.chunks, "ttff_reps": args.ttff_reps,
+        "plan": {"warmup": args.warmup, "staggered": True, "serial": args.serial, "chunks": args.chunks, "ttff_reps": args.ttff_reps,
                  "budget_s": args.budget_s},
         "inputs": {"speech_chunks": len(speech), "loader": loader},
         "parameters": params, "build_s": round(build_s, 2), "matmul": peak, "chunk_budget_ms": CHUNK_MS,
@@ -650,8 +668,10 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     flops: dict = {}  # (part, signature) -> FlopCount, replayed on the meta-device networks
     last = None  # (n, chunk p50 ms) of the last point that ran
-    chunks_per_point = (1 + args.ttff_reps) + args.warmup + 1 + args.serial + args.chunks
+    chunks_per_point = (1 + args.ttff_reps) + args.warmup + (preset.refine_every - 1) + 1 + args.serial + args.chunks
     errors = 0
+    finish(result, flops, streams, t_run, out, partial=True)  # something to fetch even if N=1 never ends
+    say(f"JSON after every N: {out}")
     for i, n in enumerate(streams):
         elapsed = time.perf_counter() - t_run
         if last is not None:  # chunks of the last point, scaled by the batch, plus the cold START
@@ -677,8 +697,12 @@ def main(argv=None) -> int:
             say(f"!!! N={n}: FAILED: {failure[1]}\n{traceback.format_exc()}")
         if failure is not None:  # outside the except block: the traceback's frames (and tensors) are gone
             result["points"].append({"streams": n, "status": failure[0], "error": failure[1]})
-            _release(device)
-            finish(result, flops, streams, t_run, out, partial=True)
+            finish(result, flops, streams, t_run, out, partial=True)  # recorded before touching the device again
+            try:
+                _release(device)
+            except Exception as e:  # noqa: BLE001 - a sticky CUDA error (illegal address, ...): no further N can run
+                say(f"!!! the device cannot go on after N={n} ({type(e).__name__}: {e}); stopping")
+                break
             continue
         last = (n, point["chunk_ms"]["p50"])
         calls = point.pop("_calls")

@@ -71,9 +71,12 @@ def test_smoke_run_on_cpu_reports_every_field(smoke):
     assert r["realtime_streams"] == (max(rt) if rt else 0)
     f = r["flops_per_stream"]
     assert f["denoiser"]["attention"] > 0 and f["denoiser"]["linear"] > 0 and f["vae_decoder"]["conv"] > 0
-    # batching: two streams' calls do twice the FLOPs of one stream's
-    one, two = r["points"][0]["parts_serial"]["denoiser"], r["points"][1]["parts_serial"]["denoiser"]
-    assert two["tflop_per_call"] == pytest.approx(2 * one["tflop_per_call"], rel=1e-3)
+    # batching: two streams' calls do twice the FLOPs of one stream's (parts every stream runs once per
+    # chunk; staggered refinement runs denoiser calls on one of the two streams)
+    for part in ("audio_encoder", "vae_decoder"):
+        one, two = r["points"][0]["parts_serial"][part], r["points"][1]["parts_serial"][part]
+        assert two["tflop_per_call"] == pytest.approx(2 * one["tflop_per_call"], rel=1e-3), part
+    assert r["plan"]["staggered"] is True
 
 
 def test_an_out_of_memory_n_is_recorded_and_the_others_still_run(tmp_path, monkeypatch, capsys):
@@ -166,3 +169,23 @@ def test_tiny_cuda_pass(tmp_path):
         assert p["memory"]["per_stream_peak_gib"] > 0
         assert set(p["parts"]) == set(gpu_stream.PARTS)
     assert isinstance(r["points"][0].get("attention_kernels"), dict)
+
+
+def test_streams_are_staggered_over_the_refinement_period():
+    """Stream i runs i mod K chunks ahead, so at most ceil(N/K) streams refine in one chunk."""
+    from flowact.presets import get_preset
+
+    preset = get_preset("tiny")
+    device = torch.device("cpu")
+    runners, _, _ = gpu_stream.build_torch_runners(preset, device, torch.float32, seed=0, compile_=False)
+    image, speech, _ = gpu_stream.load_inputs(preset)
+    ctx = gpu_stream.Context(preset, device, torch.float32, runners, gpu_stream.Recorder(), image, speech, None, "torch")
+    point = gpu_stream.Point(6, ctx)
+    point.start()
+    point.denoise()
+    point.stagger()
+    k = preset.refine_every
+    assert [s.state.chunk_index for s in point.sessions] == [1 + i % k for i in range(6)]
+    for _ in range(2 * k):
+        assert sum(s.state.refinement_due() for s in point.sessions) <= -(-6 // k)
+        point.denoise()

@@ -87,7 +87,8 @@ class Modality(nn.Module):
         shift, scale = mod.chunk(6, dim=-1)[:2]  # (B, N, D) each
         qkv = self.qkv(modulate(self.norm1(x), shift, scale))  # (B, N, 3D)
         q, k, v = qkv.unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, Dh)
-        return self.q_norm(q), self.k_norm(k), v
+        # In v's dtype: from torch 2.12 CUDA autocast runs rms_norm in fp32, which would make the memory K/V fp32
+        return self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype), v
 
     def finish(self, x: torch.Tensor, attn: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """Gated residuals around the attention output and the MLP: (B, N, D) -> (B, N, D)."""
