@@ -213,9 +213,7 @@ def stream_config(preset: Preset, opts: RepositoryOptions, target: Target = Targ
                        ("runtime", STREAM_RUNTIME[target]), ("device", opts.device),
                        ("source", "" if source is None else str(source)), ("threads", str(opts.engine_threads))):
         cfg.parameters[key].string_value = value
-    if opts.device.startswith("cuda"):
-        cfg.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value = "no"
-    return cfg
+    return cfg  # inputs stay host tensors (as_numpy): they come from the client; only LATENTS out go by DLPack
 
 
 def ensemble_config(preset: Preset, opts: RepositoryOptions, target: Target = Target.EMBEDDED) -> mc.ModelConfig:

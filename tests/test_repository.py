@@ -44,7 +44,7 @@ def test_trt_target_renders_tensorrt_plan_models(tmp_path, tiny):
     assert stream.backend == "python" and configs["flowact"].platform == "ensemble"
     assert stream.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     assert params(stream)["runtime"] == "trt" and params(stream)["device"] == "cuda:0"
-    assert params(stream)["FORCE_CPU_ONLY_INPUT_TENSORS"] == "no"
+    assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in params(stream)  # the client's inputs: host arrays
     plans = Path(params(stream)["source"])
     assert plans == repo / "stream" / "1" and all((plans / f"{n}.plan").exists() for n in NETWORK_NAMES)
 
@@ -61,6 +61,8 @@ def test_torch_target_keeps_networks_beside_the_state(tmp_path, tiny, device, ki
         assert configs[name].backend == "python" and configs[name].instance_group[0].kind == kind
         assert params(configs[name])["device"] == device and params(configs[name])["source"] == str(tmp_path)
     assert params(configs["stream"])["runtime"] == "torch" and params(configs["vae_decoder"])["runtime"] == "torch"
+    # the decoder takes the stream model's CUDA latents as they are (DLPack), not copied to the host
+    assert params(configs["vae_decoder"]).get("FORCE_CPU_ONLY_INPUT_TENSORS") == ("no" if device != "cpu" else None)
     assert [s.model_name for s in configs["flowact"].ensemble_scheduling.step] == ["stream", "vae_decoder"]
 
 
