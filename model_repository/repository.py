@@ -118,9 +118,17 @@ def cuda_memory_pool_bytes(preset: Preset, opts: RepositoryOptions) -> int:
     return -(-total // (1 << 20)) << 20  # whole MiB
 
 
-def instance_kind(opts: RepositoryOptions):
-    on_gpu = opts.device.startswith("cuda")
-    return mc.ModelInstanceGroup.KIND_GPU if on_gpu else mc.ModelInstanceGroup.KIND_CPU
+def add_instance(cfg: mc.ModelConfig, opts: RepositoryOptions) -> None:
+    """One instance on the repository's device. On a GPU it names that GPU: a KIND_GPU group without
+    `gpus` makes one instance per visible GPU, each of which would hold its own pool and weights."""
+    if opts.device.startswith("cuda"):
+        cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_GPU, gpus=[gpu_index(opts.device)])
+    else:
+        cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
+
+
+def gpu_index(device: str) -> int:
+    return int(device.partition(":")[2] or 0)  # "cuda" is cuda:0
 
 
 def network_config(spec: NetworkSpec, target: Target, opts: RepositoryOptions, source: Path | None,
@@ -139,7 +147,7 @@ def network_config(spec: NetworkSpec, target: Target, opts: RepositoryOptions, s
         warmup.inputs[t.name].zero_data = True
     if target != Target.TRT:
         cfg.backend = "python"
-        cfg.instance_group.add(count=1, kind=instance_kind(opts))
+        add_instance(cfg, opts)
         runtime = "onnx" if target == Target.EMBEDDED else "torch"
         for key, value in (("network", spec.name), ("preset", preset.name), ("runtime", runtime),
                            ("source", "" if source is None else str(source)), ("device", opts.device),
@@ -150,7 +158,7 @@ def network_config(spec: NetworkSpec, target: Target, opts: RepositoryOptions, s
     else:
         cfg.platform = "tensorrt_plan"
         cfg.default_model_filename = "model.plan"
-        cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_GPU)
+        add_instance(cfg, opts)  # a trt device is always CUDA (target_device)
     return cfg
 
 
@@ -196,7 +204,7 @@ def stream_config(preset: Preset, opts: RepositoryOptions, target: Target = Targ
     cfg = mc.ModelConfig(name=STREAM_MODEL, backend="python", max_batch_size=opts.capacity)
     cfg.input.extend(stream_inputs(preset, state_device_kind(opts)))
     cfg.output.extend([tensor_config(out, mc.ModelOutput), *stream_outputs()])
-    cfg.instance_group.add(count=1, kind=instance_kind(opts))  # one process holds every stream
+    add_instance(cfg, opts)  # one process holds every stream
     seq = cfg.sequence_batching
     seq.max_sequence_idle_microseconds = int(triton_idle_s(opts.idle_ttl_s) * 1e6)
     # Triton backlogs STARTs beyond max_candidate_sequences, and a sequence keeps its slot until END
@@ -286,7 +294,7 @@ def render_repository(preset: Preset, target: Target, out: Path, network_files: 
             "networks": {k: str(v) for k, v in files.items()},
             "checkpoint": None if checkpoint is None else str(checkpoint)}
     if opts.device.startswith("cuda"):  # read by flowact.serving.server when it starts tritonserver
-        meta["cuda_memory_pool"] = {"gpu": int(opts.device.partition(":")[2] or 0),
+        meta["cuda_memory_pool"] = {"gpu": gpu_index(opts.device),
                                     "bytes": cuda_memory_pool_bytes(preset, opts)}
     (out / "repository.json").write_text(json.dumps(meta, indent=2))
     return out

@@ -43,6 +43,8 @@ def test_trt_target_renders_tensorrt_plan_models(tmp_path, tiny):
     stream = configs["stream"]
     assert stream.backend == "python" and configs["flowact"].platform == "ensemble"
     assert stream.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    for name in ("stream", "vae_decoder"):  # one instance on the named GPU, not one per visible GPU
+        assert [(g.count, list(g.gpus)) for g in configs[name].instance_group] == [(1, [0])]
     assert params(stream)["runtime"] == "trt" and params(stream)["device"] == "cuda:0"
     assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in params(stream)  # the client's inputs: host arrays
     plans = Path(params(stream)["source"])
@@ -114,6 +116,7 @@ def test_gpu_repository_sizes_tritons_cuda_memory_pool(tmp_path):
 
     r1 = get_preset("r1-480p")
     gpu = render_repository(r1, Target.TORCH, tmp_path / "gpu", opts=RepositoryOptions(capacity=4, device="cuda:1"))
+    assert all(list(c.instance_group[0].gpus) == [1] for n, c in parse(gpu).items() if n != "flowact")
     per_stream = 4 * 16 * 60 * 104 * 4 + 12 * 480 * 832 * 3  # LATENTS fp32 + FRAMES uint8
     pool = json.loads((gpu / "repository.json").read_text())["cuda_memory_pool"]
     assert pool["gpu"] == 1 and pool["bytes"] >= 2 * 4 * per_stream + (64 << 20) > 2 * (64 << 20)
