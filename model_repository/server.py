@@ -70,6 +70,7 @@ GUARD = Path(__file__).with_name("guard.py")
 # Log lines that state why a server failed (Triton's error lines start with E and the date: E1201 ...).
 CAUSE_LINE = re.compile(r"^E\d{4} |error|failed|unavailable|cannot open shared object|exception", re.IGNORECASE)
 NOISE_LINE = re.compile(r"cuda|nvml|dcgm|gpu metrics|pinned memory|cupti", re.IGNORECASE)  # harmless on CPU
+MODEL_LOAD_LINE = re.compile(r"failed to load '")
 # A stalled load that never ends by itself (e.g. the stub cannot load libpython: Triton waits forever).
 FATAL_LINE = re.compile(r"error while loading shared libraries|cannot open shared object file")
 
@@ -83,7 +84,8 @@ def cause_lines(lines, limit: int = 8) -> list[str]:
     found = []
     for line in lines:
         line = line.strip()
-        if CAUSE_LINE.search(line) and not NOISE_LINE.search(line) and line not in found:
+        noise = NOISE_LINE.search(line) and not MODEL_LOAD_LINE.search(line)  # "unsupported gpu id" is a cause
+        if CAUSE_LINE.search(line) and not noise and line not in found:
             found.append(line)
     return found[-limit:]
 
@@ -198,10 +200,14 @@ class TritonServer:
                 "--backend-config=python,shm-growth-byte-size=33554432",
                 "--exit-timeout-secs=10", "--log-verbose=0", *self.cuda_memory_pool(), *self.extra_args]
 
+    def rendered(self) -> dict:
+        """What the repository was rendered for (its repository.json; {} for one made by hand)."""
+        meta = Path(self.repository) / "repository.json"
+        return json.loads(meta.read_text()) if meta.exists() else {}
+
     def cuda_memory_pool(self) -> list[str]:
         """The CUDA memory pool the repository was sized for (a GPU repository's repository.json)."""
-        meta = Path(self.repository) / "repository.json"
-        pool = json.loads(meta.read_text()).get("cuda_memory_pool") if meta.exists() else None
+        pool = self.rendered().get("cuda_memory_pool")
         return [] if pool is None else [f"--cuda-memory-pool-byte-size={pool['gpu']}:{pool['bytes']}"]
 
     @property
@@ -227,6 +233,16 @@ class TritonServer:
                 key_from_env(env)
             except ValueError as e:
                 raise StartupError(str(e)) from None
+        device = self.rendered().get("device") or "cpu"
+        if device.startswith("cuda"):  # the stream model's device must exist here, or every model fails to load
+            import torch
+
+            index = int(device.partition(":")[2] or 0)
+            if torch.cuda.device_count() <= index:
+                seen = (f"{torch.cuda.device_count()} CUDA device(s) visible" if torch.version.cuda
+                        else f"torch {torch.__version__} is built without CUDA")
+                raise StartupError(f"the repository's models run on {device}, but {seen} here: serve it on a GPU "
+                                   f"machine, or render it with --device cpu (target torch)")
         if self.binary is None and find_libpython(env) is None:
             py = f"{sys.version_info.major}.{sys.version_info.minor}"
             raise StartupError(f"libpython{py}.so not found in LD_LIBRARY_PATH or the system library folders: the "

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+import torch
 
 from conftest import ref_image, speech_chunks, start_server, url
 from flowact.client.stream import AvatarStream, StreamError
@@ -199,6 +200,28 @@ def test_a_missing_libpython_is_named_before_launch(tmp_path, monkeypatch):
     http, grpc, metrics_port = free_ports(3)
     with pytest.raises(StartupError, match=r"^libpython3\.\d+\.so not found"):
         TritonServer(tmp_path, grpc, http, metrics_port, work_dir=tmp_path / "triton").start(timeout_s=5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where no CUDA device is visible")
+def test_a_gpu_repository_without_a_gpu_is_named_before_launch(tmp_path):
+    from flowact.presets import get_preset
+    from flowact.serving.repository import RepositoryOptions, Target, render_repository
+
+    repo = render_repository(get_preset("tiny"), Target.TORCH, tmp_path / "repo", opts=RepositoryOptions(device="cuda:0"))
+    http, grpc, metrics_port = free_ports(3)
+    with pytest.raises(StartupError, match=r"^the repository's models run on cuda:0, but .* here: serve it on a GPU"):
+        TritonServer(repo, grpc, http, metrics_port, work_dir=tmp_path / "triton").start(timeout_s=5)
+
+
+def test_gpu_load_failures_are_causes_not_cpu_noise():
+    """CUDA lines are noise on a CPU machine, except where a model failed to load because of them."""
+    from flowact.serving.server import cause_lines
+
+    log = ['W1202 07:04:09.0 1 pinned_memory_manager.cc:273] "Unable to allocate pinned system memory, CUDA error"',
+           'E1202 07:04:09.1 1 server.cc:241] "CudaDriverHelper has not been initialized."',
+           'E1202 07:04:09.2 1 model_lifecycle.cc:642] "failed to load \'stream\' version 1: Invalid argument: '
+           'instance group stream_0 of model stream specifies invalid or unsupported gpu id 0."']
+    assert cause_lines(log) == [log[2]]
 
 
 # --- oversized requests ------------------------------------------------------------------------------
