@@ -479,7 +479,8 @@ def denoise_group(states: Sequence[StreamState], masked: bool, audio: Tensor, pr
     x = torch.stack([st.noise(shape) for st in states]).to(dt)  # (G, 3, 16, h, w)
     times = sampling_times(p.nfe, p.timestep_shift)
     for t_now, t_next in zip(times[:-1], times[1:]):
-        t = torch.full((len(states), LATENT_FRAMES_PER_CHUNK), t_now, device=dev, dtype=dt)  # (G, 3)
+        # float32 whatever the state's dtype: in bf16 0.857 would be 0.855 (x1000 in the time embedding)
+        t = torch.full((len(states), LATENT_FRAMES_PER_CHUNK), t_now, device=dev, dtype=torch.float32)  # (G, 3)
         x = x + (t_next - t_now) * run.denoiser(x, t, audio, prompt, kv, valid).to(dt)  # (G, 3, 16, h, w)
     return x
 
@@ -497,7 +498,7 @@ def refine(states: Sequence[StreamState], run: Runners, prompts: PromptCache) ->
     times = sampling_times(max(1, math.ceil(p.nfe * p.refine_t)), 1.0, start=p.refine_t)
     x = (1.0 - p.refine_t) * short + p.refine_t * noise  # (G, 3, 16, h, w)
     for t_now, t_next in zip(times[:-1], times[1:]):
-        t = torch.full((len(states), LATENT_FRAMES_PER_CHUNK), t_now, device=dev, dtype=dt)
+        t = torch.full((len(states), LATENT_FRAMES_PER_CHUNK), t_now, device=dev, dtype=torch.float32)  # (G, 3)
         x = x + (t_next - t_now) * run.denoiser(x, t, audio, prompt, kv, valid).to(dt)
     for st, refined in zip(states, x):
         st.memory.latents[st.memory.short_term] = refined

@@ -1,12 +1,15 @@
 """The model family and the per-stream engine, in process, on the tiny preset."""
 
+import dataclasses
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from conftest import ref_image, run_session, speech_chunks
 from flowact.runtime import Runners
-from flowact.session import InputError, MemoryBank, StreamSession, step_batch
+from flowact.session import InputError, MemoryBank, StreamSession, sampling_times, step_batch
 from flowact.media import read_mp4
 from flowact.models.text_encoder import tokenize
 from flowact.networks import build_networks
@@ -272,3 +275,45 @@ def test_generator_state_sizes_match_torch():
     assert RNG_STATE_BYTES["cpu"] == torch.Generator().get_state().numel()
     if torch.cuda.is_available():
         assert RNG_STATE_BYTES["cuda"] == torch.Generator(device="cuda").get_state().numel()
+
+
+def test_bf16_state_feeds_float32_timesteps(tiny, tiny_nets):
+    """The CUDA path's dtype (bf16 state, autocast), run on the CPU: the denoiser still gets float32 times
+    (in bf16 0.857 would be 0.855, and the time embedding multiplies it by 1000)."""
+    from flowact.runtime.pytorch import torch_runners
+
+    nets = build_networks(tiny).to("cpu", torch.bfloat16)
+    runners = torch_runners(nets, torch.bfloat16)
+    seen = []
+
+    def denoiser(x, t, *rest):
+        seen.append(t)
+        return runners.denoiser(x, t, *rest)
+
+    session = StreamSession(tiny, dataclasses.replace(runners, denoiser=denoiser), dtype=torch.bfloat16)
+    session.start(ref_image(tiny), seed=1)
+    for chunk in speech_chunks(5):  # chunk 4 refines the memory: its times too
+        step_batch([session], [chunk], [None])
+    assert len(seen) > 5 * tiny.nfe and all(t.dtype == torch.float32 for t in seen)
+    chunk = sampling_times(tiny.nfe, tiny.timestep_shift)[:-1]
+    refinement = sampling_times(max(1, math.ceil(tiny.nfe * tiny.refine_t)), 1.0, start=tiny.refine_t)[:-1]
+    expected = {float(np.float32(v)) for v in chunk + refinement}
+    assert {float(v) for t in seen for v in t.flatten()} == expected  # bf16 would round 0.857 to 0.855
+
+
+def test_cuda_context_loss_is_detected():
+    """A lost CUDA context (a device-side assert) is seen after the failed call; a CPU device never is."""
+    import subprocess
+    import sys
+
+    from flowact.runtime.pytorch import cuda_context_lost
+
+    assert cuda_context_lost(torch.device("cpu")) is False
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the CUDA half of this check runs on a GPU machine")
+    code = ("import torch\nfrom flowact.runtime.pytorch import cuda_context_lost\nd = torch.device('cuda')\n"
+            "print(cuda_context_lost(d))\nx = torch.zeros(1, device=d)\n"
+            "try:\n    x[torch.tensor([5], device=d)] = 1\n    torch.cuda.synchronize()\nexcept Exception:\n    pass\n"
+            "print(cuda_context_lost(d))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.split()
+    assert out == ["False", "True"]

@@ -59,14 +59,15 @@ class Runners:
         return torch_runners(nets, dtype)
 
 
-def full_valid(spec: NetworkSpec, inputs: tuple, batch: int) -> tuple:
-    """Replace a `None` MEMORY_VALID by an all-true mask of the spec's shape (graphs that always take one)."""
+def full_valid(spec: NetworkSpec, inputs: tuple, batch: int, device: "torch.device | str" = "cpu") -> tuple:
+    """Replace a `None` MEMORY_VALID by an all-true mask of the spec's shape (graphs that always take
+    one), made on `device` (where the graph runs: no host-to-device copy per call)."""
     import torch
 
     from flowact.specs import MEMORY_VALID
 
-    return tuple(torch.ones(t.shape(batch), dtype=torch.bool) if x is None and t.name == MEMORY_VALID else x
-                 for t, x in zip(spec.inputs, inputs))
+    return tuple(torch.ones(t.shape(batch), dtype=torch.bool, device=device) if x is None and t.name == MEMORY_VALID
+                 else x for t, x in zip(spec.inputs, inputs))
 
 
 def check_arity(spec: NetworkSpec, inputs: tuple) -> None:

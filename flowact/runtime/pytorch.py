@@ -19,6 +19,27 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def use_device(device: str | torch.device) -> torch.device:
+    """Make a CUDA device the process's current one (Triton's python stub leaves device 0 current for
+    a KIND_GPU instance on another GPU, where TensorRT would enqueue); -> the device."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def cuda_context_lost(device: torch.device) -> bool:
+    """After a failed call: whether the device's CUDA context is unusable. A sticky error (illegal
+    address, device-side assert) makes every later call fail while the process looks healthy."""
+    if device.type != "cuda":
+        return False
+    try:
+        torch.cuda.synchronize(device)
+    except Exception:  # noqa: BLE001 - any error here means the context cannot run work
+        return True
+    return False
+
+
 class TorchRunner:
     """A module's method behind the runner signature; `dtype` other than float32 runs under autocast."""
 

@@ -69,11 +69,12 @@ class TorchNetwork:
 
         from flowact.presets import get_preset
         from flowact.runtime import build_runners
+        from flowact.runtime.pytorch import use_device
 
         torch.set_num_threads(int(params["threads"]))
+        self.device = use_device(params["device"])
         runners = build_runners("torch", get_preset(params["preset"]), params["source"] or None, params["device"])
         self.run = getattr(runners, params["network"])
-        self.device = torch.device(params["device"])
 
     def __call__(self, parts):
         import torch

@@ -41,7 +41,7 @@ from flowact.contract import (ACTIVE_STREAMS, CHUNK_INDEX, CHUNK_SECONDS_COUNT, 
                               TTFF_SECONDS_COUNT, TTFF_SECONDS_SUM, WANT_SNAPSHOT)
 from flowact.presets import SAMPLES_PER_CHUNK, get_preset
 from flowact.runtime import build_runners
-from flowact.runtime.pytorch import default_dtype
+from flowact.runtime.pytorch import cuda_context_lost, default_dtype, use_device
 from flowact.session import InputError, PromptCache, StateCapacityError, StatePool, StreamSession, denoise_batch
 from flowact.serving.repository import stream_inputs
 from flowact.serving.streams import STOPPING, StreamRegistry, parse_request, scalar
@@ -49,6 +49,7 @@ from flowact.serving.triton_tensors import output_tensor
 from flowact.snapshot import SnapshotCodec, key_from_env, max_snapshot_bytes, padded
 
 NO_SNAPSHOT = np.zeros((1, 0), dtype=np.uint8)
+CONTEXT_LOST_EXIT_S = 1.0  # after a lost CUDA context: time for the refusals to reach Triton before the stub exits
 
 
 def parameter(config: dict, key: str) -> str:
@@ -69,7 +70,8 @@ class TritonPythonModel:
         self.preset = get_preset(parameter(config, "preset"))
         self.output_name = parameter(config, "output")  # LATENTS (pipelined) or FRAMES (serial)
         capacity = int(parameter(config, "capacity"))
-        runtime, device = parameter(config, "runtime"), torch.device(parameter(config, "device"))
+        runtime, device = parameter(config, "runtime"), use_device(parameter(config, "device"))
+        self.device = device
         try:
             key = key_from_env()
         except ValueError as e:
@@ -108,12 +110,13 @@ class TritonPythonModel:
         self.reaper.start()
 
     def warm_up(self, session: StreamSession, pool: StatePool) -> None:
-        """Two chunks of a throwaway stream, so that the first client's chunk runs warm (allocator
-        arenas, kernels, the default prompt's tokens); its slot goes back to the pool."""
+        """A throwaway stream, so that clients' chunks run warm (allocator arenas, kernels, the default
+        prompt's tokens): until its memory is full (then attention without a mask: other kernels) and it
+        has refined its memory once. Its slot goes back to the pool."""
         p = self.preset
         try:
             session.start(np.zeros((p.height, p.width, 3), dtype=np.uint8))
-            for _ in range(2):
+            for _ in range(max(p.long_term_size + 1, p.refine_every) + 1):  # the memory is full after 1 + long-term
                 denoise_batch([session], [np.zeros(SAMPLES_PER_CHUNK, dtype=np.float32)], [None])
         finally:
             pool.release(session.state)
@@ -190,8 +193,12 @@ class TritonPythonModel:
                         pb_utils.Tensor(SNAPSHOT, snapshot)])
                     self.registry.chunk_done(sid, seconds)
             except Exception as e:  # an engine failed: these streams' state is unknown, free them
+                lost = cuda_context_lost(self.device)
                 cause = (f"{STOPPING}, resume on another replica ({e})"
-                         if self.registry.stopping() or "not ready" in str(e) else str(e))
+                         if self.registry.stopping() or "not ready" in str(e) or lost else str(e))
+                if lost:  # every later call would fail too: answer, then exit so the launcher stops the replica
+                    print(f"flowact stream model: the CUDA context of {self.device} is lost ({e}); exiting", flush=True)
+                    threading.Timer(CONTEXT_LOST_EXIT_S, os._exit, (1,)).start()
                 for i, sid, _, _ in batch:
                     responses[i] = pb_utils.InferenceResponse(
                         error=pb_utils.TritonError(f"chunk generation failed, stream {sid!r} ended: {cause}"))
