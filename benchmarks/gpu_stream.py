@@ -10,7 +10,9 @@ In process, on one device, through the serving sampler itself: N `StreamSession`
 `denoise_batch` (one batched call per network: audio encoder, memory pass, 3 NFE, memory refinement
 every K chunks), and the VAE decoder of chunk n on a side CUDA stream, in a worker thread, while
 chunk n+1 is denoised (on CPU: the worker thread alone). At most one decode is in flight, as with
-one `vae_decoder` instance behind the `stream` model in the Triton ensemble.
+one `vae_decoder` instance behind the `stream` model in the Triton ensemble; there the decoder is
+another process, whose kernels time-slice with the stream model's without CUDA MPS: the overlap
+measured here is the served pipeline's upper bound.
 
 Per N (after START and warm-up chunks, so every stream's memory is full):
 - TTFF: START of all N streams (VAE encoder of the reference) + the first chunk, decoded to host;
