@@ -18,7 +18,8 @@ Per N (after START and warm-up chunks, so every stream's memory is full):
 - TTFF: START of all N streams (VAE encoder of the reference) + the first chunk, decoded to host;
 - then the streams are staggered (stream i runs i mod K chunks ahead, K = 4 the memory refinement
   period), as streams that started at different times are: each timed chunk refines about N/K
-  streams (one more memory pass and NFE each, with the mask), instead of all N every K-th chunk;
+  streams (one more memory pass and NFE each, over reference and long-term memory), instead of all
+  N every K-th chunk;
 - chunk latency p50/p99: denoising start to decoded frames on the host, back to back with the
   decoder overlapped (each chunk waits for nothing but the GPU: an upper bound for paced streams);
   period: interval between consecutive chunks' frames (the pipeline's throughput);
@@ -33,7 +34,8 @@ Per N (after START and warm-up chunks, so every stream's memory is full):
   masked keys included) on a meta-device copy of the networks, replaying each call's shapes;
 - attention: SDPA calls with an explicit mask during one probe chunk without refinement (torch
   engine), and on CUDA the attention kernels the profiler saw (mask-free calls can use flash /
-  cuDNN); the refinement pass always attends with the mask;
+  cuDNN; with the torch engine a partial memory and the refinement pass attend to their valid slots
+  only, without a mask; TensorRT plans take the mask there);
 
 An out-of-memory N is recorded and the others still run; a time budget (--budget-s) skips the N that
 would overrun it. Results: JSON (--out, or a run directory under the system temp dir; with --publish

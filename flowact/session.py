@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -443,13 +444,13 @@ def denoise_batch(sessions: Sequence[StreamSession], audio_chunks: Sequence[np.n
         if due:
             refine(due, run, first.prompts)
 
-        # Steps 3-4, per group of streams that need the same attention: streams whose memory is
-        # full attend without a mask (flash / cuDNN kernels); new streams keep theirs.
+        # Steps 3-4, per group of streams that attend to their memory alike: full memory without a
+        # mask (flash / cuDNN kernels); a new stream's valid slots only, or its mask (memory_groups).
         x = torch.empty(len(states), LATENT_FRAMES_PER_CHUNK, LATENT_CHANNELS, p.latent_height, p.latent_width,
                         device=dev, dtype=dt)  # (B, 3, 16, h, w)
-        for group, masked in attention_groups(states):
+        for group, view in memory_groups([st.memory.valid for st in states], run.memory_subsets):
             idx = torch.tensor(group, device=dev)
-            x[idx] = denoise_group([states[i] for i in group], masked, audio[idx], prompt[idx], run)
+            x[idx] = denoise_group([states[i] for i in group], view, audio[idx], prompt[idx], run)
 
         # Step 5: the decoder sees the last latent frame already shown (continuous seams).
         context = torch.stack([st.decode_context for st in states]).to(dt)  # (B, 1, 16, h, w)
@@ -461,20 +462,47 @@ def denoise_batch(sessions: Sequence[StreamSession], audio_chunks: Sequence[np.n
     return latents
 
 
-def attention_groups(states: Sequence[StreamState]) -> list[tuple[list[int], bool]]:
-    """Indices of the streams with full memory (no mask) and of the rest (masked); empty groups dropped."""
-    full = [i for i, st in enumerate(states) if st.memory.full()]
-    partial = [i for i, st in enumerate(states) if not st.memory.full()]
-    return [(g, masked) for g, masked in ((full, False), (partial, True)) if g]
+@dataclass(frozen=True)
+class MemoryView:
+    """How a group of streams attends to its memory bank."""
+
+    slots: tuple[int, ...] | None  # only these bank slots, without a mask (memory_subsets runners); None: all
+    masked: bool  # all slots with the validity mask (some slot empty, runners without subsets)
 
 
-def denoise_group(states: Sequence[StreamState], masked: bool, audio: Tensor, prompt: Tensor, run: Runners) -> Tensor:
+def memory_groups(valid: Sequence[Tensor], subsets: bool) -> list[tuple[list[int], MemoryView]]:
+    """Streams grouped by how they attend, from each bank's validity (Fm,): a full bank with no mask;
+    a partial one through its valid slots only (identical slots batch together), or with its mask.
+    A new stream never puts a mask on the steady ones."""
+    groups: dict[MemoryView, list[int]] = {}
+    for i, v in enumerate(valid):
+        ok = v.tolist()
+        if all(ok):
+            view = MemoryView(None, False)
+        elif subsets:
+            view = MemoryView(tuple(j for j, filled in enumerate(ok) if filled), False)
+        else:
+            view = MemoryView(None, True)
+        groups.setdefault(view, []).append(i)
+    return [(group, view) for view, group in groups.items()]
+
+
+def memory_pass(memory: Tensor, valid: Tensor, view: MemoryView, run: Runners) -> tuple[Tensor, Tensor | None]:
+    """memory (G, Fm, 16, h, w), valid (G, Fm) -> memory keys/values (G, depth, 2, H, Nm', Dh) and the
+    mask the NFEs then need (None: none)."""
+    if view.slots is not None:
+        slots = torch.tensor(view.slots, device=memory.device)  # (Fm',)
+        return run.denoiser_memory(memory[:, slots], None, slots), None
+    mask = valid if view.masked else None
+    return run.denoiser_memory(memory, mask), mask
+
+
+def denoise_group(states: Sequence[StreamState], view: MemoryView, audio: Tensor, prompt: Tensor, run: Runners) -> Tensor:
     """Step 3: memory keys/values once per chunk (the fake-causal mask makes reusing them exact);
     step 4: 3-NFE Euler flow matching from each stream's seeded noise. -> x (G, 3, 16, h, w)."""
     p, dev, dt = states[0].preset, states[0].device, states[0].dtype
     memory = torch.stack([st.memory.latents for st in states])  # (G, Fm, 16, h, w)
-    valid = torch.stack([st.memory.valid for st in states]) if masked else None  # (G, Fm) or None: all valid
-    kv = run.denoiser_memory(memory, valid)  # (G, depth, 2, H, Nm, Dh)
+    kv, valid = memory_pass(memory, torch.stack([st.memory.valid for st in states]), view, run)
     shape = (LATENT_FRAMES_PER_CHUNK, LATENT_CHANNELS, p.latent_height, p.latent_width)
     x = torch.stack([st.noise(shape) for st in states]).to(dt)  # (G, 3, 16, h, w)
     times = sampling_times(p.nfe, p.timestep_shift)
@@ -486,12 +514,18 @@ def denoise_group(states: Sequence[StreamState], masked: bool, audio: Tensor, pr
 
 
 def refine(states: Sequence[StreamState], run: Runners, prompts: PromptCache) -> None:
-    """Memory refinement of a group of streams (batched): short-term memory re-noised to t_r and
-    denoised against reference + long-term memory (always masked: the short-term slot is hidden)."""
+    """Memory refinement: short-term memory re-noised to t_r and denoised against reference +
+    long-term memory (the short-term slot hidden: its slots left out, or masked), batched per view."""
+    hidden = [st.memory.without_short_term() for st in states]  # (Fm,) each
+    for group, view in memory_groups(hidden, run.memory_subsets):
+        refine_group([states[i] for i in group], torch.stack([hidden[i] for i in group]), view, run, prompts)
+
+
+def refine_group(states: Sequence[StreamState], valid: Tensor, view: MemoryView, run: Runners,
+                 prompts: PromptCache) -> None:
     p, dev, dt = states[0].preset, states[0].device, states[0].dtype
     short = torch.stack([st.memory.latents[st.memory.short_term] for st in states])  # (G, 3, 16, h, w)
-    valid = torch.stack([st.memory.without_short_term() for st in states])  # (G, Fm)
-    kv = run.denoiser_memory(torch.stack([st.memory.latents for st in states]), valid)
+    kv, valid = memory_pass(torch.stack([st.memory.latents for st in states]), valid, view, run)
     audio = torch.stack([st.last_audio for st in states])  # (G, 12, Da)
     prompt = prompts([st.last_prompt for st in states])  # (G, P, Dt)
     noise = torch.stack([st.noise(tuple(short.shape[1:])) for st in states]).to(dt)

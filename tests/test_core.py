@@ -227,8 +227,51 @@ def test_mask_free_attention_equals_all_true_mask(tiny, tiny_nets):
         assert diff.max() < 1e-5
 
 
+@pytest.mark.parametrize("slots", [(0,), (0, 4, 5, 6), (0, 3, 4, 5, 6), (0, 1, 2, 3)])  # new streams; refinement
+def test_valid_slots_only_equals_the_masked_bank(tiny, tiny_nets, slots):
+    """A partial bank through its valid slots only (no mask, fewer tokens) is the maths of the whole
+    bank with its mask: the same keys/values on those slots, the same velocity."""
+    d, p = tiny_nets.denoiser, tiny
+    g = torch.Generator().manual_seed(1)
+    memory = torch.randn(2, p.memory_frames, LATENT_CHANNELS, p.latent_height, p.latent_width, generator=g)
+    valid = torch.zeros(2, p.memory_frames, dtype=torch.bool)
+    valid[:, list(slots)] = True
+    x = torch.randn(2, 3, LATENT_CHANNELS, p.latent_height, p.latent_width, generator=g)
+    t = torch.full((2, 3), 0.7)
+    audio, prompt = torch.randn(2, 12, p.audio.d_model, generator=g), torch.randn(2, p.prompt_tokens, p.text_dim, generator=g)
+    index = torch.tensor(slots)
+    tokens = d.token_valid(valid)[0]  # (Nm,): the valid slots' tokens, in bank order
+    with torch.inference_mode():
+        kv_masked, kv_slots = d.memory_kv(memory, valid), d.memory_kv(memory[:, index], None, index)
+        v_masked = d.forward_stream(x, t, audio, prompt, kv_masked, valid)
+        v_slots = d.forward_stream(x, t, audio, prompt, kv_slots, None)
+    assert kv_slots.shape[-2] == len(slots) * kv_masked.shape[-2] // p.memory_frames
+    for name, a, b in (("memory kv", kv_masked[..., tokens, :], kv_slots), ("velocity", v_masked, v_slots)):
+        diff = (a - b).abs()
+        print(f"slots {slots} vs masked bank, {name}: max {diff.max():.2e} mean {diff.mean():.2e}")
+        assert diff.max() < 1e-5
+
+
+def test_sessions_with_and_without_memory_subsets_agree(tiny):
+    """The torch runners' valid-slots path and the mask path (ONNX / TensorRT) give the same frames over
+    a stream's first chunks (partial memory) and its first refinement. The trained tiny weights: seeded
+    random ones barely depend on the memory (slots at wrong positions moved no pixel by more than 1,
+    against 6, mean 0.42, with the trained ones)."""
+    from flowact.networks import shipped_checkpoint
+
+    trained = Runners.from_networks(build_networks(tiny, checkpoint=shipped_checkpoint("tiny")))
+    masked = dataclasses.replace(trained, memory_subsets=False)
+    assert trained.memory_subsets
+    chunks = speech_chunks(6)
+    a, b = run_session(tiny, trained, 5, chunks), run_session(tiny, masked, 5, chunks)
+    diff = np.abs(a.astype(int) - b.astype(int))
+    print(f"valid slots vs mask: max {diff.max()} mean {diff.mean():.5f}")
+    assert diff.max() <= 1 and diff.mean() < 1e-3
+
+
 def test_mixed_batch_of_new_and_steady_streams_equals_each_alone(tiny, tiny_runners):
-    """A new stream (masked memory) joining steady ones (full memory, mask-free) changes nobody's frames."""
+    """A new stream (partial memory: its own group) joining steady ones (full memory, mask-free) changes
+    nobody's frames."""
     seeds = [11, 12, 13]
     audio = [speech_chunks(8, seed=s) for s in seeds]
     alone = {s: run_session(tiny, tiny_runners, s, audio[i][:8 if s != 13 else 3], ref_image(tiny, s))
@@ -317,3 +360,20 @@ def test_cuda_context_loss_is_detected():
             "print(cuda_context_lost(d))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.split()
     assert out == ["False", "True"]
+
+
+def test_memory_slots_benchmark_views_are_the_banks(tiny, tiny_runners):
+    """benchmarks/memory_slots.py counts the views a real bank goes through, and the slots cost less."""
+    from flowact.benchmarks import memory_slots
+
+    views = memory_slots.views(tiny)
+    session = StreamSession(tiny, tiny_runners)
+    session.start(ref_image(tiny), seed=0)
+    for k, chunk in enumerate(speech_chunks(tiny.long_term_size + 1)):
+        valid = tuple(i for i, ok in enumerate(session.state.memory.valid.tolist()) if ok)
+        assert views[f"chunk {k + 1}"] == valid
+        step_batch([session], [chunk], [None])
+    assert session.state.memory.full()
+    assert views["refinement"] == tuple(i for i, ok in enumerate(session.state.memory.without_short_term().tolist()) if ok)
+    rows = memory_slots.flops(tiny)
+    assert all(r["slots"]["chunk_tflop"] < r["mask"]["chunk_tflop"] for r in rows.values())

@@ -200,8 +200,11 @@ class MMDiT(nn.Module):
         """Repeat a per-frame vector over that frame's tokens: (B, F, E) -> (B, F*gh*gw, E)."""
         return per_frame.repeat_interleave(self.grid[0] * self.grid[1], dim=1)
 
-    def memory_rope(self, memory_frames: int) -> torch.Tensor:
-        return rope_angles(torch.arange(memory_frames, device=self.audio_pos.device), *self.grid, self.head_dim)
+    def memory_rope(self, memory_frames: int, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """RoPE of the memory frames: all of them in order, or the bank slots `positions` (Fm',)."""
+        if positions is None:
+            positions = torch.arange(memory_frames, device=self.audio_pos.device)
+        return rope_angles(positions, *self.grid, self.head_dim)
 
     def stream_rope(self, memory_frames: int) -> torch.Tensor:
         pos = memory_frames + torch.arange(LATENT_FRAMES_PER_CHUNK, device=self.audio_pos.device)
@@ -219,10 +222,13 @@ class MMDiT(nn.Module):
 
     # --- cached path: memory once per chunk, then the stream per NFE -----------------------
 
-    def memory_kv(self, memory: torch.Tensor, memory_valid: torch.Tensor | None) -> torch.Tensor:
+    def memory_kv(self, memory: torch.Tensor, memory_valid: torch.Tensor | None,
+                  positions: torch.Tensor | None = None) -> torch.Tensor:
         """Keys/values of the memory tokens in every block.
 
-        memory (B, Fm, C, h, w), memory_valid (B, Fm) bool or None (all valid) -> (B, depth, 2, H, Fm*gh*gw, Dh)."""
+        memory (B, Fm, C, h, w), memory_valid (B, Fm) bool or None (all valid) -> (B, depth, 2, H, Fm*gh*gw, Dh).
+        `positions` (Fm',): `memory` holds only these bank slots (B, Fm', C, h, w), all valid. Every op but
+        attention is per token, so that equals the masked pass over the whole bank on those slots' tokens."""
         b, fm = memory.shape[:2]
         m = self.patchify(memory)  # (B, Nm, D)
         zero_t = torch.zeros(b, fm, device=memory.device)
@@ -231,7 +237,7 @@ class MMDiT(nn.Module):
         if memory_valid is not None:
             valid = self.token_valid(memory_valid)  # (B, Nm)
             m_mask = valid[:, None, None, :].expand(-1, 1, valid.shape[1], -1)  # (B, 1, Nm, Nm)
-        rope = self.memory_rope(fm)
+        rope = self.memory_rope(fm, positions)
         kvs = []
         for block in self.blocks:
             m_mod = self.per_token(block.video.modulation(F.silu(cond)))  # (B, Nm, 6D)
@@ -255,7 +261,7 @@ class MMDiT(nn.Module):
             key_valid = torch.cat([self.token_valid(memory_valid),
                                    torch.ones(x.shape[0], xt.shape[1] + c.shape[1], dtype=torch.bool, device=x.device)], 1)
             key_mask = key_valid[:, None, None, :]  # (B, 1, 1, Nm+Nx+Nc)
-        rope = self.stream_rope(memory_kv.shape[-2] // (self.grid[0] * self.grid[1]))  # memory frames Fm
+        rope = self.stream_rope(self.preset.memory_frames)  # the stream follows the whole bank, subset or not
         for i, block in enumerate(self.blocks):
             x_mod = self.per_token(block.video.modulation(F.silu(x_cond)))  # (B, Nx, 6D)
             c_mod = block.cond.modulation(F.silu(c_cond)).expand(-1, c.shape[1], -1)  # (B, Nc, 6D)

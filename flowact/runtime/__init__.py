@@ -13,7 +13,9 @@ networks in the stream model's own process, even on the CPU: benchmarks/results/
 Memory validity: `denoiser_memory(memory, valid)` and `denoiser(..., kv, valid)` take `valid=None`
 when every memory slot of every stream in the batch is valid. The torch runner then runs attention
 without a mask (so SDPA may pick the flash or cuDNN kernels); runners whose graph has a mask input
-feed an all-true one (`full_valid`).
+feed an all-true one (`full_valid`). A stream whose bank still has empty slots: the torch runners
+(`memory_subsets`) take only its valid slots, `denoiser_memory(memory[:, slots], None, slots)`, also
+without a mask and with less work; the others take the whole bank and the mask.
 
 This package knows nothing about streams or Triton's sequence batching. It imports torch only
 where a runner needs it: the embedded decoder model opens its ONNX session without it.
@@ -47,9 +49,12 @@ class Runners:
     audio_encoder: Callable[[Tensor], Tensor]  # audio window (B, S) f32 -> features (B, 12, Da)
     vae_encoder: Callable[[Tensor], Tensor]  # image (B, H, W, 3) u8 -> latent (B, 16, h, w)
     vae_decoder: Callable[[Tensor], Tensor]  # latents (B, 1+3, 16, h, w) -> frames (B, 12, H, W, 3) u8
-    denoiser_memory: Callable[[Tensor, Tensor | None], Tensor]  # memory (B, Fm, 16, h, w), valid (B, Fm) | None -> kv
+    denoiser_memory: Callable[..., Tensor]  # memory (B, Fm, 16, h, w), valid (B, Fm) | None[, positions (Fm',)] -> kv
     denoiser: Callable[..., Tensor]  # x, t, audio, prompt, kv, valid | None -> velocity (B, 3, 16, h, w)
     text_encoder: Callable[[Tensor], Tensor]  # byte ids (B, P) i64 -> prompt tokens (B, P, Dt)
+    # denoiser_memory takes `positions` (only the valid bank slots, no mask) and the denoiser K/V of any
+    # length: PyTorch's dynamic shapes. ONNX graphs and TensorRT plans have the whole bank and a mask.
+    memory_subsets: bool = False
 
     @classmethod
     def from_networks(cls, nets, dtype: "torch.dtype | None" = None) -> "Runners":
