@@ -189,3 +189,16 @@ def test_streams_are_staggered_over_the_refinement_period():
     for _ in range(2 * k):
         assert sum(s.state.refinement_due() for s in point.sessions) <= -(-6 // k)
         point.denoise()
+
+
+def test_timing_probes_wrap_the_networks_only(tiny):
+    """The probes wrap the six network callables; `memory_subsets` stays the runners' own flag (a TensorRT
+    runner set's False must not turn into a truthy probe)."""
+    import dataclasses
+
+    from flowact.networks import build_networks
+    from flowact.runtime import Runners
+
+    runners = dataclasses.replace(Runners.from_networks(build_networks(tiny)), memory_subsets=False)
+    timed = gpu_stream.timed_runners(runners, runners, gpu_stream.Recorder())
+    assert timed.memory_subsets is False and isinstance(timed.denoiser, gpu_stream.Timed)
