@@ -32,19 +32,23 @@ from flowact.benchmarks.flops import count_flops
 from flowact.networks import build_networks
 from flowact.presets import LATENT_CHANNELS, LATENT_FRAMES_PER_CHUNK, PRESETS, SAMPLES_PER_CHUNK, get_preset
 from flowact.runtime import Runners
-from flowact.session import StreamSession, step_batch
+from flowact.session import MemoryBank, StreamSession, step_batch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def views(preset) -> dict[str, tuple[int, ...]]:
-    """The valid slots of a new stream's chunks while its bank fills, and of a refinement."""
-    lt = preset.long_term_size
-    short = tuple(range(1 + lt, preset.memory_frames))
-    out = {"chunk 1": (0,)}
-    for k in range(lt):  # each chunk after the first moves one more chunk's last frame into long-term memory
-        out[f"chunk {k + 2}"] = (0, *range(lt - k + 1, 1 + lt), *short)
-    out["refinement"] = tuple(range(1 + lt))
+    """The valid slots of a new stream's chunks while its bank fills, and of a refinement, from a real
+    MemoryBank (one-pixel latents: only its validity matters)."""
+    def slots(valid: torch.Tensor) -> tuple[int, ...]:
+        return tuple(i for i, ok in enumerate(valid.tolist()) if ok)
+
+    bank = MemoryBank(torch.zeros(1, 1, 1), preset.long_term_size)
+    out = {}
+    while not bank.full():
+        out[f"chunk {len(out) + 1}"] = slots(bank.valid)
+        bank.push(torch.zeros(LATENT_FRAMES_PER_CHUNK, 1, 1, 1))
+    out["refinement"] = slots(bank.without_short_term())
     return out
 
 

@@ -237,8 +237,7 @@ class TritonServer:
         if device.startswith("cuda"):  # the stream model's device must exist here, or every model fails to load
             import torch
 
-            index = int(device.partition(":")[2] or 0)
-            if torch.cuda.device_count() <= index:
+            if torch.cuda.device_count() <= (torch.device(device).index or 0):
                 seen = (f"{torch.cuda.device_count()} CUDA device(s) visible" if torch.version.cuda
                         else f"torch {torch.__version__} is built without CUDA")
                 raise StartupError(f"the repository's models run on {device}, but {seen} here: serve it on a GPU "
