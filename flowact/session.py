@@ -243,9 +243,11 @@ class StatePool:
     The memory keys/values are computed once per chunk by the runners (`kv_bytes_per_stream`)."""
 
     def __init__(self, preset: Preset, capacity: int, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, check_fits: bool = False):
+                 dtype: torch.dtype = torch.float32, check_fits: bool = False, kv_dtype: torch.dtype | None = None):
+        """`kv_dtype`: what the runners compute the memory K/V in (default `dtype`; ONNX graphs and
+        TensorRT plans: their MEMORY_KV output's)."""
         self.preset, self.capacity = preset, capacity
-        self.device, self.dtype = torch.device(device), dtype
+        self.device, self.dtype, self.kv_dtype = torch.device(device), dtype, kv_dtype or dtype
         self.shapes = state_tensors(preset, dtype)
         if check_fits:
             need, free = capacity * (self.bytes_per_stream + self.kv_bytes_per_stream), free_bytes(self.device)
@@ -263,15 +265,15 @@ class StatePool:
 
     @property
     def kv_bytes_per_stream(self) -> int:
-        """Memory keys/values of one stream in the state dtype: depth x 2 x Nm x dim."""
+        """Memory keys/values of one stream in the runners' K/V dtype: depth x 2 x Nm x dim."""
         p = self.preset
         tokens = p.memory_frames * (p.latent_height // p.patch) * (p.latent_width // p.patch)
-        return p.depth * 2 * tokens * p.dim * torch.tensor([], dtype=self.dtype).element_size()
+        return p.depth * 2 * tokens * p.dim * torch.tensor([], dtype=self.kv_dtype).element_size()
 
     def describe_stream(self) -> str:
         return (f"{(self.bytes_per_stream + self.kv_bytes_per_stream) / 2**20:.1f} MiB per stream: state "
                 f"{self.bytes_per_stream / 2**20:.2f} MiB + memory K/V {self.kv_bytes_per_stream / 2**20:.1f} MiB "
-                f"in {str(self.dtype).removeprefix('torch.')}")
+                f"in {str(self.kv_dtype).removeprefix('torch.')}")
 
     def acquire(self) -> StreamState:
         if not self.free:

@@ -310,6 +310,10 @@ def test_state_pool_slots_and_capacity_check(tiny):
     assert b.tensors[latents].data_ptr() == pool.slabs[latents][b.pool_slot].data_ptr()  # views, not copies
     with pytest.raises(StateCapacityError, match="capacity 100000000 needs .* lower the capacity"):
         StatePool(tiny, 10**8, check_fits=True)
+    # a bf16 state whose runners compute the memory K/V in fp32 (TensorRT plans): counted in fp32
+    bf16, trt = StatePool(tiny, 1, dtype=torch.bfloat16), StatePool(tiny, 1, dtype=torch.bfloat16, kv_dtype=torch.float32)
+    assert trt.kv_bytes_per_stream == 2 * bf16.kv_bytes_per_stream and "K/V" in trt.describe_stream()
+    assert trt.describe_stream().endswith("in float32") and bf16.describe_stream().endswith("in bfloat16")
 
 
 def test_generator_state_sizes_match_torch():

@@ -40,13 +40,14 @@ from flowact.contract import (ACTIVE_STREAMS, CHUNK_INDEX, CHUNK_SECONDS_COUNT, 
                               REQUIRE_RANDOM_IDS_ENV, RESUME, SNAPSHOT, SNAPSHOT_KEY_ENV, START, STREAM_CAPACITY,
                               TTFF_SECONDS_COUNT, TTFF_SECONDS_SUM, WANT_SNAPSHOT)
 from flowact.presets import SAMPLES_PER_CHUNK, get_preset
-from flowact.runtime import build_runners
+from flowact.runtime import RuntimeKind, build_runners
 from flowact.runtime.pytorch import cuda_context_lost, default_dtype, use_device
 from flowact.session import InputError, PromptCache, StateCapacityError, StatePool, StreamSession, denoise_batch
 from flowact.serving.repository import stream_inputs
 from flowact.serving.streams import STOPPING, StreamRegistry, parse_request, scalar
 from flowact.serving.triton_tensors import output_tensor
 from flowact.snapshot import SnapshotCodec, key_from_env, max_snapshot_bytes, padded
+from flowact.specs import network_specs
 
 NO_SNAPSHOT = np.zeros((1, 0), dtype=np.uint8)
 CONTEXT_LOST_EXIT_S = 1.0  # after a lost CUDA context: time for the refusals to reach Triton before the stub exits
@@ -81,7 +82,8 @@ class TritonPythonModel:
         self.runners = build_runners(runtime, self.preset, parameter(config, "source") or None, str(device), threads=threads)
         dtype = default_dtype(device)
         try:
-            pool = StatePool(self.preset, capacity, device, dtype, check_fits=True)
+            kv_dtype = dtype if runtime == RuntimeKind.TORCH else network_specs(self.preset)["denoiser_memory"].outputs[0].torch_dtype
+            pool = StatePool(self.preset, capacity, device, dtype, check_fits=True, kv_dtype=kv_dtype)
         except StateCapacityError as e:
             raise pb_utils.TritonModelException(f"stream model: {e}") from None
         print(f"flowact stream model: {capacity} stream slots on {device} ({runtime}), {pool.describe_stream()}",
