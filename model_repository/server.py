@@ -407,14 +407,15 @@ class Stub:
     pid: int
     model: str
     shm_region: str
-    create_time: float
+    process: object  # psutil.Process: its identity (pid, start ticks since boot) ignores wall-clock steps
 
     def alive(self) -> bool:
+        """Not a creation time compared in wall-clock seconds: that moves when the clock is stepped
+        (/proc/stat btime), and CI once saw every stub of two servers 'die' at the same instant."""
         import psutil
 
         try:
-            proc = psutil.Process(self.pid)
-            return proc.create_time() == self.create_time and proc.status() != psutil.STATUS_ZOMBIE
+            return self.process.is_running() and self.process.status() != psutil.STATUS_ZOMBIE
         except psutil.NoSuchProcess:
             return False
 
@@ -424,12 +425,12 @@ def find_stubs(pgid: int) -> dict[int, Stub]:
     import psutil
 
     stubs = {}
-    for proc in psutil.process_iter(["pid", "cmdline", "create_time"]):
+    for proc in psutil.process_iter(["pid", "cmdline"]):
         cmd = proc.info["cmdline"] or []
         try:
             if len(cmd) >= 3 and cmd[0].endswith(STUB_BINARY) and os.getpgid(proc.pid) == pgid:
                 model = Path(cmd[1]).parent.parent.name  # <repo>/<model>/<version>/model.py
-                stubs[proc.pid] = Stub(proc.pid, model, Path(cmd[2]).name, proc.info["create_time"])
+                stubs[proc.pid] = Stub(proc.pid, model, Path(cmd[2]).name, proc)
         except (ProcessLookupError, PermissionError):
             continue
     return stubs

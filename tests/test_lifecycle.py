@@ -22,7 +22,7 @@ from conftest import ref_image, speech_chunks, start_server, url
 from flowact.client.stream import AvatarStream, StreamError
 from flowact.contract import SNAPSHOT_KEY_ENV
 from flowact.presets import get_preset
-from flowact.serving.server import StartupError, TritonServer, free_ports, shm_regions
+from flowact.serving.server import StartupError, Stub, TritonServer, free_ports, shm_regions
 
 TINY = get_preset("tiny")
 KEY = "test-snapshot-key-0123456789abcdef"
@@ -225,6 +225,24 @@ def test_gpu_load_failures_are_causes_not_cpu_noise():
 
 
 # --- oversized requests ------------------------------------------------------------------------------
+
+
+def test_a_stepped_wall_clock_does_not_kill_a_live_stub(monkeypatch):
+    """A stub's identity must survive a wall-clock step: psutil's wall-clock create_time moves with
+    /proc/stat's btime (here shifted by 1 s, as a VM's clock sync does), and a watchdog that compared it
+    once stopped two healthy servers in CI at the same instant. A real exit is still seen."""
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        stub = Stub(proc.pid, "stream", "region", psutil.Process(proc.pid))
+        started = stub.process.create_time()  # wall-clock seconds
+        real_btime = psutil._pslinux.boot_time()
+        monkeypatch.setattr(psutil._pslinux, "boot_time", lambda: real_btime + 1.0)
+        assert psutil.Process(proc.pid).create_time() == started + 1.0  # the step moves a wall-clock identity
+        assert stub.alive()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not stub.alive()
 
 
 def test_oversized_requests_leave_memory_bounded(tmp_path, onnx_dir):

@@ -465,7 +465,7 @@ def test_fuzzed_requests_never_crash_leak_or_disturb_a_healthy_stream(fuzz_serve
             else:
                 assert result.as_numpy("FRAMES").shape == (1, 12, 64, 64, 3)
             assert server.process.poll() is None, "tritonserver died"
-            assert not failures, failures
+            assert not failures, (failures, server.failures)  # the launcher's account, if it stopped the server
 
         fuzz()
     finally:
@@ -473,7 +473,7 @@ def test_fuzzed_requests_never_crash_leak_or_disturb_a_healthy_stream(fuzz_serve
         stop.set()
         thread.join(timeout=60)
     fuzz_s = time.monotonic() - t0
-    assert not failures, failures
+    assert not failures, (failures, server.failures)
     print(f"\nfuzz: {sum(outcomes.values())} requests in {fuzz_s:.0f} s; outcomes: {dict(outcomes.most_common())}; "
           f"healthy stream: {len(frames)} chunks")
     for category in sorted(examples):
