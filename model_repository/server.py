@@ -404,10 +404,13 @@ class TritonServer:
 class Stub:
     """One python backend stub process (one per python model instance)."""
 
-    pid: int
     model: str
     shm_region: str
     process: object  # psutil.Process: its identity (pid, start ticks since boot) ignores wall-clock steps
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
     def alive(self) -> bool:
         """Not a creation time compared in wall-clock seconds: that moves when the clock is stepped
@@ -430,7 +433,7 @@ def find_stubs(pgid: int) -> dict[int, Stub]:
         try:
             if len(cmd) >= 3 and cmd[0].endswith(STUB_BINARY) and os.getpgid(proc.pid) == pgid:
                 model = Path(cmd[1]).parent.parent.name  # <repo>/<model>/<version>/model.py
-                stubs[proc.pid] = Stub(proc.pid, model, Path(cmd[2]).name, proc)
+                stubs[proc.pid] = Stub(model, Path(cmd[2]).name, proc)
         except (ProcessLookupError, PermissionError):
             continue
     return stubs

@@ -224,16 +224,13 @@ def test_gpu_load_failures_are_causes_not_cpu_noise():
     assert cause_lines(log) == [log[2]]
 
 
-# --- oversized requests ------------------------------------------------------------------------------
-
-
 def test_a_stepped_wall_clock_does_not_kill_a_live_stub(monkeypatch):
     """A stub's identity must survive a wall-clock step: psutil's wall-clock create_time moves with
     /proc/stat's btime (here shifted by 1 s, as a VM's clock sync does), and a watchdog that compared it
     once stopped two healthy servers in CI at the same instant. A real exit is still seen."""
     proc = subprocess.Popen(["sleep", "60"])
     try:
-        stub = Stub(proc.pid, "stream", "region", psutil.Process(proc.pid))
+        stub = Stub("stream", "region", psutil.Process(proc.pid))
         started = stub.process.create_time()  # wall-clock seconds
         real_btime = psutil._pslinux.boot_time()
         monkeypatch.setattr(psutil._pslinux, "boot_time", lambda: real_btime + 1.0)
@@ -243,6 +240,9 @@ def test_a_stepped_wall_clock_does_not_kill_a_live_stub(monkeypatch):
         proc.kill()
         proc.wait()
     assert not stub.alive()
+
+
+# --- oversized requests ------------------------------------------------------------------------------
 
 
 def test_oversized_requests_leave_memory_bounded(tmp_path, onnx_dir):
