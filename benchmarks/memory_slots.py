@@ -32,7 +32,7 @@ from flowact.benchmarks.flops import count_flops
 from flowact.networks import build_networks
 from flowact.presets import LATENT_CHANNELS, LATENT_FRAMES_PER_CHUNK, PRESETS, SAMPLES_PER_CHUNK, get_preset
 from flowact.runtime import Runners
-from flowact.session import MemoryBank, StreamSession, step_batch
+from flowact.session import MemoryBank, StreamSession, step_batch, valid_slots
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -40,15 +40,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def views(preset) -> dict[str, tuple[int, ...]]:
     """The valid slots of a new stream's chunks while its bank fills, and of a refinement, from a real
     MemoryBank (one-pixel latents: only its validity matters)."""
-    def slots(valid: torch.Tensor) -> tuple[int, ...]:
-        return tuple(i for i, ok in enumerate(valid.tolist()) if ok)
-
     bank = MemoryBank(torch.zeros(1, 1, 1), preset.long_term_size)
     out = {}
     while not bank.full():
-        out[f"chunk {len(out) + 1}"] = slots(bank.valid)
+        out[f"chunk {len(out) + 1}"] = valid_slots(bank.valid)
         bank.push(torch.zeros(LATENT_FRAMES_PER_CHUNK, 1, 1, 1))
-    out["refinement"] = slots(bank.without_short_term())
+    out["refinement"] = valid_slots(bank.without_short_term())
     return out
 
 

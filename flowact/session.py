@@ -478,15 +478,20 @@ def memory_groups(valid: Sequence[Tensor], subsets: bool) -> list[tuple[list[int
     A new stream never puts a mask on the steady ones."""
     groups: dict[MemoryView, list[int]] = {}
     for i, v in enumerate(valid):
-        ok = v.tolist()
-        if all(ok):
+        slots = valid_slots(v)
+        if len(slots) == len(v):
             view = MemoryView(None, False)
         elif subsets:
-            view = MemoryView(tuple(j for j, filled in enumerate(ok) if filled), False)
+            view = MemoryView(slots, False)
         else:
             view = MemoryView(None, True)
         groups.setdefault(view, []).append(i)
     return [(group, view) for view, group in groups.items()]
+
+
+def valid_slots(valid: Tensor) -> tuple[int, ...]:
+    """The filled slots of one bank's validity (Fm,) bool, in bank order."""
+    return tuple(j for j, filled in enumerate(valid.tolist()) if filled)
 
 
 def memory_pass(memory: Tensor, valid: Tensor, view: MemoryView, run: Runners) -> tuple[Tensor, Tensor | None]:

@@ -9,7 +9,7 @@ import torch
 
 from conftest import ref_image, run_session, speech_chunks
 from flowact.runtime import Runners
-from flowact.session import InputError, MemoryBank, StreamSession, sampling_times, step_batch
+from flowact.session import InputError, MemoryBank, StreamSession, sampling_times, step_batch, valid_slots
 from flowact.media import read_mp4
 from flowact.models.text_encoder import tokenize
 from flowact.networks import build_networks
@@ -374,10 +374,9 @@ def test_memory_slots_benchmark_views_are_the_banks(tiny, tiny_runners):
     session = StreamSession(tiny, tiny_runners)
     session.start(ref_image(tiny), seed=0)
     for k, chunk in enumerate(speech_chunks(tiny.long_term_size + 1)):
-        valid = tuple(i for i, ok in enumerate(session.state.memory.valid.tolist()) if ok)
-        assert views[f"chunk {k + 1}"] == valid
+        assert views[f"chunk {k + 1}"] == valid_slots(session.state.memory.valid)
         step_batch([session], [chunk], [None])
     assert session.state.memory.full()
-    assert views["refinement"] == tuple(i for i, ok in enumerate(session.state.memory.without_short_term().tolist()) if ok)
+    assert views["refinement"] == valid_slots(session.state.memory.without_short_term())
     rows = memory_slots.flops(tiny)
     assert all(r["slots"]["chunk_tflop"] < r["mask"]["chunk_tflop"] for r in rows.values())
