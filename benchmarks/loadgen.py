@@ -1,5 +1,6 @@
-"""Load generator for `flowact bench serve`: per-stream timings, their statistics, and an asyncio
-gRPC client that drives many avatar streams at once.
+"""Load generator for `flowact bench serve`: per-stream timings, their statistics, and a driver that
+runs many avatar streams at once, a thread each, through the shipped client (`AvatarStream.run`,
+so streams fail over as `flowact stream` does, and the timings count their failovers).
 
 Timing model. Chunk i of a stream is *due* at `t_start + i * 0.48 s` (its audio exists from then
 on: a live speaker); its latency is arrival minus due time, so a client that falls behind (a full
@@ -15,14 +16,15 @@ same `StreamTiming` and are judged by the same rules.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 import numpy as np
 
-from flowact.contract import ENSEMBLE_MODEL, FRAMES, STREAM_ID_BYTES
+from flowact.client.stream import FailoverPolicy
+from flowact.contract import ENSEMBLE_MODEL, STREAM_ID_BYTES
 from flowact.presets import CHUNK_SECONDS, FRAMES_PER_CHUNK, SAMPLES_PER_CHUNK
 from flowact.stats import count_stalls, percentile
 
@@ -43,6 +45,7 @@ class StreamTiming:
     sent: list[float] = field(default_factory=list)  # when chunk i actually left
     arrivals: list[float] = field(default_factory=list)  # when chunk i's frames arrived, in order
     error: str | None = None  # the server's (or the client's) message when the stream failed
+    failovers: list[dict] = field(default_factory=list)  # flowact.client.stream.Failover, as dicts
 
     @property
     def latencies(self) -> list[float]:
@@ -94,6 +97,7 @@ def summarise(streams: list[StreamTiming], jitter_buffer: float) -> dict:
         "chunks": sum(len(s.arrivals) for s in streams),
         "chunks_expected": expected,
         "missing_chunks": sum(s.missing for s in streams),
+        "failovers": sum(len(s.failovers) for s in streams),
         "errors": errors,
         "ttff_p50_s": percentile(ttffs, 50), "ttff_p99_s": percentile(ttffs, 99),
         "ttff_max_s": max(ttffs) if ttffs else float("nan"),
@@ -201,7 +205,7 @@ class _NoMetrics:
         return self
 
 
-# --- the asyncio gRPC client ---------------------------------------------------------------------
+# --- the driver: the shipped client, a thread per stream -----------------------------------------
 
 
 @dataclass
@@ -215,108 +219,80 @@ class LoadSpec:
     max_in_flight: int = 3  # chunks a stream may have outstanding
     jitter_buffer: float = 0.2
     timeout_s: float = 120.0
+    failover: FailoverPolicy | None = FailoverPolicy()  # continue streams whose replica goes away (None: fail)
 
 
-async def drive_stream(spec: LoadSpec, index: int, t_start: float, until: float, chunks: int | None,
-                       metrics=None) -> StreamTiming:
-    """One avatar stream on its own gRPC stream (tritonclient.grpc.aio). Paced: `chunks` chunks due
-    every 0.48 s from `t_start`. Unpaced: chunks as fast as the window allows until `until`. Either
-    way the stream gives up at `until` (paced) or `until + timeout` (unpaced) and cancels."""
-    import tritonclient.grpc as grpcclient
-    import tritonclient.grpc.aio as aioclient
-
-    from flowact.client.stream import make_inputs
+def drive_stream(spec: LoadSpec, index: int, t_start: float, until: float, chunks: int | None,
+                 metrics=None) -> StreamTiming:
+    """One avatar stream through the shipped client (`AvatarStream.run`, failover included), on its
+    own gRPC stream. Paced: `chunks` chunks due every 0.48 s from `t_start`. Unpaced: chunks as fast
+    as the window allows until `until`. Either way the stream gives up at `until` (paced) or
+    `until + timeout` (unpaced)."""
+    from flowact.client.stream import AvatarStream, StreamError
 
     metrics = metrics or _NoMetrics()
     timing = StreamTiming(new_stream_id(), expected=chunks or 0)
     loop_audio = stream_audio(spec.audio, index)
-    slots = asyncio.Semaphore(spec.max_in_flight)
-    total: list[int] = []  # chunks sent, once the last one left
-    outputs = [grpcclient.InferRequestedOutput(FRAMES)]
-    sid, label = timing.stream_id, str(index)
+    label = str(index)
 
-    async def requests():
+    def audio():
         for i in itertools.count():
-            if spec.paced:
-                await asyncio.sleep(max(0.0, t_start + i * CHUNK_SECONDS - time.monotonic()))
-            await slots.acquire()
-            now = time.monotonic()
-            last = (chunks is not None and i == chunks - 1) or (not spec.paced and now >= until)
-            timing.due.append(t_start + i * CHUNK_SECONDS if spec.paced else now)
-            timing.sent.append(now)
-            first = i == 0
-            yield {"model_name": spec.model, "outputs": outputs, "sequence_id": sid,
-                   "sequence_start": first, "sequence_end": last,
-                   "inputs": make_inputs(loop_audio.chunk(i), spec.image if first else None, index if first else None)}
-            if last:
-                total.append(i + 1)
+            if chunks is not None and i == chunks:
                 return
+            if chunks is None and i > 0 and time.monotonic() >= until:
+                return
+            yield loop_audio.chunk(i)
 
-    client = aioclient.InferenceServerClient(spec.url)
-    responses = client.stream_infer(requests())
-    metrics.active.labels(spec.preset).inc()
-
-    async def receive():
-        async for result, error in responses:
-            now = time.monotonic()
-            slots.release()
-            if error is not None:
-                timing.error = error.message() if hasattr(error, "message") else str(error)
-                metrics.errors.labels(spec.preset).inc()
-                return
-            frames = result.as_numpy(FRAMES)
-            if frames is None or frames.shape[1] != FRAMES_PER_CHUNK:
-                timing.error = f"bad FRAMES output: {None if frames is None else frames.shape}"
-                return
-            k = len(timing.arrivals)
-            timing.arrivals.append(now)
-            latency = now - timing.due[k]
-            if k == 0:
-                metrics.ttff.labels(spec.preset).observe(latency)
-            else:
-                metrics.latency.labels(spec.preset).observe(latency)
-                if now > playback_deadline(k, timing.arrivals[0], spec.jitter_buffer):
-                    metrics.stalls.labels(spec.preset, label).inc()
-            metrics.chunks.labels(spec.preset, label).inc()
-            if total and len(timing.arrivals) == total[0]:
-                return
-
-    budget = until - time.monotonic() + (0.0 if spec.paced else spec.timeout_s)
-    try:
-        await asyncio.wait_for(receive(), timeout=max(budget, 1.0))
-    except asyncio.TimeoutError:
-        if spec.paced:  # the deadline passed: what did not arrive is missing (counted as stalls)
-            timing.error = None
+    def on_chunk(frames: np.ndarray) -> None:
+        now = time.monotonic()
+        k = len(timing.arrivals)
+        timing.arrivals.append(now)
+        due = t_start + k * CHUNK_SECONDS if spec.paced else stream.result.send_times[k]
+        if k == 0:
+            metrics.ttff.labels(spec.preset).observe(now - due)
         else:
-            timing.error = f"no response within {spec.timeout_s:.0f} s"
-    except Exception as e:  # a broken stream is a result, not a crash of the benchmark
-        timing.error = f"{type(e).__name__}: {e}"
+            metrics.latency.labels(spec.preset).observe(now - due)
+            if now > playback_deadline(k, timing.arrivals[0], spec.jitter_buffer):
+                metrics.stalls.labels(spec.preset, label).inc()
+        metrics.chunks.labels(spec.preset, label).inc()
+
+    metrics.active.labels(spec.preset).inc()
+    stream = AvatarStream(spec.url, timing.stream_id, spec.model, spec.timeout_s, failover=spec.failover)
+    try:
+        stream.run(spec.image, audio(), seed=index, realtime=spec.paced, max_in_flight=spec.max_in_flight,
+                   on_chunk=on_chunk, start_at=t_start, deadline=until + (0.0 if spec.paced else spec.timeout_s))
+    except StreamError as e:  # a broken stream is a result, not a crash of the benchmark
+        timing.error = str(e)
+        metrics.errors.labels(spec.preset).inc()
     finally:
-        responses.cancel()
         metrics.active.labels(spec.preset).dec()
-        await client.close()
+        stream.close(cancel_requests=True)
+    result = stream.result
+    timing.stream_id = stream.stream_id  # the last one (each failover STARTs under a fresh id)
+    timing.sent = result.send_times
+    timing.due = [t_start + i * CHUNK_SECONDS for i in range(len(timing.sent))] if spec.paced else list(timing.sent)
+    timing.failovers = [asdict(f) for f in result.failovers]
     if not spec.paced:
+        if timing.error is None and len(timing.arrivals) < len(timing.sent):
+            timing.error = f"no response within {spec.timeout_s:.0f} s"
         timing.expected = len(timing.arrivals) if timing.error is None else len(timing.sent)
     return timing
 
 
-async def run_point_async(spec: LoadSpec, n: int, duration_s: float, grace_s: float, metrics=None,
-                          stagger: bool = True) -> list[StreamTiming]:
-    """N streams at once. Paced streams start spread over one chunk period (live streams do not
-    arrive in lock step) and each sends ceil(duration / 0.48) chunks; the point ends when every
-    chunk arrived or `grace_s` after the last one was due."""
+def run_point(spec: LoadSpec, n: int, duration_s: float, grace_s: float = 5.0, metrics=None,
+              stagger: bool = True) -> list[StreamTiming]:
+    """N streams at once, a thread each. Paced streams start spread over one chunk period (live
+    streams do not arrive in lock step) and each sends ceil(duration / 0.48) chunks; the point ends
+    when every chunk arrived or `grace_s` after the last one was due."""
     chunks = max(2, int(np.ceil(duration_s / CHUNK_SECONDS))) if spec.paced else None
     t0 = time.monotonic() + 0.2
     until = t0 + (chunks * CHUNK_SECONDS + CHUNK_SECONDS + grace_s if spec.paced else duration_s)
     if metrics is not None:
         metrics.target.labels(spec.preset).set(n)
-    tasks = [drive_stream(spec, k, t0 + (k * CHUNK_SECONDS / n if stagger else 0.0), until, chunks, metrics)
-             for k in range(n)]
-    return list(await asyncio.gather(*tasks))
-
-
-def run_point(spec: LoadSpec, n: int, duration_s: float, grace_s: float = 5.0, metrics=None) -> list[StreamTiming]:
-    return asyncio.run(run_point_async(spec, n, duration_s, grace_s, metrics))
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        futures = [pool.submit(drive_stream, spec, k, t0 + (k * CHUNK_SECONDS / n if stagger else 0.0), until, chunks,
+                               metrics) for k in range(n)]
+        return [f.result() for f in futures]
 
 
 def throughput(streams: list[StreamTiming]) -> dict:

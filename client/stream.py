@@ -15,11 +15,30 @@ Resumable streams: with `want_snapshots=True` every response also carries the st
 state (`AvatarStream.snapshot`, opaque bytes). If the server goes away, a new AvatarStream on any
 server of the same deployment continues the stream with `run(None, remaining_chunks,
 snapshot=that_snapshot)`: the frames are those an uninterrupted run would have produced.
+
+Failover: with `failover=FailoverPolicy()` (what `flowact stream` and the load generator use) `run`
+does that by itself. It asks for a snapshot on chunks 0, K, 2K, ... (`snapshot_every`) and keeps
+the audio of every chunk since the latest one. When the replica goes away (the gRPC stream breaks,
+or the server answers "server is stopping", "server is draining", "at capacity", or that its python
+stub is not healthy: `flowact.contract.FAILOVER_REFUSALS`) it opens a new gRPC stream to the same
+address (a gateway in front of the replicas), STARTs under a fresh random stream id (the old one may
+still be held on a live replica until its idle TTL) with RESUME = the latest snapshot, or before the
+first snapshot a fresh START with the same image and seed (same seed, same noise), and re-sends
+every chunk from there. Chunks the replay regenerates that were already delivered are dropped (the
+responses of one gRPC stream come in order, so the n-th answer is chunk start + n): the caller gets
+every chunk exactly once, with the frames of an uninterrupted stream. Retries wait with exponential
+backoff and full jitter, bounded in attempts and seconds per failover; then a StreamError names the
+cause. Each failover is reported in `StreamResult.failovers`. A server without a snapshot key refuses
+the START that asks for one: the stream (and this process's later streams to that address) then
+runs without snapshots and fails over by replaying from chunk 0. Without `failover` a failure raises StreamError at once (as before).
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import queue
+import random
 import secrets
 import threading
 import time
@@ -30,8 +49,10 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from flowact.contract import (AUDIO, BEHAVIOUR, ENSEMBLE_MODEL, FRAMES, PROMPT, REF_IMAGE, RESUME, SEED, SNAPSHOT,
-                              STREAM_ID_BYTES, WANT_SNAPSHOT, WIRE_DTYPES)
+from flowact.contract import (AUDIO, BEHAVIOUR, ENSEMBLE_MODEL, FAILOVER_BACKOFF_S, FAILOVER_CONNECTION_LOST,
+                              FAILOVER_MAX_ATTEMPTS, FAILOVER_MAX_BACKOFF_S, FAILOVER_MAX_SECONDS, FAILOVER_REFUSALS,
+                              FAILOVER_SNAPSHOT_EVERY, FRAMES, PROMPT, REF_IMAGE, RESUME, SEED, SNAPSHOT,
+                              SNAPSHOTS_DISABLED, STREAM_ID_BYTES, WANT_SNAPSHOT, WIRE_DTYPES)
 from flowact.presets import CHUNK_SECONDS
 from flowact.stats import StreamSummary
 
@@ -47,12 +68,54 @@ class StreamError(RuntimeError):
     """The server refused or failed a chunk of this stream, or could not be reached; the message says which."""
 
 
+class NoResponse(StreamError):
+    """No answer came within the stream's timeout."""
+
+
+class ReplicaGone(StreamError):
+    """The stream's replica went away or would not take it (`cause`: a FAILOVER_REFUSALS value or
+    FAILOVER_CONNECTION_LOST); with failover on, the stream continues elsewhere."""
+
+    def __init__(self, message: str, cause: str):
+        super().__init__(message)
+        self.cause = cause
+
+
+@dataclass(frozen=True)
+class FailoverPolicy:
+    """How a stream continues after its replica went away (defaults: flowact.contract)."""
+
+    snapshot_every: int = FAILOVER_SNAPSHOT_EVERY  # ask for a snapshot on chunks 0, K, 2K, ... (0: never; replay from 0)
+    max_attempts: int = FAILOVER_MAX_ATTEMPTS  # STARTs tried per failover
+    max_seconds: float = FAILOVER_MAX_SECONDS  # seconds per failover, from the failure
+    backoff_s: float = FAILOVER_BACKOFF_S
+    max_backoff_s: float = FAILOVER_MAX_BACKOFF_S
+
+    def delay(self, retry: int) -> float:
+        """Seconds to wait before retry `retry` (0, 1, ...): exponential backoff with full jitter."""
+        return random.uniform(0.0, min(self.max_backoff_s, self.backoff_s * 2 ** retry))
+
+
+@dataclass
+class Failover:
+    """One failover of a stream, as the viewer saw it."""
+
+    cause: str  # FAILOVER_CONNECTION_LOST or a FAILOVER_REFUSALS value
+    message: str  # what gRPC or the server said
+    at_chunk: int  # the first chunk not delivered when it happened
+    resumed_from: int  # the chunk the new START began with (0: a fresh START, else after its snapshot)
+    replayed: int  # chunks sent again (sent before the failure, not covered by the snapshot)
+    attempts: int  # STARTs it took
+    gap_s: float  # from the last chunk delivered before the failure to the next new chunk delivered
+
+
 @dataclass
 class StreamResult:
     frames: list[np.ndarray] = field(default_factory=list)  # one (12, H, W, 3) uint8 per chunk
-    snapshot: bytes | None = None  # the stream's state after the last chunk (want_snapshots=True)
-    send_times: list[float] = field(default_factory=list)  # monotonic seconds
-    arrival_times: list[float] = field(default_factory=list)
+    snapshot: bytes | None = None  # the stream's latest snapshot (want_snapshots=True, or failover)
+    send_times: list[float] = field(default_factory=list)  # monotonic seconds chunk i was first sent
+    arrival_times: list[float] = field(default_factory=list)  # ... and delivered
+    failovers: list[Failover] = field(default_factory=list)
 
     def summary(self, jitter_buffer: float = 0.0) -> StreamSummary:
         latencies = [a - s for s, a in zip(self.send_times, self.arrival_times)]
@@ -95,118 +158,266 @@ def resume_refusal(snapshot: bytes, message: str) -> str:
     return f"{RESUME}: {what} ({len(snapshot)} bytes) does not fit this server's preset: {message}"
 
 
+# Addresses whose server refused a snapshot (it has no FLOWACT_SNAPSHOT_KEY): this process's later
+# streams there ask for none, and fail over by replaying from chunk 0.
+NO_SNAPSHOTS: set[str] = set()
+
+
+def refusal_cause(message: str) -> str | None:
+    """The failover cause a server's refusal names (FAILOVER_REFUSALS), or None: not a replica's failure."""
+    return next((cause for text, cause in FAILOVER_REFUSALS.items() if text in message), None)
+
+
+class ChunkSource:
+    """A run's audio, read one chunk ahead from the caller's iterable (the END goes with the last),
+    keeping every chunk not yet forgotten (those since the latest snapshot): what a failover re-sends."""
+
+    def __init__(self, chunks: Iterable[np.ndarray]):
+        self.source = iter(chunks)
+        self.kept: dict[int, np.ndarray] = {}
+        self.read = 0  # chunks taken from the source
+        self.total: int | None = None  # known once the source is exhausted
+        self.lock = threading.Lock()
+
+    def get(self, i: int) -> np.ndarray | None:
+        """Chunk i (None: the audio ended before it)."""
+        with self.lock:
+            while self.read <= i and self.total is None:
+                try:
+                    self.kept[self.read] = next(self.source)
+                    self.read += 1
+                except StopIteration:
+                    self.total = self.read
+            return self.kept.get(i)
+
+    def forget_before(self, i: int) -> None:
+        with self.lock:
+            for k in [k for k in self.kept if k < i]:
+                del self.kept[k]
+
+
+@dataclass
+class Outage:
+    """A failover in progress: from the failure until the next new chunk is delivered."""
+
+    cause: str
+    message: str
+    at_chunk: int
+    since: float  # the last delivery before the failure (or the first send)
+    started: float  # when the failure was seen
+    sent: int  # chunks sent before the failure
+    attempts: int = 0
+    resumed_from: int = 0
+
+
 class AvatarStream:
-    """One avatar stream over one gRPC bidirectional stream."""
+    """One avatar stream over one gRPC bidirectional stream (a new one per failover)."""
 
     def __init__(self, url: str, stream_id: int | str | None = None, model: str = MODEL, timeout_s: float = 60.0,
-                 want_snapshots: bool = False):
+                 want_snapshots: bool = False, failover: FailoverPolicy | None = None):
         self.url, self.model, self.timeout_s = url, model, timeout_s
         self.stream_id = stream_id if stream_id is not None else new_stream_id()
-        self.want_snapshots = want_snapshots
+        self.want_snapshots = want_snapshots  # a snapshot with every chunk
+        self.failover = failover  # None: a failure raises StreamError
         self.snapshot: bytes | None = None  # the latest snapshot received
-        self.outputs = [FRAMES, SNAPSHOT] if want_snapshots else [FRAMES]
-        self.client = grpcclient.InferenceServerClient(url)
-        self.responses: queue.Queue = queue.Queue()
+        self.result: StreamResult | None = None  # the latest run's (after a StreamError: what arrived)
         self.last_error: str | None = None  # the latest error the stream callback saw
         self.last_resume: bytes | None = None  # the snapshot the latest START resumed from
-        self.client.start_stream(callback=self._on_response)
+        self.connect()
 
-    def _on_response(self, result, error):  # tritonclient needs these parameter names
+    def connect(self) -> None:
+        """Open a gRPC stream (a new channel: after a failover it may reach another replica)."""
+        self.client = grpcclient.InferenceServerClient(self.url)
+        self.responses: queue.Queue = queue.Queue()  # this gRPC stream's answers only
+        self.client.start_stream(callback=functools.partial(self._on_response, self.responses))
+
+    def _on_response(self, answers: queue.Queue, result, error):  # tritonclient needs these parameter names
         if error is not None:
             self.last_error = error.message() if hasattr(error, "message") else str(error)
-        self.responses.put((time.monotonic(), result, error))
+        answers.put((time.monotonic(), result, error))
 
     def send(self, audio: np.ndarray, start: bool = False, end: bool = False, image=None, seed=None, prompt=None,
-             behaviour=None, snapshot: bytes | None = None):
-        inputs = make_inputs(audio, image, seed, prompt, behaviour, snapshot, self.want_snapshots)
+             behaviour=None, snapshot: bytes | None = None, want_snapshot: bool = False):
+        inputs = make_inputs(audio, image, seed, prompt, behaviour, snapshot, self.want_snapshots or want_snapshot)
         if start:
             self.last_resume = snapshot
         try:
             self.client.async_stream_infer(self.model, inputs, sequence_id=self.stream_id, sequence_start=start,
-                                           sequence_end=end,
-                                           outputs=[grpcclient.InferRequestedOutput(name) for name in self.outputs])
+                                           sequence_end=end, outputs=[grpcclient.InferRequestedOutput(FRAMES),
+                                                                      grpcclient.InferRequestedOutput(SNAPSHOT)])
         except InferenceServerException as e:  # the gRPC stream broke (server gone); the cause came to the callback
             cause = self.last_error or e.message()
-            raise StreamError(f"stream {self.stream_id}: connection to the server lost ({cause}); open a new "
-                              "AvatarStream (with RESUME to continue from the last snapshot)") from None
+            raise ReplicaGone(f"stream {self.stream_id}: connection to the server lost ({cause}); open a new "
+                              "AvatarStream (with RESUME to continue from the last snapshot)",
+                              FAILOVER_CONNECTION_LOST) from None
 
-    def receive(self) -> tuple[float, np.ndarray]:
+    def receive(self, timeout_s: float | None = None) -> tuple[float, np.ndarray]:
+        arrival, frames, _ = self._receive(timeout_s)
+        return arrival, frames
+
+    def _receive(self, timeout_s: float | None = None) -> tuple[float, np.ndarray, bytes | None]:
+        """-> (arrival, frames, the snapshot this answer carried or None)."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         try:
-            arrival, result, error = self.responses.get(timeout=self.timeout_s)
+            arrival, result, error = self.responses.get(timeout=timeout_s)
         except queue.Empty:
-            raise StreamError(f"stream {self.stream_id}: no response within {self.timeout_s:.0f} s") from None
+            raise NoResponse(f"stream {self.stream_id}: no response within {timeout_s:.0f} s") from None
+        if isinstance(error, StreamError):  # from the sender: this gRPC stream could not take a request
+            raise error
         if error is not None:
             message = error.message() if hasattr(error, "message") else str(error)
             if getattr(error, "status", lambda: None)() is not None:  # a gRPC status: the stream itself broke
-                raise StreamError(f"stream {self.stream_id}: connection to the server lost ({error.status()}: {message}); "
-                                  "open a new AvatarStream (with RESUME to continue from the last snapshot)")
+                raise ReplicaGone(f"stream {self.stream_id}: connection to the server lost ({error.status()}: "
+                                  f"{message}); open a new AvatarStream (with RESUME to continue from the last "
+                                  "snapshot)", FAILOVER_CONNECTION_LOST)
             if self.last_resume is not None and f"input '{RESUME}'" in message:  # Triton refused its size
                 message = resume_refusal(self.last_resume, message)
+            cause = refusal_cause(message)
+            if cause is not None:
+                raise ReplicaGone(f"stream {self.stream_id}: {message}", cause)
             raise StreamError(f"stream {self.stream_id}: {message}")  # the server's answer to this request
-        if self.want_snapshots:
-            self.snapshot = result.as_numpy(SNAPSHOT)[0].tobytes()
-        return arrival, result.as_numpy(FRAMES)[0]
+        snapshot = result.as_numpy(SNAPSHOT)
+        snapshot = snapshot[0].tobytes() if snapshot is not None and snapshot.size else None
+        if snapshot is not None:
+            self.snapshot = snapshot
+        return arrival, result.as_numpy(FRAMES)[0], snapshot
 
     def run(self, image: np.ndarray | None, chunks: Iterable[np.ndarray], seed: int = 0, prompt: str | None = None,
             realtime: bool = False, max_in_flight: int = 2,
             on_chunk: Callable[[np.ndarray], None] | None = None, end: bool = True,
-            snapshot: bytes | None = None, behaviour: str | None = None) -> StreamResult:
+            snapshot: bytes | None = None, behaviour: str | None = None,
+            start_at: float | None = None, deadline: float | None = None) -> StreamResult:
         """Send every chunk (START with the first, END with the last) and collect the frames in order.
 
         With `snapshot` the stream resumes from it (image and seed are then not needed). The second
         chunk leaves only once the START is answered: a refused START ends the run with nothing more
-        sent into an id that may belong to another stream."""
-        chunks = list(chunks)
-        result = StreamResult()
+        sent into an id that may belong to another stream. `chunks` is read one chunk ahead, so it may
+        be a generator. Real time paces chunk i at `start_at` (monotonic; default now) + 0.48 s * i.
+        At `deadline` (monotonic) the run stops and returns what arrived. With a failover policy a
+        lost replica is replaced (module docstring); `self.result` holds what arrived even when a
+        StreamError ends the run."""
+        source = ChunkSource(chunks)
+        result = self.result = StreamResult()
+        t0 = time.monotonic() if start_at is None else start_at
+        resume = snapshot  # the latest snapshot and the chunks it covers
+        covered = 0
+        snapshots = self.failover is not None and self.url not in NO_SNAPSHOTS
+        outage: Outage | None = None
+        while True:
+            try:
+                for j, arrival, frames, snap in self._attempt(source, covered, resume, image, seed, prompt, behaviour,
+                                                              end, realtime, t0, max_in_flight, snapshots, deadline):
+                    if snap is not None and j + 1 > covered:
+                        resume, covered = snap, j + 1
+                        result.snapshot = snap
+                        source.forget_before(covered)
+                    if j < len(result.frames):
+                        continue  # a replayed chunk the caller already has
+                    if outage is not None:
+                        result.failovers.append(Failover(outage.cause, outage.message, outage.at_chunk,
+                                                         outage.resumed_from, outage.sent - outage.resumed_from,
+                                                         outage.attempts, arrival - outage.since))
+                        outage = None
+                    result.arrival_times.append(arrival)
+                    result.frames.append(frames)
+                    if on_chunk is not None:
+                        on_chunk(frames)
+                return result
+            except ReplicaGone as e:
+                if self.failover is None:
+                    raise
+                now = time.monotonic()
+                if outage is None:
+                    since = result.arrival_times[-1] if result.arrival_times else t0
+                    outage = Outage(e.cause, str(e), len(result.frames), since, now, len(result.send_times))
+                outage.attempts += 1
+                outage.resumed_from = covered
+                waited = now - outage.started
+                if outage.attempts >= self.failover.max_attempts or waited >= self.failover.max_seconds:
+                    raise StreamError(f"{e} (failover gave up after {outage.attempts} attempts in {waited:.1f} s; "
+                                      f"it began with: {outage.cause}: {outage.message})") from None
+                pause = self.failover.delay(outage.attempts - 1)
+                if deadline is not None and now + pause >= deadline:
+                    return result
+                time.sleep(pause)
+            except StreamError as e:
+                if not (snapshots and SNAPSHOTS_DISABLED in str(e) and covered == 0 and resume is None):
+                    raise
+                snapshots = False  # this deployment has no snapshot key: fail over by replaying from chunk 0
+                NO_SNAPSHOTS.add(self.url)
+            self.reconnect()
+
+    def reconnect(self) -> None:
+        """Drop this gRPC stream and open another under a fresh id: the old id may still be held where
+        the stream was (a live replica keeps it until its idle TTL), and ids are capabilities."""
+        self.client.stop_stream(cancel_requests=True)
+        self.client.close()
+        self.stream_id = new_stream_id()
+        self.connect()
+
+    def _attempt(self, source: ChunkSource, begin: int, resume: bytes | None, image, seed, prompt, behaviour,
+                 end: bool, realtime: bool, t0: float, max_in_flight: int, snapshots: bool, deadline: float | None):
+        """One gRPC stream: START at chunk `begin` (RESUME with `resume`, else image and seed), send the
+        chunks from there, yield (chunk, arrival, frames, snapshot or None) as they arrive."""
+        result = self.result
         in_flight = threading.Semaphore(max_in_flight)
         stop = threading.Event()
-        started = threading.Event()  # the START's answer arrived (or the run ended)
-        t0 = time.monotonic()
-        errors: list[BaseException] = []
+        started = threading.Event()  # the START's answer arrived (or the attempt ended)
+        answers = self.responses
+        every = self.failover.snapshot_every if snapshots else 0
 
         def sender():
             try:
-                for i, audio in enumerate(chunks):
-                    if realtime:
-                        time.sleep(max(0.0, t0 + i * CHUNK_SECONDS - time.monotonic()))
-                    if i == 1 and (not started.wait(self.timeout_s) or stop.is_set()):
+                for i in itertools.count(begin):
+                    audio = source.get(i)
+                    if audio is None:
+                        return
+                    if realtime and stop.wait(max(0.0, t0 + i * CHUNK_SECONDS - time.monotonic())):
+                        return
+                    if i == begin + 1 and (not started.wait(self.timeout_s) or stop.is_set()):
                         return  # the START was refused (or never answered): the id is not ours
                     if not in_flight.acquire(timeout=self.timeout_s) or stop.is_set():
                         return
-                    result.send_times.append(time.monotonic())
-                    first = i == 0
-                    resume = first and snapshot is not None
-                    self.send(audio, start=first, end=end and i == len(chunks) - 1,
-                              image=image if first and not resume else None,
-                              seed=seed if first and not resume else None,
-                              prompt=prompt if first else None, behaviour=behaviour if first else None,
-                              snapshot=snapshot if resume else None)
+                    if i == len(result.send_times):
+                        result.send_times.append(time.monotonic())
+                    first = i == begin
+                    fresh = first and resume is None
+                    self.send(audio, start=first, end=end and source.get(i + 1) is None,
+                              image=image if fresh else None, seed=seed if fresh else None,
+                              prompt=prompt if i == 0 else None, behaviour=behaviour if i == 0 else None,
+                              snapshot=resume if first else None, want_snapshot=every > 0 and i % every == 0)
             except BaseException as e:  # surfaced by the receiving loop
-                errors.append(e)
+                failed = e if isinstance(e, StreamError) else StreamError(f"stream {self.stream_id}: sending failed: {e!r}")
+                answers.put((time.monotonic(), None, failed))
 
+        source.get(begin)  # an empty run ends here
         thread = threading.Thread(target=sender, daemon=True)
         thread.start()
         try:
-            for _ in chunks:
-                arrival, frames = self.receive()
+            for j in itertools.count(begin):
+                if source.total is not None and j >= source.total:
+                    return
+                wait = self.timeout_s if deadline is None else min(self.timeout_s, deadline - time.monotonic())
+                if wait <= 0:
+                    return
+                try:
+                    arrival, frames, snap = self._receive(wait)
+                except NoResponse:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return  # the caller's deadline: what arrived is the result
+                    raise
                 started.set()
                 in_flight.release()
-                result.arrival_times.append(arrival)
-                result.frames.append(frames)
-                result.snapshot = self.snapshot
-                if on_chunk is not None:
-                    on_chunk(frames)
+                yield j, arrival, frames, snap
         finally:
             stop.set()
             started.set()  # wake a sender waiting for the START's answer (it sees stop)
             in_flight.release()  # wake a sender waiting for a slot
             thread.join(timeout=self.timeout_s)
-        if errors:
-            raise StreamError(f"stream {self.stream_id}: sending failed: {errors[0]}")
-        return result
 
-    def close(self) -> None:
-        self.client.stop_stream()
+    def close(self, cancel_requests: bool = False) -> None:
+        """Close the gRPC stream: after the answers in flight, or at once with `cancel_requests`."""
+        self.client.stop_stream(cancel_requests=cancel_requests)
         self.client.close()
 
     def __enter__(self) -> "AvatarStream":

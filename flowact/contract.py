@@ -168,3 +168,27 @@ DRAIN_EVACUATE = "evacuate"  # the drain timeout passed: active streams are ende
 DEFAULT_DRAIN_TIMEOUT_S = 30.0  # `flowact serve --drain-timeout`: how long active streams may finish after SIGTERM
 EVACUATE_GRACE_S = 2.0  # after the drain timeout, how long streams get to receive "resume elsewhere"
 LAUNCHER_GUARD_KILL_S = 3.0  # launcher gone: the guard SIGTERMs the server group, SIGKILLs it after this
+
+# --- client failover (`AvatarStream(failover=...)`, `flowact stream`, the load generator) -----------
+# A stream whose replica goes away continues by itself: the client opens a new gRPC stream to the same
+# address (a gateway in production), STARTs with RESUME = its last SNAPSHOT (or, before the first one,
+# a fresh START with the same image and seed) and re-sends the chunks the snapshot does not cover.
+# Snapshots are asked on every FAILOVER_SNAPSHOT_EVERY-th chunk (0, K, 2K, ...): a snapshot is one
+# fixed size per preset (tiny 108,529 bytes, cpu 211,441, r1-480p 3,330,545) against 12 frames of
+# 147,456 / 589,824 / 14,376,960 bytes a chunk, so K = 4 adds 18 % / 9 % / 5.8 % to what a stream
+# receives, and a failover re-sends at most K chunks plus those in flight.
+FAILOVER_SNAPSHOT_EVERY = 4
+FAILOVER_MAX_ATTEMPTS = 10  # STARTs tried for one failover before the client gives up (StreamError): ~5 s of backoff on average
+FAILOVER_MAX_SECONDS = 30.0  # ... or seconds since the failure, whichever comes first
+FAILOVER_BACKOFF_S = 0.05  # retry n waits uniform(0, min(MAX, BACKOFF * 2**n)) s: full jitter
+FAILOVER_MAX_BACKOFF_S = 2.0
+# What makes a client fail over: the gRPC stream broke (any gRPC status), or the server's answer
+# contains a refusal below (texts of flowact.serving.streams, the stream model and Triton).
+FAILOVER_CONNECTION_LOST = "connection lost"
+FAILOVER_REFUSALS = {  # text in the server's message -> cause
+    "server is stopping": "stopping",
+    "server is draining": "draining",
+    "at capacity": "capacity",
+    "is not healthy": "replica failed",  # Triton: "Stub process '...' is not healthy" (the replica stops)
+}
+SNAPSHOTS_DISABLED = "snapshots are disabled"  # a server without FLOWACT_SNAPSHOT_KEY: fail over by replaying from chunk 0
