@@ -58,6 +58,14 @@ DEFAULT_CAPACITY = 4  # streams admitted at once
 DEFAULT_IDLE_TTL_S = 30.0  # a stream with no request for this long is freed
 DEFAULT_DRAIN_FILE = "/tmp/flowact/draining"
 DEFAULT_URL = f"{DEFAULT_HOST}:{DEFAULT_GRPC_PORT}"
+DEFAULT_HEALTH_PORT = 8003  # `flowact serve --health-port`: GET /ready (new streams welcome?) and /live, for gateways
+HEALTH_READY_PATH = "/ready"  # 200 "ready (a/c streams)", 503 "not ready: draining | at capacity (a/c) | triton not ready"
+HEALTH_LIVE_PATH = "/live"  # 200 while Triton is live
+
+# --- the gateway (`flowact gateway`: Envoy in front of the replicas) -------------------------------
+DEFAULT_GATEWAY_LISTEN = f"{DEFAULT_HOST}:9001"
+GATEWAY_MAX_REQUEST_BYTES = 8 * 1024 * 1024  # the largest legitimate request is r1-480p's full START, 4.6 MB (README "Request size")
+GATEWAY_HEALTH_INTERVAL_S = 1.0  # Envoy's active check of each replica's /ready
 
 # --- metrics the stream model publishes (name -> kind, help); the chart's contract ---------------
 ACTIVE_STREAMS = "flowact_active_streams"
