@@ -16,6 +16,7 @@ COMMANDS = {
     "serve": "flowact.serving.cli",
     "drain": "flowact.serving.cli",
     "probe": "flowact.serving.cli",
+    "gateway": "flowact.serving.gateway",
     "stream": "flowact.client.cli",
     "web": "flowact.web.cli",
     "demo": "flowact.demo",
