@@ -105,7 +105,7 @@ class Failover:
     at_chunk: int  # the first chunk not delivered when it happened
     resumed_from: int  # the chunk the new START began with (0: a fresh START, else after its snapshot)
     replayed: int  # chunks sent again (sent before the failure, not covered by the snapshot)
-    attempts: int  # STARTs it took
+    attempts: int  # STARTs sent after the failure (the last one was admitted)
     gap_s: float  # from the last chunk delivered before the failure to the next new chunk delivered
 
 
@@ -164,7 +164,8 @@ NO_SNAPSHOTS: set[str] = set()
 
 
 def refusal_cause(message: str) -> str | None:
-    """The failover cause a server's refusal names (FAILOVER_REFUSALS), or None: not a replica's failure."""
+    """The failover cause a server's refusal names (FAILOVER_REFUSALS, any case), or None: not a replica's failure."""
+    message = message.lower()
     return next((cause for text, cause in FAILOVER_REFUSALS.items() if text in message), None)
 
 
@@ -333,8 +334,8 @@ class AvatarStream:
                 outage.attempts += 1
                 outage.resumed_from = covered
                 waited = now - outage.started
-                if outage.attempts >= self.failover.max_attempts or waited >= self.failover.max_seconds:
-                    raise StreamError(f"{e} (failover gave up after {outage.attempts} attempts in {waited:.1f} s; "
+                if outage.attempts > self.failover.max_attempts or waited >= self.failover.max_seconds:
+                    raise StreamError(f"{e} (failover gave up after {outage.attempts - 1} STARTs in {waited:.1f} s; "
                                       f"it began with: {outage.cause}: {outage.message})") from None
                 pause = self.failover.delay(outage.attempts - 1)
                 if deadline is not None and now + pause >= deadline:

@@ -186,15 +186,15 @@ LAUNCHER_GUARD_KILL_S = 3.0  # launcher gone: the guard SIGTERMs the server grou
 # 147,456 / 589,824 / 14,376,960 bytes a chunk, so K = 4 adds 18 % / 9 % / 5.8 % to what a stream
 # receives, and a failover re-sends at most K chunks plus those in flight.
 FAILOVER_SNAPSHOT_EVERY = 4
-FAILOVER_MAX_ATTEMPTS = 10  # STARTs tried for one failover before the client gives up (StreamError): ~5 s of backoff on average
+FAILOVER_MAX_ATTEMPTS = 20  # STARTs tried for one failover before the client gives up (StreamError): ~16 s of backoff on average
 FAILOVER_MAX_SECONDS = 30.0  # ... or seconds since the failure, whichever comes first
 FAILOVER_BACKOFF_S = 0.05  # retry n waits uniform(0, min(MAX, BACKOFF * 2**n)) s: full jitter
 FAILOVER_MAX_BACKOFF_S = 2.0
 # What makes a client fail over: the gRPC stream broke (any gRPC status), or the server's answer
-# contains a refusal below (texts of flowact.serving.streams, the stream model and Triton).
+# contains a refusal below, in any case (texts of flowact.serving.streams, the stream model and Triton).
 FAILOVER_CONNECTION_LOST = "connection lost"
-FAILOVER_REFUSALS = {  # text in the server's message -> cause
-    "server is stopping": "stopping",
+FAILOVER_REFUSALS = {  # lower-case text in the server's message -> cause
+    "server is stopping": "stopping",  # also Triton's own "Server is stopping, scheduler ... stopped accepting"
     "server is draining": "draining",
     "at capacity": "capacity",
     "is not healthy": "replica failed",  # Triton: "Stub process '...' is not healthy" (the replica stops)
