@@ -179,6 +179,8 @@ class ClientMetrics:
         self.stalls = Counter("flowact_client_stalls", "chunks that arrived after their playback deadline",
                               ["preset", "stream"], registry=self.registry)
         self.errors = Counter("flowact_client_stream_errors", "streams that failed", ["preset"], registry=self.registry)
+        self.failovers = Counter("flowact_client_failovers", "streams continued on another replica (or after a "
+                                 "refused START) by the client's failover", ["preset"], registry=self.registry)
         self.active = Gauge("flowact_client_active_streams", "streams the load generator is running", ["preset"],
                             registry=self.registry)
         self.target = Gauge("flowact_client_target_streams", "streams of the current load point", ["preset"],
@@ -268,6 +270,7 @@ def drive_stream(spec: LoadSpec, index: int, t_start: float, until: float, chunk
         metrics.active.labels(spec.preset).dec()
         stream.close(cancel_requests=True)
     result = stream.result
+    metrics.failovers.labels(spec.preset).inc(len(result.failovers))
     timing.stream_id = stream.stream_id  # the last one (each failover STARTs under a fresh id)
     timing.sent = result.send_times
     timing.due = [t_start + i * CHUNK_SECONDS for i in range(len(timing.sent))] if spec.paced else list(timing.sent)

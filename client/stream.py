@@ -230,6 +230,7 @@ class AvatarStream:
         """Open a gRPC stream (a new channel: after a failover it may reach another replica)."""
         self.client = grpcclient.InferenceServerClient(self.url)
         self.responses: queue.Queue = queue.Queue()  # this gRPC stream's answers only
+        self.last_error = None
         self.client.start_stream(callback=functools.partial(self._on_response, self.responses))
 
     def _on_response(self, answers: queue.Queue, result, error):  # tritonclient needs these parameter names
