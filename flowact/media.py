@@ -31,9 +31,18 @@ SPEECH_WAV = SAMPLES_DIR / "speech.wav"
 def load_image(path: str | Path, height: int, width: int) -> np.ndarray:
     """Read a PNG/JPEG as RGB, center-crop it to `width / height` and resize (LANCZOS). -> (H, W, 3) uint8."""
     with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img).convert("RGB")
-        img = ImageOps.fit(img, (width, height), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
-        return np.asarray(img, dtype=np.uint8).copy()
+        return fit_image(img, height, width)
+
+
+def fit_image(img: Image.Image, height: int, width: int) -> np.ndarray:
+    """An opened image (decoded here) -> RGB, upright (EXIF), center-cropped to `width / height` and resized
+    (LANCZOS). -> (H, W, 3) uint8. Holds one decoded copy at most: turned in place, converted only when
+    not RGB, and cropped by the resize itself."""
+    ImageOps.exif_transpose(img, in_place=True)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    img = ImageOps.fit(img, (width, height), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
+    return np.asarray(img, dtype=np.uint8).copy()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,11 +10,13 @@ import time
 import urllib.request
 from pathlib import Path
 
-from flowact.contract import (ACTIVE_STREAMS, ADMIN_KEY_ENV, DEFAULT_CAPACITY, DEFAULT_DRAIN_FILE, DEFAULT_DRAIN_TIMEOUT_S,
-                              DEFAULT_GRPC_PORT, DEFAULT_HOST, DEFAULT_HTTP_PORT, DEFAULT_IDLE_TTL_S,
+from flowact.contract import (ACTIVE_STREAMS, ADMIN_KEY_ENV, DEFAULT_CAPACITY, DEFAULT_DRAIN_TIMEOUT_S,
+                              DEFAULT_GRPC_PORT, DEFAULT_HEALTH_PORT, DEFAULT_HOST, DEFAULT_HTTP_PORT, DEFAULT_IDLE_TTL_S,
                               DEFAULT_METRICS_PORT, DRAIN_EVACUATE, DRAIN_FILE_ENV, DRAIN_STOPPING, ENSEMBLE_MODEL,
-                              EVACUATE_GRACE_S, MIN_RANDOM_ID_CHARS, REQUIRE_RANDOM_IDS_ENV, STREAM_CAPACITY,
+                              EVACUATE_GRACE_S, MIN_RANDOM_ID_CHARS, REQUIRE_RANDOM_IDS_ENV,
                               TRITONSERVER_ENV)
+from flowact.serving.drain import drain_file, drain_file_of, read_state, write_state
+from flowact.serving.health import HealthServer, metric_value, readiness
 from flowact.serving.server import StartupError, TritonServer
 
 # This module stays free of torch at import time: `probe` and `drain` run as Kubernetes probes.
@@ -23,20 +25,9 @@ PIPELINES = ("overlap", "serial")
 TARGETS = ("embedded", "torch")  # `trt` plans are built with `flowact export repository --target trt`
 
 
-def metric_value(text: str, name: str) -> float | None:
-    """Sum of a metric's samples in Prometheus text format (None if absent)."""
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-              if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " ")]
-    return sum(values) if values else None
-
-
 def scrape(metrics_url: str) -> str:
     with urllib.request.urlopen(metrics_url, timeout=5) as r:
         return r.read().decode()
-
-
-def drain_file() -> Path:
-    return Path(os.environ.get(DRAIN_FILE_ENV, DEFAULT_DRAIN_FILE))
 
 
 def add_parser(sub) -> None:
@@ -49,6 +40,8 @@ def add_parser(sub) -> None:
     p.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT)
     p.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT)
     p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT)
+    p.add_argument("--health-port", type=int, default=DEFAULT_HEALTH_PORT,
+                   help="GET /ready (Triton ready, not draining, below capacity: what gateways check) and /live")
     p.add_argument("--capacity", type=int, default=DEFAULT_CAPACITY, help="streams admitted at once (when building)")
     p.add_argument("--idle-ttl", type=float, default=DEFAULT_IDLE_TTL_S, help="seconds before an idle stream is freed (when building)")
     p.add_argument("--pipeline", choices=PIPELINES, default="overlap", help="decode overlapping denoise, or serial")
@@ -77,7 +70,9 @@ def add_parser(sub) -> None:
 
     d = sub.add_parser("drain", help="stop admitting streams, wait until active streams end (preStop)")
     d.add_argument("--deadline", type=float, default=300.0, help="seconds to wait for active streams")
-    d.add_argument("--metrics-url", default=f"http://{DEFAULT_HOST}:{DEFAULT_METRICS_PORT}/metrics")
+    d.add_argument("--metrics-url", default=f"http://{DEFAULT_HOST}:{DEFAULT_METRICS_PORT}/metrics",
+                   help="the server's metrics (its port also names its drain file)")
+    d.add_argument("--cancel", action="store_true", help="undo a drain: admit new streams again")
     d.set_defaults(func=_drain)
 
     r = sub.add_parser("probe", help="readiness for new streams: ready, not draining, below capacity")
@@ -128,8 +123,19 @@ def _serve(args) -> int:
             render_repository(get_preset(args.preset), Target.TORCH, repo, opts=opts, checkpoint=checkpoint)
         else:
             build_embedded_repository(args.preset, repo, checkpoint, opts)  # up-to-date exports are reused
-    drain_file().unlink(missing_ok=True)  # a restarted container must not inherit an old drain
-    extra_env = {REQUIRE_RANDOM_IDS_ENV: "1"} if args.require_random_ids else {}
+    try:
+        flag = drain_file(args.metrics_port)
+    except PermissionError as e:
+        raise SystemExit(f"flowact serve: drain state: {e}") from None
+    flag.unlink(missing_ok=True)  # a restarted container must not inherit an old drain
+    try:
+        return serve(args, repo, flag, key, key_source)
+    finally:
+        flag.unlink(missing_ok=True)  # a server that is gone drains nothing
+
+
+def serve(args, repo: Path, flag: Path, key: str | None, key_source: str) -> int:
+    extra_env = {DRAIN_FILE_ENV: str(flag), **({REQUIRE_RANDOM_IDS_ENV: "1"} if args.require_random_ids else {})}
     server = TritonServer(repo, args.grpc_port, args.http_port, args.metrics_port, host=args.host,
                           work_dir=args.work_dir, binary=args.tritonserver, extra_args=args.triton_args,
                           echo_log=args.log_stdout, extra_env=extra_env, **({"admin_key": key} if key else {}))
@@ -140,24 +146,35 @@ def _serve(args) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
+    local = local_address(args.host)
+    try:
+        health = HealthServer(args.host, args.health_port, f"http://{local}:{args.http_port}",
+                              f"http://{local}:{args.metrics_port}/metrics", flag).start()
+    except OSError as e:
+        print(f"flowact serve: {e}", file=sys.stderr, flush=True)
+        return 1
     try:
         server.start(timeout_s=args.ready_timeout)
     except (StartupError, TimeoutError) as e:
         print(f"flowact serve: {e}", file=sys.stderr, flush=True)
+        health.stop()
         return 1
     print(f"flowact serving preset {args.preset} from {repo}\n"
           f"  gRPC     {args.host}:{args.grpc_port}   (model 'flowact')\n"
           f"  HTTP     {args.host}:{args.http_port}\n"
           f"  metrics  http://{args.host}:{args.metrics_port}/metrics\n"
+          f"  health   http://{args.host}:{args.health_port}/ready\n"
           f"  admin    key {key_source}\n"
           f"  log      {server.log_path}\nCtrl-C stops it.", flush=True)
     while not stopping.wait(1.0):
         if server.process is None or server.process.poll() is not None:
             print(f"tritonserver exited unexpectedly:\n{server.log_tail()}", file=sys.stderr)
+            health.stop()
             server.stop()
             return 1
-    drain_then_evacuate(f"http://{local_address(args.host)}:{args.metrics_port}/metrics", args.drain_timeout, at_once)
+    drain_then_evacuate(f"http://{local}:{args.metrics_port}/metrics", flag, args.drain_timeout, at_once)
     print("stopping tritonserver ...", flush=True)
+    health.stop()
     server.stop()
     print("stopped", flush=True)
     return 0
@@ -167,15 +184,6 @@ def local_address(host: str) -> str:
     return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
 
 
-def set_drain_state(state: str) -> None:
-    """Write the drain file atomically (the stream model reads it on every START)."""
-    flag = drain_file()
-    flag.parent.mkdir(parents=True, exist_ok=True)
-    tmp = flag.with_name(flag.name + ".tmp")
-    tmp.write_text(state)
-    os.replace(tmp, flag)
-
-
 def active_streams(metrics_url: str) -> float:
     try:
         return metric_value(scrape(metrics_url), ACTIVE_STREAMS) or 0.0
@@ -183,11 +191,11 @@ def active_streams(metrics_url: str) -> float:
         return 0.0  # metrics gone: nothing left to wait for
 
 
-def drain_then_evacuate(metrics_url: str, timeout_s: float, at_once: threading.Event) -> None:
+def drain_then_evacuate(metrics_url: str, flag: Path, timeout_s: float, at_once: threading.Event) -> None:
     """SIGTERM's drain: refuse new streams ("server is stopping"), give active ones `timeout_s` to
     finish, then tell the rest to resume elsewhere (their next request is refused, naming it) and
     give them EVACUATE_GRACE_S to hear it. `at_once` (a second signal) cuts either wait short."""
-    set_drain_state(DRAIN_STOPPING)
+    write_state(flag, DRAIN_STOPPING)
     deadline, said = time.monotonic() + timeout_s, 0.0
     active = active_streams(metrics_url)
     while active and time.monotonic() < deadline and not at_once.is_set():
@@ -199,7 +207,7 @@ def drain_then_evacuate(metrics_url: str, timeout_s: float, at_once: threading.E
         active = active_streams(metrics_url)
     if not active:
         return
-    set_drain_state(DRAIN_EVACUATE)
+    write_state(flag, DRAIN_EVACUATE)
     print(f"stopping: drain timeout; {active:.0f} stream(s) told to resume elsewhere", flush=True)
     grace = time.monotonic() + EVACUATE_GRACE_S
     while active and time.monotonic() < grace and not at_once.is_set():
@@ -208,11 +216,23 @@ def drain_then_evacuate(metrics_url: str, timeout_s: float, at_once: threading.E
 
 
 def _drain(args) -> int:
-    flag = drain_file()
-    flag.parent.mkdir(parents=True, exist_ok=True)
-    flag.touch()
-    print(f"draining: {flag} created; new streams are refused", flush=True)
+    """Exit 0 once no stream is active (or the server is gone), 1 when the deadline passes first."""
+    try:
+        flag = drain_file_of(args.metrics_url)
+    except PermissionError as e:
+        raise SystemExit(f"flowact drain: {e}") from None
+    state = read_state(flag)
+    if args.cancel:
+        if state not in (None, ""):
+            raise SystemExit(f"flowact drain --cancel: the server is stopping ({state}); a stop cannot be cancelled")
+        flag.unlink(missing_ok=True)
+        print("drain cancelled: new streams are admitted" if state == "" else "not draining: nothing to cancel", flush=True)
+        return 0
+    if state is None:
+        write_state(flag, "")
+    print(f"draining: {flag}; new streams are refused (`flowact drain --cancel` admits them again)", flush=True)
     deadline = time.monotonic() + args.deadline
+    active = None
     while time.monotonic() < deadline:
         try:
             active = metric_value(scrape(args.metrics_url), ACTIVE_STREAMS)
@@ -223,30 +243,12 @@ def _drain(args) -> int:
             print("no active streams: done", flush=True)
             return 0
         print(f"waiting for {active:.0f} active stream(s) ...", flush=True)
-        time.sleep(1.0)
-    print(f"deadline of {args.deadline:.0f} s passed with streams still active", flush=True)
-    return 0
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+    print(f"deadline of {args.deadline:.0f} s passed with {active or 0:.0f} stream(s) still active", flush=True)
+    return 1
 
 
 def _probe(args) -> int:
-    try:
-        with urllib.request.urlopen(f"{args.http_url}/v2/health/ready", timeout=3) as r:
-            if r.status != 200:
-                print("not ready: triton not ready")
-                return 1
-        text = scrape(args.metrics_url)
-    except OSError as e:
-        print(f"not ready: {e}")
-        return 1
-    if drain_file().exists():
-        print("not ready: draining")
-        return 1
-    active, capacity = metric_value(text, ACTIVE_STREAMS), metric_value(text, STREAM_CAPACITY)
-    if active is None or capacity is None:
-        print("not ready: stream metrics not published yet")
-        return 1
-    if active >= capacity:
-        print(f"not ready: at capacity ({active:.0f}/{capacity:.0f})")
-        return 1
-    print(f"ready ({active:.0f}/{capacity:.0f} streams)")
-    return 0
+    ok, why = readiness(args.http_url, args.metrics_url, drain_file_of(args.metrics_url))
+    print(why)
+    return 0 if ok else 1

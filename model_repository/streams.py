@@ -21,6 +21,7 @@ Triton itself refuses dtypes and dims that contradict config.pbtxt, and unknown 
 from __future__ import annotations
 
 import collections
+import math
 import threading
 import time
 import unicodedata
@@ -30,8 +31,8 @@ from typing import Callable, Hashable, Mapping
 
 import numpy as np
 
-from flowact.contract import (AUDIO, BEHAVIOUR, BEHAVIOURS, DEFAULT_DRAIN_FILE, DRAIN_EVACUATE, DRAIN_STOPPING,
-                              GONE_MEMORY, MAX_SEED, MAX_TEXT_WIRE_BYTES, MIN_RANDOM_ID_CHARS, PROMPT, REF_IMAGE,
+from flowact.contract import (AUDIO, BEHAVIOUR, BEHAVIOURS, DRAIN_EVACUATE, DRAIN_STOPPING,
+                              GONE_MEMORY, MAX_SEED, MAX_TEXT_WIRE_BYTES, MIN_RANDOM_ID_BITS, MIN_RANDOM_ID_CHARS, PROMPT, REF_IMAGE,
                               RESUME, SEED, START_ONLY_INPUTS, STREAM_ID_BYTES, WANT_SNAPSHOT)
 from flowact.session import InputError, StreamSession, check_audio_chunk, check_image, check_prompt
 from flowact.presets import Preset
@@ -45,11 +46,28 @@ class AdmissionError(InputError):
 STOPPING = "server is stopping"  # how every refusal caused by `flowact serve` stopping begins
 
 
+def id_entropy_bits(stream_id: str) -> float:
+    """An upper estimate of a string's randomness: its length x the Shannon entropy of its own character
+    frequencies. A repeated or padded id scores low ("0" * 32: 0 bits, "stream-1" padded with zeros to 32:
+    50); 200,000 ids of 16 random bytes as hex scored 82 to 140 bits. Orderly strings of many distinct
+    characters ("abcd...") still pass: it refuses what is surely guessable, it cannot prove randomness."""
+    counts = collections.Counter(stream_id)
+    n = len(stream_id)
+    return n * sum(c / n * math.log2(n / c) for c in counts.values())
+
+
 def check_stream_id(stream_id: Hashable, require_random: bool) -> None:
-    """With random ids required, a START's id must be a string of at least MIN_RANDOM_ID_CHARS characters."""
-    if not require_random or (isinstance(stream_id, str) and len(stream_id) >= MIN_RANDOM_ID_CHARS):
+    """With random ids required, a START's id must be a string of at least MIN_RANDOM_ID_CHARS characters
+    whose id_entropy_bits reach MIN_RANDOM_ID_BITS."""
+    if not require_random:
         return
-    got = f"a {len(stream_id)}-character string" if isinstance(stream_id, str) else "an integer"
+    if isinstance(stream_id, str) and len(stream_id) >= MIN_RANDOM_ID_CHARS:
+        bits = id_entropy_bits(stream_id)
+        if bits >= MIN_RANDOM_ID_BITS:
+            return
+        got = f"a {len(stream_id)}-character string of about {bits:.0f} bits (under {MIN_RANDOM_ID_BITS}: repeated or padded)"
+    else:
+        got = f"a {len(stream_id)}-character string" if isinstance(stream_id, str) else "an integer"
     raise InputError(f"stream id: this server requires unguessable stream ids, a string of at least "
                      f"{MIN_RANDOM_ID_CHARS} characters (e.g. {STREAM_ID_BYTES} random bytes as hex); got {got}")
 
@@ -186,7 +204,7 @@ class StreamRegistry:
     idle_ttl_s: float
     new_session: Callable[[], StreamSession]
     release: Callable[[StreamSession], None] = lambda session: None  # a stream left: free its state slot
-    drain_file: Path = Path(DEFAULT_DRAIN_FILE)
+    drain_file: Path | None = None  # None: never draining (a server started without flowact.serving.drain)
     clock: Callable[[], float] = time.monotonic
     require_random_ids: bool = False  # START refuses integer and short string ids (check_stream_id)
     streams: dict[Hashable, Stream] = field(default_factory=dict)
@@ -198,6 +216,8 @@ class StreamRegistry:
     def drain_state(self) -> str | None:
         """None: admitting. Else the drain file's content: "" (`flowact drain`), DRAIN_STOPPING or
         DRAIN_EVACUATE (`flowact serve` is stopping)."""
+        if self.drain_file is None:
+            return None
         try:
             return self.drain_file.read_text().strip()
         except FileNotFoundError:

@@ -56,15 +56,18 @@ def run_session(preset, runners, seed: int, chunks, image=None) -> np.ndarray:
     return np.stack([session.step(c) for c in chunks])  # (N, 12, H, W, 3)
 
 
-def start_server(tmp, onnx_dir, capacity: int = 12, idle_ttl_s: float = 3.0, extra_env=None, **kwargs):
-    """A real tiny-preset tritonserver on free loopback ports, with its own drain file under `tmp`."""
+def start_server(tmp, onnx_dir, capacity: int = 12, idle_ttl_s: float = 3.0, extra_env=None, by_port: bool = False,
+                 **kwargs):
+    """A real tiny-preset tritonserver on free loopback ports, with its own drain file under `tmp` (`by_port`:
+    the one `flowact serve` gives it, named by its metrics port, flowact.serving.drain)."""
+    from flowact.serving.drain import drain_file
     from flowact.serving.repository import RepositoryOptions, build_embedded_repository
     from flowact.serving.server import TritonServer, free_ports
 
     repo = build_embedded_repository("tiny", tmp / "repo", opts=RepositoryOptions(capacity=capacity, idle_ttl_s=idle_ttl_s),
                                      onnx_dir=onnx_dir)
     http, grpc, metrics_port = free_ports(3)
-    env = {"FLOWACT_DRAIN_FILE": str(tmp / "draining"), **(extra_env or {})}
+    env = {"FLOWACT_DRAIN_FILE": str(drain_file(metrics_port) if by_port else tmp / "draining"), **(extra_env or {})}
     return TritonServer(repo, grpc, http, metrics_port, work_dir=tmp / "triton", extra_env=env, **kwargs).start(timeout_s=120)
 
 

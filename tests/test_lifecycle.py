@@ -126,6 +126,7 @@ def test_sigterm_drains_active_streams_then_evacuates_and_stops(repository, tmp_
         assert 8.0 <= t_told - t_term <= 8.0 + 5.0
         assert t_exit - t_term < 8.0 + 2.0 + 13.0 + 10.0  # drain, evacuation grace, Triton's exit timeout + linger
         assert ports_free(serve.grpc, serve.http, serve.metrics)
+        assert not (tmp_path / "draining").exists()  # a server that is gone leaves no drain behind
     finally:
         for s in streams.values():
             s.close()

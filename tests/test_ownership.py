@@ -96,7 +96,10 @@ def test_random_id_rule():
     check_stream_id(7, require_random=False)
     check_stream_id(secrets.token_hex(16), require_random=True)
     for sid, part in ((7, "got an integer"), ("abc", "got a 3-character string"),
-                      ("x" * (MIN_RANDOM_ID_CHARS - 1), f"got a {MIN_RANDOM_ID_CHARS - 1}-character string")):
+                      ("x" * (MIN_RANDOM_ID_CHARS - 1), f"got a {MIN_RANDOM_ID_CHARS - 1}-character string"),
+                      ("0" * MIN_RANDOM_ID_CHARS, "about 0 bits"), ("a" * 40, "about 0 bits"),
+                      ("stream-1".rjust(MIN_RANDOM_ID_CHARS), "repeated or padded"),
+                      ("stream-1".ljust(MIN_RANDOM_ID_CHARS, "0"), "about 50 bits")):
         with pytest.raises(InputError, match=f"requires unguessable stream ids.*{part}"):
             check_stream_id(sid, require_random=True)
 

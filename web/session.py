@@ -10,15 +10,19 @@ The chunk loop, per session:
      jitter buffer (or when it arrived, if later);
   4. the video track plays frame n at origin + n / 25, the speech track the same samples at the
      same times: the speech is delayed by exactly the time its frames took;
-  5. the session ends (DELETE, the viewer closing, ICE failure, the server gone) with END on the
-     gRPC stream when the server still holds the stream, and frees everything.
+  5. the session ends (DELETE, the viewer closing, ICE failure, the server gone or silent for
+     WEB_UPSTREAM_TIMEOUT_S) with END on the gRPC stream when the server still holds the stream, and
+     frees everything.
 
-The session knows nothing about HTTP: the app creates it from an offer and closes it.
+The session knows nothing about HTTP: the app creates it from an offer and closes it. Its secret (the
+capability to end it) and its gRPC stream id are never logged nor told to the viewer: logs and
+messages name the session by its number.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import secrets
@@ -30,11 +34,14 @@ import av
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, rtcpeerconnection
 from aiortc.mediastreams import MediaStreamError
+from aiortc.rtcsctptransport import LOCAL_MAX_MESSAGE_SIZE, RTCSctpTransport
 
 from flowact.client.stream import make_inputs
-from flowact.contract import ENSEMBLE_MODEL, FRAMES
+from flowact.contract import (ENSEMBLE_MODEL, FRAMES, WEB_CONNECT_TIMEOUT_S, WEB_MAX_CHANNELS, WEB_MAX_CONTROL_BYTES,
+                              WEB_RECONNECT_BACKOFF_MAX_S, WEB_SESSION_SECRET_BYTES, WEB_UPSTREAM_CHECK_S,
+                              WEB_UPSTREAM_TIMEOUT_S)
 from flowact.presets import CHUNK_SECONDS, FRAMES_PER_CHUNK, SAMPLE_RATE
 from flowact.stats import percentile
 from flowact.web.timeline import Chunk, ChunkAssembler, Conditioning, ControlError
@@ -43,7 +50,6 @@ from flowact.web.tracks import AUDIO_FRAMES_PER_CHUNK, AvatarVideoTrack, Playout
 log = logging.getLogger("flowact.web")
 
 NO_AUDIO_WAIT_S = 0.5  # after connecting, start the timeline on silence if no audio came by then
-CONNECT_TIMEOUT_S = 20.0  # a session whose viewer never connects is ended
 TICK_S = 0.04  # how often the silence filler looks at the clock
 END_TIMEOUT_S = 5.0  # wait this long for the server's answer to END
 STATS_EVERY_S = 1.0  # session stats to the viewer over the data channel
@@ -51,6 +57,52 @@ STATS_EVERY_S = 1.0  # session stats to the viewer over the data channel
 
 class OfferError(ValueError):
     """An SDP offer the edge cannot answer; the message says why."""
+
+
+class BoundedSctpTransport(RTCSctpTransport):
+    """aiortc's SCTP with the bounds it advertises but does not apply. aiortc keeps a data-channel
+    message's fragments until its last one and rescans all of them on every fragment (an 8 MiB message
+    cost seconds of CPU, growing quadratically), on any stream id a peer picks. Here a peer that holds
+    more than the advertised max-message-size in fragments, or uses a stream id beyond the few channels
+    a session may open, breaks the protocol: its association ends (and with it its session)."""
+
+    MAX_STREAM_ID = 4 * WEB_MAX_CHANNELS  # ids of both sides' channels, with room for closed ones
+
+    async def _receive_data_chunk(self, chunk) -> None:
+        if chunk.stream_id >= self.MAX_STREAM_ID:
+            raise ConnectionError(f"data channel stream id {chunk.stream_id}: at most {self.MAX_STREAM_ID}")
+        held = sum(len(c.user_data) for s in self._inbound_streams.values() for c in s.reassembly)
+        if held + len(chunk.user_data) > LOCAL_MAX_MESSAGE_SIZE:
+            raise ConnectionError(f"data channel message over {LOCAL_MAX_MESSAGE_SIZE} bytes")
+        await super()._receive_data_chunk(chunk)
+
+
+rtcpeerconnection.RTCSctpTransport = BoundedSctpTransport  # what every peer connection of the edge makes
+
+
+def upstream_client(url: str) -> aioclient.InferenceServerClient:
+    """A gRPC client of its own: its own subchannel (gRPC otherwise shares one per address between all
+    channels, with one reconnect backoff that grows to 120 s while the server is down), whose backoff
+    stays under WEB_RECONNECT_BACKOFF_MAX_S, so a server that comes back is reached at once."""
+    backoff_ms = int(WEB_RECONNECT_BACKOFF_MAX_S * 1000)
+    return aioclient.InferenceServerClient(url, channel_args=[
+        ("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1),
+        ("grpc.use_local_subchannel_pool", 1), ("grpc.initial_reconnect_backoff_ms", min(250, backoff_ms)),
+        ("grpc.min_reconnect_backoff_ms", min(250, backoff_ms)), ("grpc.max_reconnect_backoff_ms", backoff_ms)])
+
+
+async def upstream_unready(url: str) -> str | None:
+    """None if the server answers ready within WEB_UPSTREAM_CHECK_S, else why not."""
+    client = upstream_client(url)
+    try:
+        ready = await asyncio.wait_for(client.is_server_ready(), WEB_UPSTREAM_CHECK_S)
+        return None if ready else "it says not ready"
+    except asyncio.TimeoutError:
+        return f"no answer within {WEB_UPSTREAM_CHECK_S:.0f} s"
+    except Exception as e:  # InferenceServerException: refused, unreachable
+        return (e.message() if hasattr(e, "message") else str(e)).splitlines()[0][:200]
+    finally:
+        await client.close()
 
 
 @dataclass
@@ -79,8 +131,13 @@ class SessionStats:
 class Session:
     def __init__(self, url: str, image: np.ndarray, metrics, jitter_buffer_s: float,
                  on_lateness: Callable[[float], None], ice_servers=(), conditioning: Conditioning | None = None,
-                 model: str = ENSEMBLE_MODEL):
-        self.id = secrets.token_urlsafe(12)
+                 model: str = ENSEMBLE_MODEL, number: int = 0, connect_timeout_s: float = WEB_CONNECT_TIMEOUT_S,
+                 upstream_timeout_s: float = WEB_UPSTREAM_TIMEOUT_S):
+        self.number = number  # what logs and the admin view call it
+        self.connect_timeout_s = connect_timeout_s  # a viewer that has not connected by then is ended
+        self.upstream_timeout_s = upstream_timeout_s  # a chunk the server has not answered by then ends the session
+        self.secret = secrets.token_urlsafe(WEB_SESSION_SECRET_BYTES)  # the creator's capability: Location
+        self.key = self.key_of(self.secret)
         self.stream_id = f"web-{secrets.token_hex(16)}"  # 128-bit random sequence id
         self.url, self.model, self.image, self.metrics = url, model, image, metrics
         self.on_lateness = on_lateness
@@ -92,7 +149,8 @@ class Session:
         self.speech = SpeechTrack(self.playout, self._on_audio_sent)
         self.assembler = ChunkAssembler()
         self.requests: asyncio.Queue = asyncio.Queue()  # Chunk, or None for END
-        self.channel = None
+        self.channels: list = []  # the viewer's data channels (at most WEB_MAX_CHANNELS)
+        self._sent_at: dict[int, float] = {}  # chunk index -> when it went to the server, until answered
         self.state = "new"  # new -> live -> ended
         self.end_reason: str | None = None
         self.closed = asyncio.Event()
@@ -109,6 +167,15 @@ class Session:
         self._closing: asyncio.Task | None = None
         self.on_closed: Callable[["Session"], None] | None = None
 
+    @staticmethod
+    def key_of(secret: str) -> str:
+        """Where the edge files a session: its secret hashed (a lookup reveals nothing by its timing)."""
+        return hashlib.sha256(secret.encode("utf-8", "replace")).hexdigest()
+
+    def scrub(self, text: str) -> str:
+        """A server message as the viewer and the log may see it: without the gRPC stream id."""
+        return text.replace(self.stream_id, f"of session #{self.number}")
+
     # --- signaling -------------------------------------------------------------------------------
 
     async def answer(self, offer_sdp: str) -> str:
@@ -119,16 +186,18 @@ class Session:
         pc.on("connectionstatechange", self._on_connection_state)
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
-        except Exception as e:  # aiortc raises ValueError and friends on a bad offer
-            raise OfferError(f"cannot parse the SDP offer: {e}") from None
-        kinds = {t.kind for t in pc.getTransceivers()}
-        if "video" not in kinds:
-            raise OfferError("the offer has no video section: offer to receive video (and send audio)")
-        pc.addTrack(self.video)
-        self._has_speech = "audio" in kinds
-        if self._has_speech:
-            pc.addTrack(self.speech)
-        await pc.setLocalDescription(await pc.createAnswer())
+            kinds = {t.kind for t in pc.getTransceivers()}
+            if "video" not in kinds:
+                raise OfferError("the offer has no video section: offer to receive video (and send audio)")
+            pc.addTrack(self.video)
+            self._has_speech = "audio" in kinds
+            if self._has_speech:
+                pc.addTrack(self.speech)
+            await pc.setLocalDescription(await pc.createAnswer())
+        except OfferError:
+            raise
+        except Exception as e:  # aiortc raises ValueError, KeyError and friends on offers it cannot take
+            raise OfferError(f"cannot answer the SDP offer: {type(e).__name__}: {str(e)[:200]}") from None
         self._stream_task = self._spawn(self._stream())
         self._spawn(self._tick())
         self.state = "live"
@@ -149,16 +218,22 @@ class Session:
                 for out in resampler.resample(frame):
                     self._enqueue(self.assembler.push(out.to_ndarray().reshape(-1), now))
         except MediaStreamError:  # the viewer's audio ended: the ticker goes on with silence
-            log.info("session %s: audio input ended", self.id)
+            log.info("session #%d: audio input ended", self.number)
 
     async def _tick(self) -> None:
-        """Fill silence when input is late or absent, so chunks keep coming at 0.48 s."""
+        """Fill silence when input is late or absent, so chunks keep coming at 0.48 s; end the session if
+        the viewer never connects or the server stops answering."""
         while True:
             await asyncio.sleep(TICK_S)
             now = time.monotonic()
+            waiting = min(self._sent_at.items(), key=lambda kv: kv[1], default=None)
+            if waiting is not None and now - waiting[1] > self.upstream_timeout_s:
+                self._server_failed = True  # a hung server would not answer END either
+                self._fail(f"the server did not answer chunk {waiting[0]} within {self.upstream_timeout_s:.1f} s")
+                return
             if self._connected_at is None:
-                if now - self.stats.offer_at > CONNECT_TIMEOUT_S:
-                    self._fail(f"the viewer did not connect within {CONNECT_TIMEOUT_S:.0f} s (ICE)")
+                if now - self.stats.offer_at > self.connect_timeout_s:
+                    self._fail(f"the viewer did not connect within {self.connect_timeout_s:.1f} s (ICE)")
                     return
             elif self.assembler.origin is None and now - self._connected_at >= NO_AUDIO_WAIT_S:
                 self.assembler.start(self._connected_at)  # no audio: the avatar idles on silence
@@ -190,7 +265,9 @@ class Session:
             behaviour, prompt = (None, None) if end else self.conditioning.next(chunk)
             first = not self._started_stream
             self._started_stream = True
-            self.stats.chunks_sent += 0 if end else 1
+            if not end:
+                self._sent_at[self.stats.chunks_sent] = time.monotonic()
+                self.stats.chunks_sent += 1
             yield {"model_name": self.model, "outputs": outputs, "sequence_id": self.stream_id,
                    "sequence_start": first, "sequence_end": end,
                    "inputs": make_inputs(audio, self.image if first else None, prompt=prompt, behaviour=behaviour)}
@@ -198,7 +275,7 @@ class Session:
                 return
 
     async def _stream(self) -> None:
-        client = aioclient.InferenceServerClient(self.url)
+        client = upstream_client(self.url)
         responses = client.stream_infer(self._requests())
         k = 0
         try:
@@ -210,6 +287,7 @@ class Session:
                     return
                 if self.state != "live":
                     continue  # the END chunk's answer
+                self._sent_at.pop(k, None)
                 self._on_frames(k, result.as_numpy(FRAMES)[0], time.monotonic())  # (12, H, W, 3)
                 k += 1
         except asyncio.CancelledError:
@@ -270,22 +348,35 @@ class Session:
     # --- data channel ----------------------------------------------------------------------------
 
     def _on_datachannel(self, channel) -> None:
-        self.channel = channel
+        self.channels = [c for c in self.channels if c.readyState != "closed"]
+        if len(self.channels) >= WEB_MAX_CHANNELS:
+            channel.close()  # the session's stats and answers go to the channels it has
+            return
+        self.channels.append(channel)
 
         @channel.on("message")
         def on_message(message):
+            if len(message) > WEB_MAX_CONTROL_BYTES or not isinstance(message, str):
+                what = f"{len(message)} bytes" if len(message) > WEB_MAX_CONTROL_BYTES else "binary"
+                self.send({"type": "error", "message": f"control message refused ({what}): send JSON text of at most "
+                                                      f"{WEB_MAX_CONTROL_BYTES} bytes"})
+                return
             try:
                 self.conditioning.apply(json.loads(message))
                 self.send({"type": "behaviour", "mode": self.conditioning.mode})
             except (ControlError, ValueError) as e:
-                self.send({"type": "error", "message": str(e)})
+                self.send({"type": "error", "message": str(e)[:300]})
 
-        self.send({"type": "session", "id": self.id, "jitter_buffer_ms": round(self.stats.jitter_buffer_s * 1000, 1)})
-        self._spawn(self._report())
+        self.send({"type": "session", "number": self.number,
+                   "jitter_buffer_ms": round(self.stats.jitter_buffer_s * 1000, 1)})
+        if len(self.channels) == 1:
+            self._spawn(self._report())  # one stats task per session, however many channels
 
     def send(self, message: dict) -> None:
-        if self.channel is not None and self.channel.readyState == "open":
-            self.channel.send(json.dumps(message))
+        text = json.dumps(message)
+        for channel in self.channels:
+            if channel.readyState == "open":
+                channel.send(text)
 
     async def _report(self) -> None:
         while True:
@@ -296,14 +387,15 @@ class Session:
 
     def _on_connection_state(self) -> None:
         state = self.pc.connectionState
-        log.info("session %s: connection %s", self.id, state)
+        log.info("session #%d: connection %s", self.number, state)
         if state == "connected":
             self._connected_at = time.monotonic()
         elif state in ("failed", "closed"):
             self.close(f"connection {state}")
 
     def _fail(self, reason: str) -> None:
-        log.warning("session %s: %s", self.id, reason)
+        reason = self.scrub(reason)
+        log.warning("session #%d: %s", self.number, reason)
         self.metrics.sessions_failed.inc()
         self.send({"type": "error", "message": reason})
         self.close(reason)
@@ -311,20 +403,20 @@ class Session:
     def close(self, reason: str) -> asyncio.Task:
         """End the session (idempotent): END on the gRPC stream, then the peer connection. -> the closing task."""
         if self._closing is None:
-            self.end_reason = reason
+            self.end_reason = self.scrub(reason)
             self._closing = asyncio.get_running_loop().create_task(self._close())
         return self._closing
 
     async def _close(self) -> None:
         self.state = "ended"
-        log.info("session %s: ending (%s)", self.id, self.end_reason)
+        log.info("session #%d: ending (%s)", self.number, self.end_reason)
         stream = self._stream_task
         if stream is not None and not stream.done() and not self._server_failed:
             self.requests.put_nowait(None)  # END (sent only if START went out), then the stream closes
             try:
                 await asyncio.wait_for(asyncio.shield(stream), END_TIMEOUT_S)
             except (asyncio.TimeoutError, Exception):
-                log.warning("session %s: no answer to END within %.0f s", self.id, END_TIMEOUT_S)
+                log.warning("session #%d: no answer to END within %.0f s", self.number, END_TIMEOUT_S)
         self.video.stop()
         self.speech.stop()
         current = asyncio.current_task()

@@ -145,6 +145,11 @@ class Conditioning:
     def mode(self) -> str:
         return f"prompt: {self.prompt}" if self.prompt is not None else self.behaviour
 
+    @property
+    def kind(self) -> str:
+        """The mode without the viewer's text (what operators may see)."""
+        return "prompt" if self.prompt is not None else self.behaviour
+
 
 class JitterSizer:
     """The jitter buffer a new session gets, from measurements: the p99 of how late chunks came back

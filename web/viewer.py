@@ -24,8 +24,11 @@ class SignalingError(RuntimeError):
 
 
 class Viewer:
-    def __init__(self, base: str, audio: str | None = None, query: str = "", keep_frames: bool = True):
+    def __init__(self, base: str, audio: str | None = None, query: str = "", keep_frames: bool = True,
+                 token: str | None = None, channels: int = 1):
         self.base, self.audio_path, self.query, self.keep_frames = base.rstrip("/"), audio, query, keep_frames
+        self.auth = {"Authorization": f"Bearer {token}"} if token else {}  # an edge with --token-file
+        self.n_channels = channels  # data channels to open (the first carries control())
         self.video: list[tuple[float, object]] = []
         self.audio: list[tuple[float, int]] = []
         self.messages: list[dict] = []
@@ -44,14 +47,15 @@ class Viewer:
         if self.player is not None:
             pc.addTrack(self.player.audio)
         pc.addTransceiver("video", direction="recvonly")
-        self.channel = pc.createDataChannel("control")
+        self.channels = [pc.createDataChannel("control" if i == 0 else f"extra-{i}") for i in range(self.n_channels)]
+        self.channel = self.channels[0]
         self.channel.on("message", lambda m: self.messages.append(json.loads(m)))
         pc.on("track", lambda track: asyncio.ensure_future(self._consume(track)))
         await pc.setLocalDescription(await pc.createOffer())
         self.t0 = time.monotonic()
         async with aiohttp.ClientSession() as http:
             async with http.post(self.base + WEB_SESSIONS_PATH + self.query, data=pc.localDescription.sdp,
-                                 headers={"Content-Type": WEB_SDP_TYPE}) as r:
+                                 headers={**self.auth, "Content-Type": WEB_SDP_TYPE}) as r:
                 body = await r.text()
                 if r.status != 201:
                     await pc.close()

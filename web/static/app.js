@@ -6,6 +6,9 @@ const $ = (id) => document.getElementById(id);
 const ui = { video: $("video"), status: $("status") };
 let session = null; // {pc, url, channel, local, audioCtx, timer, t0, ttff}
 let imageId = null;
+// an edge started with --token-file: open the page as /#token=TOKEN (the fragment never leaves the browser)
+const token = new URLSearchParams(location.hash.slice(1)).get("token");
+const auth = token ? { Authorization: `Bearer ${token}` } : {};
 window.flowact = { state: "idle", ttffMs: null, fps: null, width: null, height: null, edge: {}, error: null };
 
 function say(text, isError = false) {
@@ -19,7 +22,7 @@ function show(id, value) { $(id).textContent = value == null ? "-" : value; }
 $("file").onchange = async () => {
   const file = $("file").files[0];
   if (!file) return;
-  const resp = await fetch("/v1/images", { method: "POST", headers: { "Content-Type": file.type || "application/octet-stream" }, body: file });
+  const resp = await fetch("/v1/images", { method: "POST", headers: { ...auth, "Content-Type": file.type || "application/octet-stream" }, body: file });
   if (resp.status !== 201) { say(`upload refused (${resp.status}): ${await resp.text()}`, true); return; }
   imageId = (await resp.json()).id;
   $("ref").src = `/v1/images/${imageId}`;
@@ -77,7 +80,7 @@ async function start() {
     const ref = document.querySelector("input[name=ref]:checked").value;
     const query = ref === "uploaded" && imageId ? `?image=${encodeURIComponent(imageId)}` : "";
     session.t0 = performance.now();
-    const resp = await fetch(`/v1/sessions${query}`, { method: "POST", headers: { "Content-Type": "application/sdp" }, body: pc.localDescription.sdp });
+    const resp = await fetch(`/v1/sessions${query}`, { method: "POST", headers: { ...auth, "Content-Type": "application/sdp" }, body: pc.localDescription.sdp });
     if (resp.status !== 201) throw new Error(`the edge refused the session (${resp.status}): ${await resp.text()}`);
     session.url = resp.headers.get("Location");
     await pc.setRemoteDescription({ type: "answer", sdp: await resp.text() });
@@ -107,7 +110,7 @@ function setState(state) { window.flowact.state = state; show("s-state", state);
 
 function onEdgeMessage(msg) {
   if (msg.type === "error") { say(`edge: ${msg.message}`, true); return; }
-  if (msg.type === "session") window.flowact.sessionId = msg.id;
+  if (msg.type === "session") window.flowact.sessionId = msg.number;
   if (msg.type === "behaviour") show("s-mode", msg.mode);
   if (msg.type === "stats") {
     window.flowact.edge = msg;

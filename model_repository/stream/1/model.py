@@ -36,7 +36,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from flowact.contract import (ACTIVE_STREAMS, CHUNK_INDEX, CHUNK_SECONDS_COUNT, CHUNK_SECONDS_SUM, CHUNKS_TOTAL,
-                              DEFAULT_DRAIN_FILE, DEFAULT_PROMPT, DRAIN_FILE_ENV, DRAINING, END, FRAMES, METRICS,
+                              DEFAULT_PROMPT, DRAIN_FILE_ENV, DRAINING, END, FRAMES, METRICS,
                               REQUIRE_RANDOM_IDS_ENV, RESUME, SNAPSHOT, SNAPSHOT_KEY_ENV, START, STREAM_CAPACITY,
                               TTFF_SECONDS_COUNT, TTFF_SECONDS_SUM, WANT_SNAPSHOT)
 from flowact.presets import SAMPLES_PER_CHUNK, get_preset
@@ -97,7 +97,7 @@ class TritonPythonModel:
             capacity=capacity, idle_ttl_s=float(parameter(config, "idle_ttl_s")),
             new_session=lambda: StreamSession(self.preset, self.runners, device, dtype, prompts, pool.acquire()),
             release=lambda session: pool.release(session.state),
-            drain_file=Path(os.environ.get(DRAIN_FILE_ENV, DEFAULT_DRAIN_FILE)),
+            drain_file=Path(os.environ[DRAIN_FILE_ENV]) if os.environ.get(DRAIN_FILE_ENV) else None,
             require_random_ids=os.environ.get(REQUIRE_RANDOM_IDS_ENV, "") == "1")
         self.metric_families = {  # must outlive their Metric objects
             name: pb_utils.MetricFamily(name=name, description=help_text, kind=getattr(pb_utils.MetricFamily, kind))
