@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 import numpy as np
 
-from flowact.client.stream import FailoverPolicy
+from flowact.client.stream import AvatarStream, FailoverPolicy, StreamError
 from flowact.contract import ENSEMBLE_MODEL, STREAM_ID_BYTES
 from flowact.presets import CHUNK_SECONDS, FRAMES_PER_CHUNK, SAMPLES_PER_CHUNK
 from flowact.stats import count_stalls, percentile
@@ -230,8 +230,6 @@ def drive_stream(spec: LoadSpec, index: int, t_start: float, until: float, chunk
     own gRPC stream. Paced: `chunks` chunks due every 0.48 s from `t_start`. Unpaced: chunks as fast
     as the window allows until `until`. Either way the stream gives up at `until` (paced) or
     `until + timeout` (unpaced)."""
-    from flowact.client.stream import AvatarStream, StreamError
-
     metrics = metrics or _NoMetrics()
     timing = StreamTiming(new_stream_id(), expected=chunks or 0)
     loop_audio = stream_audio(spec.audio, index)
@@ -245,16 +243,15 @@ def drive_stream(spec: LoadSpec, index: int, t_start: float, until: float, chunk
                 return
             yield loop_audio.chunk(i)
 
-    def on_chunk(frames: np.ndarray) -> None:
-        now = time.monotonic()
-        k = len(timing.arrivals)
-        timing.arrivals.append(now)
+    def on_chunk(frames: np.ndarray) -> None:  # chunk k arrived: the live metrics
+        arrivals = stream.result.arrival_times
+        k = len(arrivals) - 1
         due = t_start + k * CHUNK_SECONDS if spec.paced else stream.result.send_times[k]
         if k == 0:
-            metrics.ttff.labels(spec.preset).observe(now - due)
+            metrics.ttff.labels(spec.preset).observe(arrivals[k] - due)
         else:
-            metrics.latency.labels(spec.preset).observe(now - due)
-            if now > playback_deadline(k, timing.arrivals[0], spec.jitter_buffer):
+            metrics.latency.labels(spec.preset).observe(arrivals[k] - due)
+            if arrivals[k] > playback_deadline(k, arrivals[0], spec.jitter_buffer):
                 metrics.stalls.labels(spec.preset, label).inc()
         metrics.chunks.labels(spec.preset, label).inc()
 
@@ -272,7 +269,7 @@ def drive_stream(spec: LoadSpec, index: int, t_start: float, until: float, chunk
     result = stream.result
     metrics.failovers.labels(spec.preset).inc(len(result.failovers))
     timing.stream_id = stream.stream_id  # the last one (each failover STARTs under a fresh id)
-    timing.sent = result.send_times
+    timing.sent, timing.arrivals = result.send_times, result.arrival_times
     timing.due = [t_start + i * CHUNK_SECONDS for i in range(len(timing.sent))] if spec.paced else list(timing.sent)
     timing.failovers = [asdict(f) for f in result.failovers]
     if not spec.paced:

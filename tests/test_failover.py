@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from conftest import metrics, ref_image, run_session, speech_chunks, start_serve
 from test_reliability import assert_frames_match
 from flowact.benchmarks.loadgen import LoadSpec, run_point, summarise
 from flowact.client.stream import AvatarStream, FailoverPolicy, StreamError
-from flowact.contract import DRAIN_EVACUATE, SNAPSHOT_KEY_ENV
+from flowact.contract import DRAIN_EVACUATE, DRAIN_FILE_ENV, SNAPSHOT_KEY_ENV
 from flowact.presets import SAMPLE_RATE
 from flowact.serving.cli import metric_value
 from flowact.snapshot import max_snapshot_bytes
@@ -109,7 +110,7 @@ def test_a_killed_replica_fails_over_with_every_chunk_once(victim, survivor, tin
               f"{len(result.snapshot) / snapshot_every / result.frames[0].nbytes:.1%} of the frames' bytes")
 
 
-def test_a_stopping_replica_hands_its_stream_over(victim, survivor, tiny, reference, tmp_path):
+def test_a_stopping_replica_hands_its_stream_over(victim, survivor, tiny, reference):
     """The victim evacuates (what `flowact serve` does when its drain timeout passed): the stream is told
     to resume on another replica, its STARTs there are refused while the victim still listens, and it
     resumes on the survivor once the victim has stopped."""
@@ -119,7 +120,7 @@ def test_a_stopping_replica_hands_its_stream_over(victim, survivor, tiny, refere
     def on_chunk(frames):
         if not evacuated.is_set():
             evacuated.set()
-            (tmp_path / "draining").write_text(DRAIN_EVACUATE)  # the victim's drain file (start_server)
+            drain_file(victim).write_text(DRAIN_EVACUATE)
             threading.Timer(1.0, victim.stop).start()
 
     result = stream_with(both(victim, survivor), tiny, chunks, on_chunk)
@@ -146,27 +147,36 @@ def rejected(srv) -> float:
     return metric_value(metrics(srv), "flowact_streams_rejected_total") or 0.0
 
 
-def release_after_refusals(srv, streams: list[AvatarStream], refusals: int = 1) -> threading.Thread:
-    """END the held streams once `srv` has refused `refusals` more STARTs (a client is waiting)."""
+def after_refusals(srv, refusals: int, action) -> threading.Thread:
+    """Run `action` once `srv` has refused `refusals` more STARTs (a client is retrying)."""
     target = rejected(srv) + refusals
 
     def run():
         deadline = time.monotonic() + 60
         while rejected(srv) < target and time.monotonic() < deadline:
             time.sleep(0.05)
-        for stream in streams:
-            stream.send(speech_chunks(1)[0], end=True)
-            stream.receive()
-            stream.close()
+        action()
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread
 
 
+def release(streams: list[AvatarStream]) -> None:
+    for stream in streams:
+        stream.send(speech_chunks(1)[0], end=True)
+        stream.receive()
+        stream.close()
+
+
+def drain_file(srv) -> Path:
+    return Path(srv.extra_env[DRAIN_FILE_ENV])
+
+
 def test_a_full_server_is_retried_with_backoff(survivor, tiny, reference):
     chunks, want = reference
-    releaser = release_after_refusals(survivor, hold(survivor, tiny, 2), refusals=2)
+    holders = hold(survivor, tiny, 2)
+    releaser = after_refusals(survivor, 2, lambda: release(holders))
     with AvatarStream(url(survivor), failover=FailoverPolicy(), timeout_s=30) as stream:
         result = stream.run(ref_image(tiny, 3), chunks[:4], seed=3)
     releaser.join(timeout=30)
@@ -176,6 +186,21 @@ def test_a_full_server_is_retried_with_backoff(survivor, tiny, reference):
     assert failover.cause == "capacity" and failover.at_chunk == 0 and failover.resumed_from == 0
     assert failover.attempts >= 2  # the first START and at least one retry refused, then one admitted
     assert "at capacity (2/2 streams)" in failover.message
+
+
+def test_a_draining_server_is_retried_until_it_admits(survivor, tiny, reference):
+    """`flowact drain` (the chart's preStop) refuses new streams; behind a gateway the retry goes to
+    another replica, here the same one once its drain has been called off."""
+    chunks, want = reference
+    drain_file(survivor).write_text("")
+    undrain = after_refusals(survivor, 1, drain_file(survivor).unlink)
+    with AvatarStream(url(survivor), failover=FailoverPolicy(), timeout_s=30) as stream:
+        result = stream.run(ref_image(tiny, 3), chunks[:2], seed=3)
+    undrain.join(timeout=30)
+    report("draining", result)
+    assert_frames_match(result.frames, want[:2])
+    [failover] = result.failovers
+    assert failover.cause == "draining" and "retry on another replica" in failover.message
 
 
 def test_the_load_generator_fails_over_and_counts_it(survivor, tiny):
@@ -196,7 +221,7 @@ def flowact_stream(srv, tmp_path, *flags):
 def test_flowact_stream_fails_over_by_default_and_not_with_no_failover(survivor, tiny, tmp_path):
     holders = hold(survivor, tiny, 2)
     refused = flowact_stream(survivor, tmp_path, "--no-failover")
-    releaser = release_after_refusals(survivor, holders)  # the next START refused: the default run's first
+    releaser = after_refusals(survivor, 1, lambda: release(holders))  # the default run's first START
     done = flowact_stream(survivor, tmp_path)
     releaser.join(timeout=30)
     assert refused.returncode != 0 and "at capacity (2/2 streams)" in refused.stderr
