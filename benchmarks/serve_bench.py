@@ -11,7 +11,7 @@ A run writes its JSON and plots to its own directory, runs/serve-PRESET-TIMESTAM
 
 Modes (one run, one machine; each section records the load average it started under):
   capacity  N concurrent streams through the server's gRPC ensemble, paced at real time, each with
-            its own id and audio (asyncio tritonclient, benchmarks/loadgen.py). Per N: TTFF, chunk
+            its own id and audio (the shipped client, benchmarks/loadgen.py). Per N: TTFF, chunk
             latency p50/p99, stall rate, fps per stream, server CPU and RSS.
             Real-time capacity = the largest N with stall rate <= 1 % and p99 chunk latency < 0.48 s.
   baseline  the same rule for the in-process PyTorch StreamSession, one unbatched stream per worker
