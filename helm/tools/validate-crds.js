@@ -1,12 +1,12 @@
 #!/usr/bin/env node
-// Validate Prometheus Operator custom resources (ServiceMonitor, PrometheusRule) strictly.
+// Validate custom resources strictly: Prometheus Operator (ServiceMonitor, PrometheusRule) and Gateway API (GRPCRoute).
 //
 // Reads a JSON array of Kubernetes objects on stdin; prints one JSON object
 // {"checked": N, "errors": ["<kind>/<name>: <path> <message>", ...]} and exits 1 when there
 // are errors (including an object of a kind it does not know).
 //
-// Schemas: the npm package @kubernetes-models/prometheus-operator (ajv validators compiled from
-// the operator's Go types), installed by helm/tools/install.sh into <repo>/tools/node.
+// Schemas: the npm packages @kubernetes-models/prometheus-operator and @kubernetes-models/gateway-api
+// (ajv validators compiled from the projects' CRDs), installed by helm/tools/install.sh into <repo>/tools/node.
 // Those validators do not reject unknown fields (the schemas carry no additionalProperties),
 // so "strict" is added here: every object handed to the validator is wrapped in a Proxy that
 // records which keys the validator looks at. The validator reads every property its schema
@@ -21,14 +21,15 @@ const { join, resolve } = require("node:path");
 const { pathToFileURL } = require("node:url");
 
 const toolsDir = process.env.FLOWACT_TOOLS_DIR || resolve(__dirname, "..", "..", "tools");
-const schemaDir = join(toolsDir, "node", "node_modules", "@kubernetes-models", "prometheus-operator", "_schemas");
+const schemas = (pkg) => join(toolsDir, "node", "node_modules", "@kubernetes-models", pkg, "_schemas");
 const PREFIX = "ComGithubPrometheusOperatorPrometheusOperatorPkgApisMonitoring";
 
-// apiVersion/kind -> compiled schema module (the operator's v1 API).
+// apiVersion/kind -> compiled schema module.
 const KINDS = {
-  "monitoring.coreos.com/v1/ServiceMonitor": `${PREFIX}V1ServiceMonitor.js`,
-  "monitoring.coreos.com/v1/PodMonitor": `${PREFIX}V1PodMonitor.js`,
-  "monitoring.coreos.com/v1/PrometheusRule": `${PREFIX}V1PrometheusRule.js`,
+  "monitoring.coreos.com/v1/ServiceMonitor": join(schemas("prometheus-operator"), `${PREFIX}V1ServiceMonitor.js`),
+  "monitoring.coreos.com/v1/PodMonitor": join(schemas("prometheus-operator"), `${PREFIX}V1PodMonitor.js`),
+  "monitoring.coreos.com/v1/PrometheusRule": join(schemas("prometheus-operator"), `${PREFIX}V1PrometheusRule.js`),
+  "gateway.networking.k8s.io/v1/GRPCRoute": join(schemas("gateway-api"), "IoK8sSigsGatewayApiApisV1GRPCRoute.js"),
 };
 
 // Wrap `value` (recursively, lazily) so that reads are recorded in `seen` as "path/key".
@@ -64,7 +65,7 @@ async function validateOne(obj) {
   const id = `${obj?.kind ?? "?"}/${obj?.metadata?.name ?? "?"}`;
   const file = KINDS[`${obj?.apiVersion}/${obj?.kind}`];
   if (!file) return [`${id}: no schema for apiVersion=${obj?.apiVersion} kind=${obj?.kind}`];
-  const { validate } = await import(pathToFileURL(join(schemaDir, file)).href);
+  const { validate } = await import(pathToFileURL(file).href);
   const seen = new Set();
   const ok = validate(track(obj, "", seen));
   const errors = ok ? [] : (validate.errors || []).map(

@@ -56,6 +56,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "flowact.port.http" -}}8000{{- end }}
 {{- define "flowact.port.grpc" -}}8001{{- end }}
 {{- define "flowact.port.metrics" -}}8002{{- end }}
+{{- define "flowact.port.health" -}}8003{{- end }}
 
 {{/* Paths inside the pod. */}}
 {{- define "flowact.runDir" -}}/run/flowact{{- end }}
