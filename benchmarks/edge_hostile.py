@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     make = lambda: TritonServer(repo, grpc, http, metrics, work_dir=tmp / "triton",  # noqa: E731
                                 extra_env={"FLOWACT_DRAIN_FILE": str(tmp / "draining")})
     server = make().start(timeout_s=120)
-    edge = EdgeProcess(f"127.0.0.1:{grpc}", tmp / "edge.log", "--max-sessions", "4")
+    edge = EdgeProcess(f"127.0.0.1:{grpc}", tmp / "edge.log", "--max-sessions", "4", "--no-failover")  # one server
     results: dict = {"machine": f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start", "bursts": []}
     try:
         watch = Watch(edge.base)

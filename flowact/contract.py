@@ -128,6 +128,7 @@ WEB_MAX_CONTROL_BYTES = 4096  # a data-channel control message (JSON); longer on
 WEB_MAX_CHANNELS = 4  # data channels per session; more are closed
 WEB_UPSTREAM_TIMEOUT_S = 3.0  # a chunk the server has not answered within this (~6 chunks) ends its session
 WEB_CONNECT_TIMEOUT_S = 20.0  # a session whose viewer has not connected (ICE + DTLS) by then is ended
+WEB_MAX_REPLAY_CHUNKS = 250  # without snapshots (a server with no key) a session keeps this much audio (2 min) to fail over
 WEB_UPSTREAM_CHECK_S = 2.0  # POST /v1/sessions asks the server whether it is ready within this, else 503
 WEB_RECONNECT_BACKOFF_MAX_S = 1.0  # the edge's gRPC reconnect backoff never grows past this
 WEB_SESSION_SECRET_BYTES = 32  # a session's capability (its Location): 256 random bits
@@ -158,6 +159,7 @@ WEB_METRICS = {  # the edge's own /metrics (prometheus-client; histograms add _b
     "flowact_web_sessions_started_total": ("COUNTER", "viewer sessions admitted"),
     "flowact_web_sessions_rejected_total": ("COUNTER", "session offers refused (edge at --max-sessions, bad offer)"),
     "flowact_web_sessions_failed_total": ("COUNTER", "sessions ended by an error (server refused or gone, ICE failed)"),
+    "flowact_web_failovers_total": ("COUNTER", "sessions moved to another replica (resumed from their last snapshot)"),
     "flowact_web_frames_sent_total": ("COUNTER", "video frames handed to the WebRTC encoder"),
     "flowact_web_frames_late_total": ("COUNTER", "frames not there when due (the previous frame was repeated)"),
     "flowact_web_silence_filled_seconds_total": ("COUNTER", "input audio replaced by silence (late or absent)"),
@@ -207,6 +209,7 @@ FAILOVER_MAX_BACKOFF_S = 2.0
 # What makes a client fail over: the gRPC stream broke (any gRPC status), or the server's answer
 # contains a refusal below, in any case (texts of flowact.serving.streams, the stream model and Triton).
 FAILOVER_CONNECTION_LOST = "connection lost"
+FAILOVER_NO_ANSWER = "no answer"  # the edge: a chunk unanswered for --upstream-timeout (a hung replica)
 FAILOVER_REFUSALS = {  # lower-case text in the server's message -> cause
     "server is stopping": "stopping",  # also Triton's own "Server is stopping, scheduler ... stopped accepting"
     "server is draining": "draining",

@@ -52,6 +52,7 @@ def edge(server, tmp_path_factory):
     (tmp / "admin").write_text(ADMIN)
     proc = EdgeProcess(url(server["server"]), tmp / "edge.log", "--max-sessions", str(MAX_SESSIONS),
                        "--connect-timeout", str(CONNECT_TIMEOUT_S), "--upstream-timeout", str(UPSTREAM_TIMEOUT_S),
+                       "--no-failover",  # one server: a hung or lost one ends the session (tests/test_web_failover.py: two)
                        "--token-file", str(tmp / "tokens"), "--admin-key-file", str(tmp / "admin"))
     yield proc
     print(proc.stop()[-3000:])

@@ -45,6 +45,7 @@ from flowact.contract import (ADMIN_KEY_HTTP_HEADER, WEB_BODY_TIMEOUT_S, WEB_CON
                               WEB_MAX_IMAGE_PIXELS, WEB_MAX_IMAGES, WEB_MAX_SDP_BYTES, WEB_MAX_SDP_MEDIA, WEB_METRICS,
                               WEB_MIN_IMAGE_SIDE, WEB_SDP_TYPE, WEB_SESSIONS_PATH, WEB_TOKEN_MIN_CHARS,
                               WEB_UPSTREAM_TIMEOUT_S)
+from flowact.client.stream import FailoverPolicy
 from flowact.media import REFERENCE_IMAGE, SPEECH_WAV, fit_image, load_image
 from flowact.stats import percentile
 from flowact.web.session import OfferError, Session, upstream_unready
@@ -230,12 +231,14 @@ class Edge:
 
     def __init__(self, url: str, height: int, width: int, max_sessions: int, ice_servers=(),
                  jitter_buffer_s: float | None = None, access: Access | None = None,
-                 connect_timeout_s: float = WEB_CONNECT_TIMEOUT_S, upstream_timeout_s: float = WEB_UPSTREAM_TIMEOUT_S):
+                 connect_timeout_s: float = WEB_CONNECT_TIMEOUT_S, upstream_timeout_s: float = WEB_UPSTREAM_TIMEOUT_S,
+                 failover: FailoverPolicy | None = FailoverPolicy()):
         self.url, self.height, self.width, self.max_sessions = url, height, width, max_sessions
         self.ice_servers = list(ice_servers)
         self.fixed_jitter_buffer_s = jitter_buffer_s  # None: sized from measurements (JitterSizer)
         self.access = access or Access()
-        self.timeouts = {"connect_timeout_s": connect_timeout_s, "upstream_timeout_s": upstream_timeout_s}
+        self.session_options = {"connect_timeout_s": connect_timeout_s, "upstream_timeout_s": upstream_timeout_s,
+                                "failover": failover}
         self.sizer = JitterSizer()
         self.metrics = EdgeMetrics()
         self.sessions: dict[str, Session] = {}  # sha256 of the session's secret -> session
@@ -281,7 +284,7 @@ class Edge:
         jitter = self.fixed_jitter_buffer_s if self.fixed_jitter_buffer_s is not None else self.sizer.size()
         self.opened += 1
         session = Session(self.url, image, self.metrics, jitter, self.sizer.add, self.ice_servers, conditioning,
-                          number=self.opened, **self.timeouts)
+                          number=self.opened, **self.session_options)
         self.sessions[session.key] = session  # counted from now on: concurrent offers cannot overshoot
         session.on_closed = self._closed
         try:

@@ -27,6 +27,9 @@ def add_parser(sub) -> None:
                    help="a session whose viewer has not connected by then is ended and its slot freed")
     p.add_argument("--upstream-timeout", type=float, default=WEB_UPSTREAM_TIMEOUT_S, metavar="SECONDS",
                    help="a chunk the server has not answered by then ends its session (a hung server)")
+    p.add_argument("--no-failover", action="store_true",
+                   help="end a session when its replica goes away (default: continue it from its last snapshot "
+                        "on whichever replica --url reaches, e.g. a `flowact gateway`)")
     p.add_argument("--token-file", type=Path, default=None, metavar="FILE",
                    help="bearer tokens, one per line: POST /v1/sessions and /v1/images then need "
                         "'Authorization: Bearer TOKEN' (WHIP); the page takes it as #token=TOKEN in its URL")
@@ -84,6 +87,7 @@ def return_freed_memory() -> None:
 def _run(args) -> int:
     from aiohttp import web
 
+    from flowact.client.stream import FailoverPolicy
     from flowact.serving.cli import admin_key
     from flowact.web.app import Access, Edge, make_app
 
@@ -99,7 +103,7 @@ def _run(args) -> int:
     access = Access(frozenset(h.lower() for h in args.allowed_host), tokens, key)
     height, width = wait_for_geometry(args.url, args.wait)
     edge = Edge(args.url, height, width, args.max_sessions, ice_servers(args.ice_server), args.jitter_buffer, access,
-                args.connect_timeout, args.upstream_timeout)
+                args.connect_timeout, args.upstream_timeout, None if args.no_failover else FailoverPolicy())
     print(f"flowact web: http://{args.host}:{args.port}/ -> {args.url} ({width}x{height}, "
           f"at most {args.max_sessions} sessions)", flush=True)
     web.run_app(make_app(edge), host=args.host, port=args.port, print=None, shutdown_timeout=10)
