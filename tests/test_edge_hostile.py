@@ -10,15 +10,14 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import threading
 import time
 
 import pytest
 
 from conftest import url
-from flowact.benchmarks.edge_hostile import (EdgeProcess, big_jpeg, big_png, bomb_png, make_offer, offer_with,
-                                             raw_post, rss_mb)
+from flowact.benchmarks.edge_hostile import (EdgeProcess, big_jpeg, big_png, bomb_png, burst, make_offer, offer_with,
+                                             raw_post)
 from flowact.contract import (ADMIN_KEY_HTTP_HEADER, WEB_BODY_TIMEOUT_S, WEB_MAX_CHANNELS, WEB_MAX_CONTROL_BYTES,
                               WEB_MAX_SDP_MEDIA, WEB_SESSIONS_PATH)
 from flowact.serving.server import TritonServer, free_ports
@@ -180,32 +179,10 @@ def test_real_photos_upload_in_many_segments(edge):
 def test_decompression_bombs_are_refused_and_memory_stays_bounded(edge):
     status, _, body = edge.request("POST", "/v1/images", bomb_png(6000, 6660), auth(**{"Content-Type": "image/png"}))
     assert status == 413 and b"decodes in full" in body
-    worst = big_png(4096, noise=False)  # the largest PNG that decodes: 4096 x 4096
-    idle = rss_mb(edge.pid)
-    peak = [idle]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], rss_mb(edge.pid))
-            time.sleep(0.02)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    statuses = []
-    threads = [threading.Thread(target=lambda: statuses.append(
-        edge.request("POST", "/v1/images", worst, auth(**{"Content-Type": "image/png"}))[0])) for _ in range(12)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    time.sleep(1.0)
-    done.set()
-    sampler.join()
-    settled = rss_mb(edge.pid)
-    print(f"\n12 concurrent 4096x4096 PNG uploads: edge RSS idle {idle:.0f} MB, peak {peak[0]:.0f}, settled {settled:.0f}")
-    assert statuses.count(201) + statuses.count(503) == 12 and 201 in statuses, statuses
-    assert peak[0] - idle < 300 and settled - idle < 100
+    worst = ("POST", "/v1/images", big_png(4096, noise=False), auth(**{"Content-Type": "image/png"}))  # the largest that decodes
+    seen = burst(edge, [worst] * 12, "12 concurrent 4096x4096 PNG uploads", settle_s=1.0)
+    assert set(seen["statuses"]) <= {201, 503} and seen["statuses"].get(201), seen
+    assert seen["rss_peak_mb"] - seen["rss_idle_mb"] < 300 and seen["rss_settled_mb"] - seen["rss_idle_mb"] < 100, seen
 
 
 # --- 9. data channels -----------------------------------------------------------------------------------
