@@ -40,6 +40,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from flowact.contract import (DEFAULT_GATEWAY_LISTEN, DEFAULT_HEALTH_PORT, DEFAULT_IDLE_TTL_S, GATEWAY_HEALTH_INTERVAL_S,
                               GATEWAY_MAX_REQUEST_BYTES, HEALTH_READY_PATH, TRITON_IDLE_FACTOR, TRITON_IDLE_MARGIN_S)
@@ -47,43 +48,9 @@ from flowact.contract import (DEFAULT_GATEWAY_LISTEN, DEFAULT_HEALTH_PORT, DEFAU
 CLUSTER = "flowact"
 MAX_STREAMS = 100_000  # Envoy's default circuit breaker (1,024 requests per cluster) would cap the fleet's streams
 
-# Reads the gRPC length prefixes (1 flag byte, 4 bytes big-endian length) of the request body as it
-# streams through, without buffering it. Of a message announced above MAX only the prefix reaches the
-# replica, and nothing after it: the call stalls until the client gives up or the stream idle timeout
-# ends it. (Envoy's Lua filter cannot reset a stream whose headers went on, envoyproxy/envoy#12985 and
-# #39321, and Envoy has no per-message limit of its own; its body_size_limit counts a whole stream.)
-MESSAGE_CAP_LUA = """
-local MAX = %d
-function envoy_on_request(handle)
-  local need, prefix, cut = 0, "", false
-  for chunk in handle:bodyChunks() do
-    local n, pos = chunk:length(), 0
-    if cut then
-      chunk:setBytes("")
-      pos = n
-    end
-    while pos < n do
-      if need > 0 then
-        local take = math.min(need, n - pos)
-        need, pos = need - take, pos + take
-      else
-        local take = math.min(5 - #prefix, n - pos)
-        prefix, pos = prefix .. chunk:getBytes(pos, take), pos + take
-        if #prefix == 5 then
-          local _, a, b, c, d = prefix:byte(1, 5)
-          need = ((a * 256 + b) * 256 + c) * 256 + d
-          if need > MAX then
-            handle:logWarn("flowact gateway: a gRPC message of " .. need .. " bytes is over the cap of " .. MAX)
-            chunk:setBytes(chunk:getBytes(0, pos))  -- up to its prefix; nothing after it goes upstream
-            cut, pos = true, n
-          end
-          prefix = ""
-        end
-      end
-    end
-  end
-end
-"""
+# The gRPC message cap, a Lua filter: one source for this gateway and the chart (the file is the chart's,
+# helm/flowact/files/grpc-message-cap.lua, linked here); MAX_BYTES becomes the cap.
+MESSAGE_CAP_LUA = Path(__file__).with_name("grpc_message_cap.lua").read_text()
 
 
 @dataclass(frozen=True)
@@ -156,7 +123,7 @@ def envoy_config(listen: str, replicas: list[Replica], idle_ttl_s: float = DEFAU
         "http_filters": [
             {"name": "envoy.filters.http.lua",
              "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
-                              "default_source_code": {"inline_string": MESSAGE_CAP_LUA % GATEWAY_MAX_REQUEST_BYTES}}},
+                              "default_source_code": {"inline_string": MESSAGE_CAP_LUA.replace("MAX_BYTES", str(GATEWAY_MAX_REQUEST_BYTES))}}},
             {"name": "envoy.filters.http.router",
              "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
     }

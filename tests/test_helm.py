@@ -3,7 +3,8 @@
 helm lint --strict; helm template of every ci/*-values.yaml scenario, each object validated
 strictly against the Kubernetes schemas (kubernetes-validate) and the Prometheus Operator and
 Gateway API CRD schemas (helm/tools/validate-crds.js; Envoy Gateway's BackendTrafficPolicy has no
-schema package on npm or PyPI: its fields are asserted here); promtool on the rendered rules, plus a promtool rule test
+schema package on npm or PyPI: the fields of its BackendTrafficPolicy and EnvoyExtensionPolicy are
+asserted here); promtool on the rendered rules, plus a promtool rule test
 (helm/tests/rules-test.yaml) of the HPA metric as recording rule and as prometheus-adapter query;
 assertions on the rendered objects (probes, drain, grace period, GPU, HPA, security).
 
@@ -36,7 +37,7 @@ RELEASE, NAMESPACE = "flowact", "default"  # rules-test.yaml's sample series car
 K8S_VERSION = "1.31"
 SCENARIOS = sorted(p.name.removesuffix("-values.yaml") for p in (CHART / "ci").glob("*-values.yaml"))
 CRD_GROUPS = ("monitoring.coreos.com/", "gateway.networking.k8s.io/", "gateway.envoyproxy.io/")
-SCHEMALESS_CRDS = ("BackendTrafficPolicy",)  # Envoy Gateway's: no npm or PyPI package carries its schema
+SCHEMALESS_CRDS = ("BackendTrafficPolicy", "EnvoyExtensionPolicy")  # Envoy Gateway's: no npm or PyPI package has their schemas
 PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002, "health": 8003}
 
 
@@ -585,7 +586,7 @@ def test_prometheus_rule_uses_only_published_metrics_and_alerts_on_what_matters(
 
 def test_gateway_only_when_enabled(rendered):
     for scenario in ("default", "autoscaling", "tls"):
-        assert not [o for o in rendered[scenario] if o["kind"] in ("GRPCRoute", "BackendTrafficPolicy")]
+        assert not [o for o in rendered[scenario] if o["kind"] in ("GRPCRoute", *SCHEMALESS_CRDS)]
 
 
 def test_gateway_routes_streams_least_request_with_readiness_checks(rendered):
@@ -614,3 +615,15 @@ def test_gateway_routes_streams_least_request_with_readiness_checks(rendered):
     assert spec["timeout"]["http"]["requestTimeout"] == "0s"
     assert int(spec["timeout"]["http"]["streamIdleTimeout"].removesuffix("s")) > 2 * 30
     assert spec["circuitBreaker"]["maxParallelRequests"] > 1024
+
+
+def test_gateway_caps_grpc_messages_with_the_gateways_lua(rendered):
+    """The EnvoyExtensionPolicy runs files/grpc-message-cap.lua (the file flowact gateway runs) on the route,
+    with the cap in place of its placeholder."""
+    objs = rendered["gateway"]
+    policy = one(objs, "EnvoyExtensionPolicy")
+    assert policy["spec"]["targetRefs"] == [{"group": "gateway.networking.k8s.io", "kind": "GRPCRoute",
+                                             "name": one(objs, "GRPCRoute")["metadata"]["name"]}]
+    (lua,) = policy["spec"]["lua"]
+    source = (CHART / "files" / "grpc-message-cap.lua").read_text()
+    assert lua["type"] == "Inline" and lua["inline"] == source.replace("MAX_BYTES", str(8 * 1024 * 1024))

@@ -1,0 +1,1 @@
+../helm/flowact/files/grpc-message-cap.lua
