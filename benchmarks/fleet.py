@@ -3,11 +3,12 @@
     python -m flowact.benchmarks.fleet --preset tiny --replicas 3 --streams 12 --out benchmarks/results/fleet_tiny.json
 
 Starts `--replicas` `flowact serve` processes (one shared FLOWACT_SNAPSHOT_KEY, each its own ports,
-work folder and drain file) and `flowact gateway` in front of them, rendered with one replica more
-than runs at first (the scale-up: it fails its health check until it is started). Then it runs
-`--streams` real-time paced streams through the gateway with the shipped client and, during the run:
-drains replica 1 (`flowact drain`, as the chart's preStop), SIGKILLs replica 2 (its launcher's
-process group and tritonserver at once, as a pod's death) and starts the spare replica.
+work folder and drain file) and `flowact gateway` in front of them, rendered with every replica the
+plan starts (replica 4, the scale-up, fails its health check until it is started). Then it runs
+`--streams` real-time paced streams through the gateway with the shipped client (failover on) and,
+during the run: starts replica 4, drains replica 1 (preStop `flowact drain`, then SIGTERM, as
+Kubernetes removes a pod) and SIGKILLs replica 2 (its launcher's process group and tritonserver at
+once, as a pod dies).
 
 Reported per event: streams affected, chunks replayed, the viewer's gap (p50/p99/max), chunks lost
 and duplicated, every failed-over stream's frames against an uninterrupted run of the same inputs;
@@ -37,16 +38,11 @@ import psutil
 
 from flowact.contract import ACTIVE_STREAMS, DRAIN_FILE_ENV, SNAPSHOT_KEY_ENV, STREAM_CAPACITY
 from flowact.serving.health import metric_value
+from flowact.serving.server import free_ports
 
 
 def flowact_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "flowact.cli", *args]
-
-
-def free_ports(n: int) -> list[int]:
-    from flowact.serving.server import free_ports as free
-
-    return free(n)
 
 
 def get(url: str, timeout_s: float = 3.0) -> tuple[int, str]:
@@ -303,8 +299,8 @@ def summarize_gaps(gaps: list[float]) -> dict:
                                 "max_s": round(max(gaps), 3)} if gaps else {})}
 
 
-def rehearse(repository: Path, work: Path, replicas: int, plan: list[tuple[str, float]], chunks: int,
-             preset: str = "tiny", snapshot_key: str | None = None, say=print) -> dict:
+def rehearse(repository: Path, work: Path, replicas: int, plan: list[tuple[str, int | float]], chunks: int,
+             preset: str = "tiny", say=print) -> dict:
     """Run the plan against `replicas` `flowact serve` replicas of `repository` behind `flowact gateway`."""
     from flowact.client.stream import AvatarStream
     from flowact.media import REFERENCE_IMAGE, load_image
@@ -312,7 +308,7 @@ def rehearse(repository: Path, work: Path, replicas: int, plan: list[tuple[str, 
 
     p = get_preset(preset)
     image = load_image(REFERENCE_IMAGE, p.height, p.width)
-    key = snapshot_key or secrets.token_hex(32)
+    key = secrets.token_hex(32)  # one FLOWACT_SNAPSHOT_KEY for the whole fleet
     names = sorted({*range(replicas), *(int(a) for e, a in plan if e == "start")})
     fleet = {i: ServeReplica(f"replica {i + 1}", repository, work / f"replica{i + 1}", key, preset) for i in names}
     capacity = {}
@@ -331,9 +327,9 @@ def rehearse(repository: Path, work: Path, replicas: int, plan: list[tuple[str, 
                 status, text = get(r.metrics_url, timeout_s=1.0) if r.process and r.process.poll() is None else (0, "")
                 if status == 200 and metric_value(text, ACTIVE_STREAMS) is not None:
                     active[i] = metric_value(text, ACTIVE_STREAMS)
-                    capacity[i] = metric_value(text, STREAM_CAPACITY)
+                    capacity[str(i + 1)] = metric_value(text, STREAM_CAPACITY)
             samples.append({"t": round(time.monotonic() - t0, 2), "active": {str(i + 1): a for i, a in active.items()},
-                            "hpa_desired": hpa_desired([a / capacity[i] for i, a in active.items()], hpa)})
+                            "hpa_desired": hpa_desired([a / capacity[str(i + 1)] for i, a in active.items()], hpa)})
 
     try:
         for i in range(replicas):

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,17 +61,13 @@ class Replica:
     @classmethod
     def parse(cls, text: str) -> "Replica":
         """HOST:GRPCPORT[:HEALTHPORT]"""
-        parts = text.rsplit(":", 2) if text.count(":") >= 2 else text.rsplit(":", 1)
+        parts = text.split(":")
         try:
-            if len(parts) < 2 or not parts[0]:
+            if len(parts) not in (2, 3) or not parts[0]:
                 raise ValueError
             return cls(parts[0], *(int(p) for p in parts[1:]))
         except ValueError:
             raise ValueError(f"replica {text!r}: expected HOST:GRPCPORT[:HEALTHPORT], e.g. 10.0.0.5:8001:8003") from None
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.grpc_port}"
 
 
 def split_host_port(text: str) -> tuple[str, int]:
@@ -197,7 +192,6 @@ def _gateway(args) -> int:
         return 0
     envoy = args.envoy or envoy_binary()
     print(f"flowact gateway on {args.listen} -> {', '.join(args.replica)}", flush=True)
-    sys.stdout.flush()
     # Envoy replaces this process: signals reach it directly (SIGTERM stops it). No hot restart: one
     # gateway per config, several may run on one host.
     os.execv(envoy, [envoy, "--config-yaml", text, "--disable-hot-restart", "--log-level", "warn"])

@@ -86,6 +86,12 @@ def test_ready_endpoint_and_probe_agree(fleet):
     assert get(f"{health}/ready")[0] == 200
 
 
+def test_a_bad_replica_is_refused_by_name():
+    proc = subprocess.run(flowact_command("gateway", "--replica", "10.0.0.5", "--print-config"), capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "replica '10.0.0.5': expected HOST:GRPCPORT[:HEALTHPORT], e.g. 10.0.0.5:8001:8003" in proc.stderr, proc.stderr
+
+
 def test_config_passes_envoys_validator(fleet, tmp_path):
     _, gateway = fleet
     args = ["gateway", "--listen", "127.0.0.1:9001", "--print-config"]
