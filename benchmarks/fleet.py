@@ -398,9 +398,10 @@ def report(runs, references, events, samples, t0, hpa, capacity) -> dict:
         check = compare(result.frames if result else [], references[run.index])
         failovers = []
         for f in result.failovers if result else []:
+            # The failure lies between the last chunk delivered before it and the next new one (gap_s later):
+            # it belongs to the latest event before that delivery.
             failed_at = (result.arrival_times[f.at_chunk - 1] if f.at_chunk else result.send_times[0]) - t0
-            event = max((e for e in disruptive if e["t_s"] <= failed_at + SAMPLE_PERIOD_S),
-                        key=lambda e: e["t_s"], default=None)
+            event = max((e for e in disruptive if e["t_s"] <= failed_at + f.gap_s), key=lambda e: e["t_s"], default=None)
             entry = {"cause": f.cause, "at_chunk": f.at_chunk, "resumed_from": f.resumed_from, "replayed": f.replayed,
                      "attempts": f.attempts, "gap_s": round(f.gap_s, 3), "t_s": round(failed_at, 2),
                      "event": f"{event['event']} {event['arg']}" if event else None}

@@ -86,6 +86,19 @@ def test_ready_endpoint_and_probe_agree(fleet):
     assert get(f"{health}/ready")[0] == 200
 
 
+def test_a_full_replica_reads_not_ready(fleet):
+    replicas, gateway = fleet
+    r = replicas[0]
+    results: dict = {}
+    streams = [stream_in_thread(f"127.0.0.1:{r.ports['grpc']}", 8, seed, results) for seed in range(10, 10 + CAPACITY)]
+    wait_for("the replica full", lambda: r.active_streams() == CAPACITY)
+    assert get(f"http://127.0.0.1:{r.ports['health']}/ready") == (503, f"not ready: at capacity ({CAPACITY}/{CAPACITY})\n")
+    for t in streams:
+        t.join(timeout=60)
+    assert all(len(results[seed].frames) == 8 for seed in range(10, 10 + CAPACITY)), results
+    gateway.wait_healthy(2)  # its /ready passes again
+
+
 def test_a_bad_replica_is_refused_by_name():
     proc = subprocess.run(flowact_command("gateway", "--replica", "10.0.0.5", "--print-config"), capture_output=True, text=True)
     assert proc.returncode != 0
