@@ -217,3 +217,13 @@ FAILOVER_REFUSALS = {  # lower-case text in the server's message -> cause
     "is not healthy": "replica failed",  # Triton: "Stub process '...' is not healthy" (the replica stops)
 }
 SNAPSHOTS_DISABLED = "snapshots are disabled"  # a server without FLOWACT_SNAPSHOT_KEY: fail over by replaying from chunk 0
+
+# --- voice-agent integrations (flowact.integrations: Pipecat, LiveKit Agents) ----------------------
+# The agent's speech is put on the stream's timeline at real time (its TTS may run ahead); chunk k's
+# frames and speech leave at chunk 0 complete + 0.48 s k + the jitter buffer, as on the edge.
+AGENT_JITTER_BUFFER_S = WEB_JITTER_BUFFER_S
+AGENT_TICK_S = 0.02  # how often the speech clock moves the agent's pending speech onto the timeline
+AGENT_END_TIMEOUT_S = 5.0  # wait this long for the server's answer to END
+AGENT_AVATAR_IDENTITY = "flowact-avatar"  # the LiveKit participant the avatar joins a room as
+AGENT_FRAME_KEY = "flowact_frame"  # Pipecat: an OutputImageRawFrame's metadata: frame n of the stream (plays at origin + n / 25)
+AGENT_SAMPLE_KEY = "flowact_sample"  # ... a speech frame's: its first sample on the same timeline (plays at origin + s / 16000)
