@@ -11,7 +11,7 @@ assertions on the rendered objects (probes, drain, grace period, GPU, HPA, secur
 The tools (helm v3, promtool, node validators) are installed by helm/tools/install.sh into the
 git-ignored tools/ folder; when that fails these tests fail, they do not skip.
 This module knows nothing about the serving code: it checks the chart against the image's CLI
-contract (ports, `flowact probe ready`, `flowact drain`, FLOWACT_DRAIN_FILE).
+contract (ports, GET /ready on the health port, `flowact drain`, FLOWACT_DRAIN_FILE).
 """
 from __future__ import annotations
 
@@ -263,7 +263,7 @@ def test_recording_rules_scoped_to_release(rendered):
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_probes(rendered, scenario):
     c = container(rendered[scenario])
-    assert c["readinessProbe"]["exec"]["command"] == ["flowact", "probe", "ready"]
+    assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "health"}  # flowact serve --health-port
     assert c["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
     assert c["startupProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
     startup = c["startupProbe"]
