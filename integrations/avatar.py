@@ -24,6 +24,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import av
 import numpy as np
 import tritonclient.grpc as grpcclient
 
@@ -49,8 +50,36 @@ class AvatarStats:
     behaviours: dict[int, str | None] = field(default_factory=dict)  # chunk -> the behaviour it was sent with
 
 
+class SpeechResampler:
+    """int16 speech at any rate and channel count -> 16 kHz mono float32 (libswresample, state kept across
+    frames; a new rate or layout starts a new one after flushing the old)."""
+
+    def __init__(self):
+        self._resampler: av.AudioResampler | None = None
+        self._format: tuple[int, int] | None = None  # (rate, channels) it was made for
+
+    def resample(self, pcm: bytes, rate: int, channels: int) -> list[np.ndarray]:
+        out = self.flush() if self._format not in (None, (rate, channels)) else []
+        if self._resampler is None:
+            self._resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+            self._format = (rate, channels)
+        frame = av.AudioFrame.from_ndarray(np.frombuffer(pcm, dtype=np.int16)[None],  # (1, n * channels), interleaved
+                                           format="s16", layout="mono" if channels == 1 else "stereo")
+        frame.sample_rate = rate
+        return out + [f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)]  # (n,) float32 each
+
+    def flush(self) -> list[np.ndarray]:
+        """The filter's delayed tail (the utterance ended)."""
+        out = [f.to_ndarray().reshape(-1) for f in self._resampler.resample(None)] if self._resampler else []
+        self.reset()
+        return out
+
+    def reset(self) -> None:
+        self._resampler, self._format = None, None
+
+
 class AgentAvatar:
-    """One avatar stream. `push_speech`, `end_segment`, `interrupt` from the agent's side; `video.recv()`
+    """One avatar stream. `push_pcm` (or `push_speech`), `end_segment`, `interrupt` from the agent's side; `video.recv()`
     (av.VideoFrame, 25 fps) and `speech.recv()` (av.AudioFrame, 20 ms, 16 kHz s16) on the output side."""
 
     def __init__(self, url: str, image: np.ndarray, jitter_buffer_s: float = AGENT_JITTER_BUFFER_S,
@@ -61,6 +90,7 @@ class AgentAvatar:
         self.stream_id = new_stream_id()
         self.assembler = ChunkAssembler()
         self.conditioning = Conditioning()
+        self.resampler = SpeechResampler()
         self.pending: deque[np.ndarray] = deque()  # (n,) float32 speech not yet on the timeline
         self.pending_samples = 0
         self.quiet_from: int | None = None  # timeline sample from which chunks are idle (utterance over)
@@ -94,8 +124,15 @@ class AgentAvatar:
         if self.conditioning.behaviour == "idle":
             self.conditioning.apply({"behaviour": "auto"})
 
+    def push_pcm(self, pcm: bytes, rate: int, channels: int) -> None:
+        """int16 interleaved speech at any rate (what TTS engines and LiveKit frames carry)."""
+        for samples in self.resampler.resample(pcm, rate, channels):
+            self.push_speech(samples)
+
     def end_segment(self) -> None:
         """The utterance pushed so far is complete: the avatar turns idle once it has played."""
+        for samples in self.resampler.flush():
+            self.push_speech(samples)
         end = self.assembler.written + self.pending_samples
         self.segment_ends.append(end)
         self.quiet_from = end
@@ -103,6 +140,7 @@ class AgentAvatar:
     def interrupt(self) -> None:
         """Drop the speech not yet on the timeline; the next chunk is idle (the current one holds what
         was already said)."""
+        self.resampler.reset()
         self.pending.clear()
         self.pending_samples = 0
         self.segment_ends.clear()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 
-import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError
 from pipecat.frames.frames import (CancelFrame, EndFrame, Frame, InterruptionFrame, MetricsFrame, OutputImageRawFrame,
@@ -42,8 +41,6 @@ class FlowActVideoService(AIService):
         super().__init__(settings=ServiceSettings(model=None), **kwargs)
         self._options = dict(url=url, image=image, jitter_buffer_s=jitter_buffer_s, seed=seed, model=model)
         self.avatar: AgentAvatar | None = None  # one per StartFrame
-        self._resampler: av.AudioResampler | None = None  # TTS rate -> 16 kHz mono float, state kept across frames
-        self._resampler_rate: tuple[int, int] | None = None  # (rate, channels) it was made for
         self._tasks: list[asyncio.Task] = []
 
     def can_generate_metrics(self) -> bool:
@@ -80,33 +77,13 @@ class FlowActVideoService(AIService):
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         await super().process_frame(frame, direction)
         if isinstance(frame, TTSAudioRawFrame) and self.avatar is not None:
-            self._push_tts(frame)
+            self.avatar.push_pcm(frame.audio, frame.sample_rate, frame.num_channels)
             return  # the speech leaves re-timed, with its frames
         if isinstance(frame, TTSStoppedFrame) and self.avatar is not None:
-            self._flush_tts()
             self.avatar.end_segment()
         elif isinstance(frame, InterruptionFrame) and self.avatar is not None:
-            self._resampler = None
             self.avatar.interrupt()
         await self.push_frame(frame, direction)
-
-    def _push_tts(self, frame: TTSAudioRawFrame) -> None:
-        if self._resampler is None or self._resampler_rate != (frame.sample_rate, frame.num_channels):
-            self._flush_tts()
-            self._resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-            self._resampler_rate = (frame.sample_rate, frame.num_channels)
-        pcm = np.frombuffer(frame.audio, dtype=np.int16)[None]  # (1, n * channels), interleaved
-        audio = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono" if frame.num_channels == 1 else "stereo")
-        audio.sample_rate = frame.sample_rate
-        for out in self._resampler.resample(audio):
-            self.avatar.push_speech(out.to_ndarray().reshape(-1))  # (n,) float32 at 16 kHz
-
-    def _flush_tts(self) -> None:
-        """The resampler's delayed tail (an utterance ended or the rate changed)."""
-        if self._resampler is not None:
-            for out in self._resampler.resample(None):
-                self.avatar.push_speech(out.to_ndarray().reshape(-1))
-            self._resampler = None
 
     async def _push_video(self) -> None:
         avatar = self.avatar
