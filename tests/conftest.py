@@ -71,6 +71,18 @@ def start_server(tmp, onnx_dir, capacity: int = 12, idle_ttl_s: float = 3.0, ext
     return TritonServer(repo, grpc, http, metrics_port, work_dir=tmp / "triton", extra_env=env, **kwargs).start(timeout_s=120)
 
 
+def wait_for(predicate, timeout_s: float, what: str):
+    """Poll `predicate` every 0.1 s until it returns something truthy (-> that), failing the test after `timeout_s`."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.1)
+    return value
+
+
 def url(srv) -> str:
     return f"127.0.0.1:{srv.grpc_port}"
 

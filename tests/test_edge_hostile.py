@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import url
+from conftest import url, wait_for
 from flowact.benchmarks.edge_hostile import (EdgeProcess, big_jpeg, big_png, bomb_png, burst, make_offer, offer_with,
                                              raw_post)
 from flowact.contract import (ADMIN_KEY_HTTP_HEADER, WEB_BODY_TIMEOUT_S, WEB_MAX_CHANNELS, WEB_MAX_CONTROL_BYTES,
@@ -63,15 +63,6 @@ def auth(**more) -> dict:
 
 def sessions_open(edge) -> int:
     return json.loads(edge.request("GET", "/v1/config")[2])["sessions"]
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.1)
-    return value
 
 
 def post_offer(edge, sdp: str | bytes, query: str = "", headers: dict | None = None):

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import ref_image, speech_chunks
+from conftest import ref_image, speech_chunks, wait_for
 from flowact.benchmarks.fleet import Gateway, ServeReplica, flowact_command, get
 from flowact.client.stream import AvatarStream, StreamError
 from flowact.contract import DRAIN_FILE_ENV, GATEWAY_MAX_REQUEST_BYTES
@@ -41,13 +41,6 @@ def fleet(tmp_path_factory, onnx_dir):
         gateway.stop()
         for r in replicas:
             r.stop()
-
-
-def wait_for(what, condition, timeout_s: float = 15.0):
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def stream_in_thread(url: str, chunks: int, seed: int, results: dict) -> threading.Thread:
@@ -91,7 +84,7 @@ def test_a_full_replica_reads_not_ready(fleet):
     r = replicas[0]
     results: dict = {}
     streams = [stream_in_thread(f"127.0.0.1:{r.ports['grpc']}", 8, seed, results) for seed in range(10, 10 + CAPACITY)]
-    wait_for("the replica full", lambda: r.active_streams() == CAPACITY)
+    wait_for(lambda: r.active_streams() == CAPACITY, 15, "the replica full")
     assert get(f"http://127.0.0.1:{r.ports['health']}/ready") == (503, f"not ready: at capacity ({CAPACITY}/{CAPACITY})\n")
     for t in streams:
         t.join(timeout=60)
@@ -122,13 +115,13 @@ def test_streams_spread_and_a_drained_replica_gets_no_new_ones(fleet):
     replicas, gateway = fleet
     results: dict = {}
     first = [stream_in_thread(gateway.url, 16, seed, results) for seed in (1, 2)]
-    wait_for("one stream on each replica", lambda: [r.active_streams() for r in replicas] == [1, 1])
+    wait_for(lambda: [r.active_streams() for r in replicas] == [1, 1], 15, "one stream on each replica")
     draining = replicas[0]
     draining.drain_file.touch()
     try:
-        wait_for("the gateway to see the drain", lambda: len(gateway.healthy()) == 1)
+        wait_for(lambda: len(gateway.healthy()) == 1, 15, "the gateway to see the drain")
         later = [stream_in_thread(gateway.url, 4, seed, results) for seed in (3, 4)]
-        wait_for("the new streams on the other replica", lambda: replicas[1].active_streams() == 3)
+        wait_for(lambda: replicas[1].active_streams() == 3, 15, "the new streams on the other replica")
         assert draining.active_streams() == 1  # its live stream goes on; no new one came
         for t in first + later:
             t.join(timeout=60)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import metrics, url
+from conftest import metrics, url, wait_for
 from flowact.contract import (ACTIVE_STREAMS, WEB_IDLE_AFTER_CHUNKS, WEB_MAX_IMAGE_BYTES, WEB_SESSIONS_PATH,
                               WEB_MIN_JITTER_BUFFER_S)
 from flowact.media import REFERENCE_IMAGE, SPEECH_WAV
@@ -181,15 +181,6 @@ def active_streams(srv) -> float:
 
 def edge_sessions(edge: str) -> int:
     return json.loads(http("GET", edge + "/v1/config")[2])["sessions"]
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.2)
-    return value
 
 
 def http(method: str, address: str, body: bytes | None = None, ctype: str | None = None):
