@@ -111,6 +111,7 @@ function setState(state) { window.flowact.state = state; show("s-state", state);
 function onEdgeMessage(msg) {
   if (msg.type === "error") { say(`edge: ${msg.message}`, true); return; }
   if (msg.type === "session") window.flowact.sessionId = msg.number;
+  if (msg.type === "failover") say(`the avatar moved to another server (${msg.cause}; ${msg.gap_ms} ms gap)`);
   if (msg.type === "behaviour") show("s-mode", msg.mode);
   if (msg.type === "stats") {
     window.flowact.edge = msg;
