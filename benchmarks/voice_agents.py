@@ -5,7 +5,7 @@ after 1 s of silence) -> FlowActVideoService -> a sink that reads Pipecat's metr
 StartFrame -> the first frame leaves the service (TTFB metric); mouth latency: a chunk's speech complete
 -> its first frame leaves (processing metric, per chunk); both as the WebRTC edge defines them, whose
 N=1 figures (benchmarks/results/web_tiny.json) are copied next to these. A `flowact serve --preset P`
-must be running at --url.
+must be running at --url. `--jitter-buffer S` measures another buffer (a results entry of its own).
 
     python -m flowact.benchmarks.voice_agents --url 127.0.0.1:8001 --preset tiny
 """
@@ -27,6 +27,7 @@ from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.processors.frame_processor import FrameProcessor
 from pipecat.workers.runner import WorkerRunner
 
+from flowact.contract import AGENT_JITTER_BUFFER_S
 from flowact.integrations.pipecat import FlowActVideoService
 from flowact.media import REFERENCE_IMAGE, SPEECH_WAV, load_audio, load_image, resample
 from flowact.presets import SAMPLE_RATE, get_preset
@@ -54,8 +55,9 @@ class Sink(FrameProcessor):
         await self.push_frame(frame, direction)
 
 
-async def run_once(url: str, image: np.ndarray, speech: np.ndarray) -> dict:
-    service, sink = FlowActVideoService(url=url, image=image), Sink()
+async def run_once(url: str, image: np.ndarray, speech: np.ndarray, jitter_buffer_s: float) -> dict:
+    service, sink = FlowActVideoService(url=url, image=image, jitter_buffer_s=jitter_buffer_s), Sink()
+    stats = {}
     worker = PipelineWorker(Pipeline([service, sink]), params=PipelineParams(enable_metrics=True))
     pcm = (np.clip(resample(speech, SAMPLE_RATE, TTS_RATE), -1, 1) * 32767).astype(np.int16)
 
@@ -68,6 +70,7 @@ async def run_once(url: str, image: np.ndarray, speech: np.ndarray) -> dict:
             await asyncio.sleep(TTS_FRAME / TTS_RATE / 4)
         await worker.queue_frame(TTSStoppedFrame())
         await asyncio.sleep(len(speech) / SAMPLE_RATE + 1.0)
+        stats["avatar"] = service.avatar.stats
         await worker.queue_frame(EndFrame())
 
     runner = WorkerRunner(handle_sigint=False)
@@ -76,7 +79,8 @@ async def run_once(url: str, image: np.ndarray, speech: np.ndarray) -> dict:
     times = sink.frame_times
     return {"ttff_ms": round(sink.ttff[0] * 1000, 1), "mouth_p50_ms": round(percentile(sink.mouth, 50) * 1000, 1),
             "mouth_p99_ms": round(percentile(sink.mouth, 99) * 1000, 1), "chunks": len(sink.mouth),
-            "fps": round((len(times) - 1) / (times[-1] - times[0]), 2)}
+            "fps": round((len(times) - 1) / (times[-1] - times[0]), 2),
+            "frames_late": stats["avatar"].frames_late, "frames_out": stats["avatar"].frames_out}
 
 
 def edge_n1(preset: str) -> dict | None:
@@ -94,19 +98,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--url", required=True, help="a running flowact serve (gRPC)")
     p.add_argument("--preset", required=True, help="the server's preset")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--jitter-buffer", type=float, default=AGENT_JITTER_BUFFER_S, help="seconds (default: the service's)")
     args = p.parse_args(argv)
     preset = get_preset(args.preset)
     image = load_image(REFERENCE_IMAGE, preset.height, preset.width)
     speech = load_audio(SPEECH_WAV)
     load = os.getloadavg()[0]
-    runs = [asyncio.run(run_once(args.url, image, speech)) for _ in range(args.repeat)]
+    runs = [asyncio.run(run_once(args.url, image, speech, args.jitter_buffer)) for _ in range(args.repeat)]
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results[args.preset] = {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpus": os.cpu_count(),
+    key = args.preset if args.jitter_buffer == AGENT_JITTER_BUFFER_S else f"{args.preset}_jitter_{args.jitter_buffer:g}s"
+    results[key] = {"jitter_buffer_s": args.jitter_buffer, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpus": os.cpu_count(),
                             "loadavg_at_start": round(load, 2), "streams": 1, "pipecat": runs,
                             "edge_n1": edge_n1(args.preset)}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results[args.preset], indent=2))
+    print(json.dumps(results[key], indent=2))
 
 
 if __name__ == "__main__":
