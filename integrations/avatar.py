@@ -100,7 +100,6 @@ class AgentAvatar:
         self.complete_at: dict[int, float] = {}  # chunk -> when its audio was complete, until its first frame leaves
         self.error: str | None = None
         self.stats: AvatarStats | None = None
-        self.on_frame_out = lambda n, mouth_latency_s: None  # told when frame n leaves (latency: a chunk's first frame)
 
     async def start(self) -> None:
         """Open the gRPC stream and start the clock (chunk 0 goes out 0.48 s from now)."""
@@ -252,14 +251,11 @@ class AgentAvatar:
         self.stats.frames_late += not present
         if self.stats.ttff_s is None:
             self.stats.ttff_s = now - self.stats.started_at
-        latency = None
         complete = self.complete_at.pop(n // FRAMES_PER_CHUNK, None) if present else None
         for stale in [i for i in self.complete_at if i < n // FRAMES_PER_CHUNK]:  # none of their frames made it
             del self.complete_at[stale]
         if complete is not None:
-            latency = now - complete
-            self.stats.mouth_latency_s.append(latency)
-        self.on_frame_out(n, latency)
+            self.stats.mouth_latency_s.append(now - complete)
 
     # --- the end ---------------------------------------------------------------------------------------
 

@@ -116,6 +116,8 @@ def test_pipecat_pipeline(server):
         assert image.size == (tiny.width, tiny.height) and image.format == "RGB"
         pixels = np.frombuffer(image.image, dtype=np.uint8).reshape(tiny.height, tiny.width, 3)
         assert pixels.std() > 5, "a blank frame"
+    idle = [image.image for t, image in sink.images if marks["second"] - 1.0 < t < marks["second"]]  # between utterances
+    assert len(idle) > 10 and len(set(idle)) > len(idle) // 2, "a frozen avatar while idle"
     numbers = [image.metadata[AGENT_FRAME_KEY] for _, image in sink.images]
     assert numbers == list(range(len(numbers)))  # every frame once, in order
     origin = avatar.playout.origin
@@ -156,6 +158,31 @@ def test_pipecat_pipeline(server):
     deadline = time.monotonic() + 10
     while active_streams(server) != 0:
         assert time.monotonic() < deadline, "the stream is still active on the server after EndFrame"
+        time.sleep(0.2)
+
+
+def test_cancel_ends_the_stream(server):
+    """CancelFrame (the pipeline cancelled mid-stream) ENDs the gRPC stream too."""
+    service = FlowActVideoService(url=url(server), image=ref_image(get_preset("tiny")), seed=2)
+    sink = Sink()
+    task = PipelineWorker(Pipeline([service, sink]))
+    seen = {}
+
+    async def main():
+        runner = WorkerRunner(handle_sigint=False)
+        await runner.add_workers(task)
+        run = asyncio.create_task(runner.run())
+        await say(task, load_audio(SAMPLES / "speech.wav")[:SAMPLE_RATE], stop=False)
+        await asyncio.sleep(1.5)
+        seen["active"] = active_streams(server)
+        await task.cancel()
+        await run
+
+    asyncio.run(main())
+    assert seen["active"] == 1 and sink.images
+    deadline = time.monotonic() + 10
+    while active_streams(server) != 0:
+        assert time.monotonic() < deadline, "the stream is still active on the server after CancelFrame"
         time.sleep(0.2)
 
 
