@@ -25,6 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import av
+import grpc
 import numpy as np
 import tritonclient.grpc as grpcclient
 
@@ -230,11 +231,11 @@ class AgentAvatar:
                 k += 1
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # the server refused a chunk or went away
-            self.error = f"flowact server {self.url}: chunk {k}: {str(e).splitlines()[0][:300]}"
+        except Exception as e:  # the server refused a chunk (RuntimeError) or is gone (AioRpcError)
+            why = f"{e.code().name}: {e.details()}" if isinstance(e, grpc.aio.AioRpcError) else str(e)
+            self.error = f"flowact server {self.url}: chunk {k}: {why.splitlines()[0][:300]}"
             log.error("avatar: %s", self.error)
-            self.video.stop()
-            self.speech.stop()
+            self._stop_output()
         finally:
             await self.client.close()
 
@@ -269,5 +270,11 @@ class AgentAvatar:
             log.warning("avatar: no answer to END within %.0f s", AGENT_END_TIMEOUT_S)
             self._stream.cancel()
         await asyncio.gather(self._clock, self._stream, return_exceptions=True)
+        self._stop_output()
+
+    def _stop_output(self) -> None:
+        """Stop both tracks; their readers get MediaStreamError (also when chunk 0 never came: the clock is
+        started so that nobody waits for it)."""
         self.video.stop()
         self.speech.stop()
+        self.playout.begin(time.monotonic())

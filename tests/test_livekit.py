@@ -150,3 +150,20 @@ def test_avatar_token():
     claims = api.TokenVerifier("devkey", "a-secret-of-at-least-32-characters!").verify(token)
     assert claims.identity == "flowact-avatar" and claims.video.room == "room-1" and claims.video.room_join
     assert claims.attributes[ATTRIBUTE_PUBLISH_ON_BEHALF] == "agent-1" and claims.kind == "agent"
+
+
+def test_server_gone_ends_the_generator():
+    """No flowact server at the address: the generator's frames end and the avatar names the cause."""
+    from flowact.serving.server import free_ports
+
+    (port,) = free_ports(1)
+    generator = FlowActVideoGenerator(AgentAvatar(f"127.0.0.1:{port}", ref_image(get_preset("tiny"))))
+
+    async def main():
+        await generator.start()
+        items = [item async for item in generator]  # ends without a frame
+        await generator.aclose()
+        return items
+
+    assert asyncio.run(asyncio.wait_for(main(), 10)) == []
+    assert generator.avatar.error.startswith(f"flowact server 127.0.0.1:{port}: chunk 0: ")
