@@ -60,6 +60,8 @@ class SpeechResampler:
         self._format: tuple[int, int] | None = None  # (rate, channels) it was made for
 
     def resample(self, pcm: bytes, rate: int, channels: int) -> list[np.ndarray]:
+        if channels not in (1, 2):
+            raise ValueError(f"speech with {channels} channels: mono or stereo expected")
         out = self.flush() if self._format not in (None, (rate, channels)) else []
         if self._resampler is None:
             self._resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
@@ -108,7 +110,7 @@ class AgentAvatar:
         self.playout = Playout()
         self.video = AvatarVideoTrack(self.playout, self._on_frame_sent)
         self.speech = SpeechTrack(self.playout, lambda m: None)
-        self.chunks: asyncio.Queue[Chunk | None] = asyncio.Queue()  # to the server; None: END
+        self.chunks: asyncio.Queue = asyncio.Queue()  # (Chunk, behaviour, prompt) to the server; None: END
         self.assembler.start(time.monotonic())
         self.client = upstream_client(self.url)
         self._stream = asyncio.create_task(self._run_stream())
