@@ -1,12 +1,11 @@
 """The LiveKit Agents avatar against a real tiny server, with the SDK's real rtc frame types (its native
 library runs without a LiveKit server; no LiveKit server can run here).
 
-Tested: FlowActVideoGenerator's frames (rate, size, RGB24), the speech re-timed and as long as it went in,
+Tested: FlowActVideoGenerator's frames (rate, size, RGB24; taken by the native AVSynchronizer), the speech re-timed and as long as it went in,
 AudioSegmentEnd after an utterance's last sample, clear_buffer (no speech after the next chunk, idle);
 AvatarRunner's audio side wired to it (QueueAudioOutput as the receiver: speech, segment end and
 clear_buffer reach the generator, the interruption is reported as interrupted playback); the avatar's
-token. Untested (need a LiveKit server): room.connect, track publishing through AvatarRunner and
-AVSynchronizer into a room, DataStreamAudioReceiver's byte streams and RPCs (lk.clear_buffer,
+token. Untested (need a LiveKit server): room.connect, publishing the tracks into a room, DataStreamAudioReceiver's byte streams and RPCs (lk.clear_buffer,
 lk.playback_started, lk.playback_finished) between two participants, AvatarSession.start in an
 AgentSession."""
 
@@ -143,6 +142,40 @@ def test_runner_wiring(server):
     assert len(ends) == 1
     assert generator.avatar.quiet_from is not None and generator.avatar.pending_samples == 0  # cleared
     assert finished and finished[0].interrupted
+
+
+def test_frames_through_av_synchronizer(server):
+    """The generator's frames through the SDK's native AVSynchronizer into real audio and video sources (what
+    AvatarRunner does before the room's tracks): taken, and paced at real time."""
+    tiny = get_preset("tiny")
+    generator = FlowActVideoGenerator(AgentAvatar(url(server), ref_image(tiny), seed=3))
+    pushed = {"video": 0, "audio": 0}
+
+    async def main():
+        sync = rtc.AVSynchronizer(audio_source=rtc.AudioSource(SAMPLE_RATE, 1, queue_size_ms=100),
+                                  video_source=rtc.VideoSource(tiny.width, tiny.height), video_fps=FPS,
+                                  video_queue_size_ms=100)
+        await generator.start()
+        for frame in agent_frames(load_audio(SAMPLES / "speech.wav")[:SAMPLE_RATE]):
+            await generator.push_audio(frame)
+        await generator.push_audio(AudioSegmentEnd())
+        started = None
+        async for item in generator:
+            if isinstance(item, AudioSegmentEnd):
+                continue
+            started = started or time.monotonic()
+            await sync.push(item)
+            pushed["video" if isinstance(item, rtc.VideoFrame) else "audio"] += 1
+            if pushed["video"] == 3 * FPS:
+                break
+        elapsed = time.monotonic() - started
+        await generator.aclose()
+        await sync.aclose()
+        return elapsed
+
+    elapsed = asyncio.run(main())
+    assert 2.8 < elapsed < 3.3, elapsed  # 75 frames at 25 fps
+    assert 49 <= pushed["audio"] <= 51  # the 1 s of speech: 50 frames of 20 ms
 
 
 def test_avatar_token():
