@@ -7,7 +7,8 @@ is not yet on the timeline. The edge's pieces do the rest: `ChunkAssembler` cuts
 0.48 s chunks, `Conditioning` picks each chunk's behaviour (speaking while the voice is active), and
 the playout clock (`Playout`, `AvatarVideoTrack`, `SpeechTrack`) plays frame n at origin + n / 25 and
 the same speech at the same times. Here a finished or interrupted utterance also turns the avatar
-idle from the next chunk on, instead of after the edge's silent chunks.
+idle from the next chunk on, instead of after the edge's silent chunks, and an interruption silences
+the speech not yet played at once.
 
 One gRPC stream into the `flowact` ensemble: START with chunk 0 (image, seed), END on close.
 Failover is not here (the edge's and the client's are tied to their own loops): a lost server ends
@@ -140,14 +141,20 @@ class AgentAvatar:
         self.quiet_from = end
 
     def interrupt(self) -> None:
-        """Drop the speech not yet on the timeline; the next chunk is idle (the current one holds what
-        was already said)."""
+        """Barge-in: the speech not yet played goes silent at once (its frames that were already made
+        still play, at most a chunk plus the buffer), the speech not yet on the timeline is dropped, and the
+        next chunk is idle."""
         self.resampler.reset()
         self.pending.clear()
         self.pending_samples = 0
         self.segment_ends.clear()
         self.quiet_from = self.assembler.written
         self.conditioning.apply({"behaviour": "idle"})
+        played = self.speech.next_index * AUDIO_FRAME  # the first sample not yet out
+        while self.speech_spans and self.speech_spans[-1][0] >= played:
+            self.speech_spans.pop()
+        if self.speech_spans:
+            self.speech_spans[-1][1] = min(self.speech_spans[-1][1], played)
 
     def carries_speech(self, m: int) -> bool:
         """Does the 20 ms output frame m hold the agent's speech (not the silence around it)? Frames ask in order."""

@@ -91,6 +91,7 @@ def test_pipecat_pipeline(server):
         marks["second"] = time.monotonic()
         await say(task, second, stop=False)
         await asyncio.sleep(2.0)
+        marks["interrupt"] = time.monotonic()
         await task.queue_frame(InterruptionFrame())
         await asyncio.sleep(2.0)
         marks["active"] = active_streams(server)
@@ -135,7 +136,8 @@ def test_pipecat_pipeline(server):
     # the interruption: nothing after the chunk it fell in carries speech, and those chunks are idle
     interrupted_at = avatar.quiet_from  # the timeline sample where the interruption came
     cut = (interrupted_at // SAMPLES_PER_CHUNK + 1) * SAMPLES_PER_CHUNK  # the next chunk's first sample
-    assert not [f for _, f in sink.speech if f.metadata[AGENT_SAMPLE_KEY] >= cut]
+    assert [t for t, _ in sink.speech if marks["second"] < t < marks["interrupt"]]  # it was speaking
+    assert not [t for t, _ in sink.speech if t > marks["interrupt"] + 0.06], "speech after the interruption"
     after = [b for k, b in avatar.stats.behaviours.items() if k * SAMPLES_PER_CHUNK >= cut]
     assert after and set(after) == {"idle"}
     assert (cut - interrupted_at) / SAMPLE_RATE <= CHUNK_SECONDS
