@@ -162,6 +162,9 @@ class AvatarSession(BaseAvatarSession):
                                             ("LIVEKIT_API_SECRET", self.api_secret)) if not value]
         if missing:
             raise ValueError(f"flowact AvatarSession: {', '.join(missing)} not set (arguments or environment)")
+        if not room.isconnected():
+            raise RuntimeError("flowact AvatarSession.start: the room is not connected; await ctx.connect() first "
+                               "(the avatar publishes on behalf of the agent's participant)")
         await super().start(agent_session, room)
         token = avatar_token(self.api_key, self.api_secret, room.name, room.local_participant.identity, self._identity)
         self.task = asyncio.create_task(join_as_avatar(self.livekit_url, token, self.flowact_url, self.image,

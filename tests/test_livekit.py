@@ -6,8 +6,8 @@ AudioSegmentEnd after an utterance's last sample, clear_buffer (no speech after 
 AvatarRunner's audio side wired to it (QueueAudioOutput as the receiver: speech, segment end and
 clear_buffer reach the generator, the interruption is reported as interrupted playback); the avatar's
 token. Untested (need a LiveKit server): room.connect, publishing the tracks into a room, DataStreamAudioReceiver's byte streams and RPCs (lk.clear_buffer,
-lk.playback_started, lk.playback_finished) between two participants, AvatarSession.start in an
-AgentSession."""
+lk.playback_started, lk.playback_finished) between two participants, AvatarSession.start in a
+connected room (its refusals without credentials or a connection are tested)."""
 
 import asyncio
 import time
@@ -177,6 +177,26 @@ def test_frames_through_av_synchronizer(server):
     elapsed = asyncio.run(main())
     assert 2.8 < elapsed < 3.3, elapsed  # 75 frames at 25 fps
     assert 49 <= pushed["audio"] <= 51  # the 1 s of speech: 50 frames of 20 ms
+
+
+def test_avatar_session_refuses_what_cannot_work(monkeypatch):
+    """AvatarSession.start names what is missing: LiveKit credentials, a connected room."""
+    from livekit.agents import AgentSession
+
+    from flowact.integrations.livekit import AvatarSession
+
+    for name in ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET"):
+        monkeypatch.delenv(name, raising=False)
+    image = ref_image(get_preset("tiny"))
+
+    async def main():
+        with pytest.raises(ValueError, match="LIVEKIT_URL, LIVEKIT_API_KEY, LIVEKIT_API_SECRET not set"):
+            await AvatarSession(image=image).start(AgentSession(), rtc.Room())
+        session = AvatarSession(image=image, livekit_url="ws://127.0.0.1:7880", api_key="devkey", api_secret="s" * 32)
+        with pytest.raises(RuntimeError, match="the room is not connected"):
+            await session.start(AgentSession(), rtc.Room())
+
+    asyncio.run(main())
 
 
 def test_avatar_token():
