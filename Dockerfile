@@ -45,6 +45,7 @@ COPY client /opt/flowact/src/client
 COPY benchmarks /opt/flowact/src/benchmarks
 COPY model_repository /opt/flowact/src/model_repository
 COPY web /opt/flowact/src/web
+COPY integrations /opt/flowact/src/integrations
 # The trained tiny / cpu checkpoints ship in the wheel (flowact/checkpoints; `flowact serve|demo|generate`
 # default to them); /opt/flowact/checkpoints stays as the path to name in --checkpoint.
 COPY checkpoints /opt/flowact/src/checkpoints

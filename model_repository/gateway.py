@@ -47,8 +47,8 @@ from flowact.contract import (DEFAULT_GATEWAY_LISTEN, DEFAULT_HEALTH_PORT, DEFAU
 CLUSTER = "flowact"
 MAX_STREAMS = 100_000  # Envoy's default circuit breaker (1,024 requests per cluster) would cap the fleet's streams
 
-# The gRPC message cap, a Lua filter: one source for this gateway and the chart (the file is the chart's,
-# helm/flowact/files/grpc-message-cap.lua, linked here); MAX_BYTES becomes the cap.
+# The gRPC message cap, a Lua filter: one source for this gateway and the chart (the file lives here, in the
+# package; the chart links it as helm/flowact/files/grpc-message-cap.lua); MAX_BYTES becomes the cap.
 MESSAGE_CAP_LUA = Path(__file__).with_name("grpc_message_cap.lua").read_text()
 
 
