@@ -10,10 +10,11 @@ the same speech at the same times. Here a finished or interrupted utterance also
 idle from the next chunk on, instead of after the edge's silent chunks, and an interruption silences
 the speech not yet played at once.
 
-One gRPC stream into the `flowact` ensemble: START with chunk 0 (image, seed), END on close.
-Failover is not here (the edge's and the client's are tied to their own loops): a lost server ends
-the avatar with `error` set. The avatar knows nothing about Pipecat or LiveKit: the integrations read
-`video.recv()` and `speech.recv()` and translate.
+The gRPC side is the edge's (flowact.client.live.LiveStream): START with chunk 0 (image, seed), END on
+close, and failover: when the replica goes away the avatar goes on from its latest snapshot on whichever
+replica the address reaches (a gateway); what failover cannot replace ends the avatar with `error` set.
+The avatar knows nothing about Pipecat or LiveKit: the integrations read `video.recv()` and
+`speech.recv()` and translate.
 """
 
 from __future__ import annotations
@@ -26,15 +27,12 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import av
-import grpc
 import numpy as np
-import tritonclient.grpc as grpcclient
 
-from flowact.client.stream import make_inputs, new_stream_id
-from flowact.contract import (AGENT_END_TIMEOUT_S, AGENT_JITTER_BUFFER_S, AGENT_TICK_S, ENSEMBLE_MODEL, FRAMES,
-                              MAX_SEED)
+from flowact.client.live import LiveStream
+from flowact.client.stream import FailoverPolicy, StreamError
+from flowact.contract import AGENT_END_TIMEOUT_S, AGENT_JITTER_BUFFER_S, AGENT_TICK_S, ENSEMBLE_MODEL, MAX_SEED
 from flowact.presets import CHUNK_SECONDS, FRAMES_PER_CHUNK, SAMPLE_RATE, SAMPLES_PER_CHUNK
-from flowact.web.session import upstream_client
 from flowact.web.timeline import Chunk, ChunkAssembler, Conditioning
 from flowact.web.tracks import AUDIO_FRAME, AvatarVideoTrack, Playout, SpeechTrack
 
@@ -87,11 +85,11 @@ class AgentAvatar:
     (av.VideoFrame, 25 fps) and `speech.recv()` (av.AudioFrame, 20 ms, 16 kHz s16) on the output side."""
 
     def __init__(self, url: str, image: np.ndarray, jitter_buffer_s: float = AGENT_JITTER_BUFFER_S,
-                 seed: int | None = None, model: str = ENSEMBLE_MODEL):
+                 seed: int | None = None, model: str = ENSEMBLE_MODEL, failover: FailoverPolicy | None = FailoverPolicy()):
         self.url, self.image, self.model = url, image, model  # image: (H, W, 3) uint8
         self.jitter_buffer_s = jitter_buffer_s
         self.seed = secrets.randbelow(MAX_SEED + 1) if seed is None else seed
-        self.stream_id = new_stream_id()
+        self.failover = failover  # None: a lost server ends the avatar
         self.assembler = ChunkAssembler()
         self.conditioning = Conditioning()
         self.resampler = SpeechResampler()
@@ -111,9 +109,9 @@ class AgentAvatar:
         self.playout = Playout()
         self.video = AvatarVideoTrack(self.playout, self._on_frame_sent)
         self.speech = SpeechTrack(self.playout, lambda m: None)
-        self.chunks: asyncio.Queue = asyncio.Queue()  # (Chunk, behaviour, prompt) to the server; None: END
+        self.upstream = LiveStream(self.url, self.image, self._on_frames, model=self.model, seed=self.seed,
+                                   failover=self.failover, name="the avatar's stream")
         self.assembler.start(time.monotonic())
-        self.client = upstream_client(self.url)
         self._stream = asyncio.create_task(self._run_stream())
         self._clock = asyncio.create_task(self._tick())
 
@@ -212,41 +210,17 @@ class AgentAvatar:
                 self.chunk0_complete = chunk.complete_at
             self.complete_at[chunk.index] = chunk.complete_at
             self.speech.put_chunk(chunk.index, chunk.audio)
-            self.chunks.put_nowait((chunk, behaviour, prompt))
+            self.upstream.put(chunk.index, chunk.audio, behaviour, prompt)
 
     # --- the gRPC stream -----------------------------------------------------------------------------
 
-    async def _requests(self):
-        while (item := await self.chunks.get()) is not None:
-            chunk, behaviour, prompt = item
-            first = chunk.index == 0
-            yield {"model_name": self.model, "sequence_id": self.stream_id, "sequence_start": first,
-                   "outputs": [grpcclient.InferRequestedOutput(FRAMES)],
-                   "inputs": make_inputs(chunk.audio, self.image if first else None, self.seed if first else None,
-                                         prompt, behaviour)}
-        if self.assembler.written >= SAMPLES_PER_CHUNK:  # chunk 0 went out: the server holds the stream
-            yield {"model_name": self.model, "sequence_id": self.stream_id, "sequence_end": True,
-                   "outputs": [grpcclient.InferRequestedOutput(FRAMES)],
-                   "inputs": make_inputs(np.zeros(SAMPLES_PER_CHUNK, dtype=np.float32))}
-
     async def _run_stream(self) -> None:
-        k = 0
         try:
-            async for result, error in self.client.stream_infer(self._requests()):
-                if error is not None:
-                    raise RuntimeError(error.message() if hasattr(error, "message") else str(error))
-                if k < len(self.stats.behaviours):  # not the END's answer
-                    self._on_frames(k, result.as_numpy(FRAMES)[0], time.monotonic())  # (12, H, W, 3)
-                k += 1
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # the server refused a chunk (RuntimeError) or is gone (AioRpcError)
-            why = f"{e.code().name}: {e.details()}" if isinstance(e, grpc.aio.AioRpcError) else str(e)
-            self.error = f"flowact server {self.url}: chunk {k}: {why.splitlines()[0][:300]}"
+            await self.upstream.run()
+        except StreamError as e:  # refused, or gone and not replaced (failover off or out of attempts)
+            self.error = f"flowact server {self.url}: {str(e).splitlines()[0][:300]}"
             log.error("avatar: %s", self.error)
             self._stop_output()
-        finally:
-            await self.client.close()
 
     def _on_frames(self, k: int, frames: np.ndarray, now: float) -> None:
         if k == 0:
@@ -272,7 +246,7 @@ class AgentAvatar:
     async def close(self) -> None:
         """END the stream (waiting up to AGENT_END_TIMEOUT_S for its answer), stop the clock and the tracks."""
         self._clock.cancel()
-        self.chunks.put_nowait(None)
+        self.upstream.end(np.zeros(SAMPLES_PER_CHUNK, dtype=np.float32))  # (7680,): after the chunks made so far
         try:
             await asyncio.wait_for(asyncio.shield(self._stream), AGENT_END_TIMEOUT_S)
         except asyncio.TimeoutError:

@@ -27,6 +27,7 @@ from livekit.agents.voice.avatar import (AudioSegmentEnd, AvatarOptions, AvatarR
                                          DataStreamAudioReceiver, VideoGenerator)
 from livekit.agents.voice.avatar import AvatarSession as BaseAvatarSession
 
+from flowact.client.stream import FailoverPolicy
 from flowact.contract import AGENT_AVATAR_IDENTITY, AGENT_JITTER_BUFFER_S, AGENT_SAMPLE_KEY, DEFAULT_URL, ENSEMBLE_MODEL
 from flowact.integrations.avatar import AgentAvatar
 from flowact.presets import FPS, SAMPLE_RATE
@@ -99,10 +100,12 @@ def avatar_options(image: np.ndarray) -> AvatarOptions:
 
 
 async def run_avatar(room: rtc.Room, flowact_url: str, image: np.ndarray, *, sender_identity: str | None = None,
-                     jitter_buffer_s: float = AGENT_JITTER_BUFFER_S, model: str = ENSEMBLE_MODEL) -> None:
+                     jitter_buffer_s: float = AGENT_JITTER_BUFFER_S, model: str = ENSEMBLE_MODEL,
+                     failover: FailoverPolicy | None = FailoverPolicy()) -> None:
     """Be the avatar in a connected room until the room or the flowact stream ends: the agent's speech
     in over data streams, the avatar's video and speech out as this participant's tracks."""
-    generator = FlowActVideoGenerator(AgentAvatar(flowact_url, image, jitter_buffer_s=jitter_buffer_s, model=model))
+    generator = FlowActVideoGenerator(AgentAvatar(flowact_url, image, jitter_buffer_s=jitter_buffer_s, model=model,
+                                                  failover=failover))
     await generator.start()
     runner = AvatarRunner(room, audio_recv=DataStreamAudioReceiver(room, sender_identity=sender_identity),
                           video_gen=generator, options=avatar_options(image))

@@ -24,6 +24,7 @@ from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.ai_service import AIService
 from pipecat.services.settings import ServiceSettings
 
+from flowact.client.stream import FailoverPolicy
 from flowact.contract import AGENT_FRAME_KEY, AGENT_JITTER_BUFFER_S, AGENT_SAMPLE_KEY, ENSEMBLE_MODEL
 from flowact.integrations.avatar import AgentAvatar
 from flowact.presets import FPS, SAMPLE_RATE
@@ -37,9 +38,11 @@ class FlowActVideoService(AIService):
     (`flowact.media.load_image(path, H, W)`)."""
 
     def __init__(self, *, url: str, image: np.ndarray, jitter_buffer_s: float = AGENT_JITTER_BUFFER_S,
-                 seed: int | None = None, model: str = ENSEMBLE_MODEL, **kwargs):
+                 seed: int | None = None, model: str = ENSEMBLE_MODEL, failover: FailoverPolicy | None = FailoverPolicy(),
+                 **kwargs):
         super().__init__(settings=ServiceSettings(model=None), **kwargs)
-        self._options = dict(url=url, image=image, jitter_buffer_s=jitter_buffer_s, seed=seed, model=model)
+        self._options = dict(url=url, image=image, jitter_buffer_s=jitter_buffer_s, seed=seed, model=model,
+                             failover=failover)
         self.avatar: AgentAvatar | None = None  # one per StartFrame
         self._tasks: list[asyncio.Task] = []
 

@@ -207,11 +207,12 @@ def test_avatar_token():
 
 
 def test_server_gone_ends_the_generator():
-    """No flowact server at the address: the generator's frames end and the avatar names the cause."""
+    """No flowact server at the address (and failover off: with it the avatar would retry for 30 s): the
+    generator's frames end and the avatar names the cause."""
     from flowact.serving.server import free_ports
 
     (port,) = free_ports(1)
-    generator = FlowActVideoGenerator(AgentAvatar(f"127.0.0.1:{port}", ref_image(get_preset("tiny"))))
+    generator = FlowActVideoGenerator(AgentAvatar(f"127.0.0.1:{port}", ref_image(get_preset("tiny")), failover=None))
 
     async def main():
         await generator.start()
@@ -220,4 +221,6 @@ def test_server_gone_ends_the_generator():
         return items
 
     assert asyncio.run(asyncio.wait_for(main(), 10)) == []
-    assert generator.avatar.error.startswith(f"flowact server 127.0.0.1:{port}: chunk 0: ")
+    error = generator.avatar.error
+    assert error.startswith(f"flowact server 127.0.0.1:{port}: connection to the server lost at chunk 0: ") and \
+        "failover is off" in error, error

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import metrics, start_server
+from conftest import metrics, start_server, wait_for
 from flowact.benchmarks.edge_hostile import EdgeProcess
 from flowact.contract import ACTIVE_STREAMS, SNAPSHOT_KEY_ENV
 from flowact.media import SPEECH_WAV
@@ -74,3 +74,47 @@ def test_a_killed_replica_costs_the_viewer_a_short_gap_not_the_session(replicas,
     assert failover["replayed"] <= 4 + 2, failover  # at most K = 4 chunks since the snapshot, plus those in flight
     assert seen["on_survivor"] == 1 and seen["frames_after"] > 5 * 25 * 0.9, seen  # the video kept its 25 fps
     assert seen["delete"] == 204
+
+
+def test_the_voice_agent_avatar_fails_over_the_same_way(replicas, tiny):
+    """The voice-agent avatar (flowact.integrations.avatar, under Pipecat and LiveKit) runs the same gRPC
+    side (flowact.client.live.LiveStream): its replica SIGKILLed mid-speech, its frames go on."""
+    import soundfile as sf
+
+    from conftest import ref_image
+    from flowact.integrations.avatar import AgentAvatar
+
+    victim, survivor = replicas
+    speech, rate = sf.read(SPEECH_WAV, dtype="float32")
+    assert rate == 16_000
+
+    async def run() -> dict:
+        avatar = AgentAvatar(f"ipv4:127.0.0.1:{victim.grpc_port},127.0.0.1:{survivor.grpc_port}", ref_image(tiny))
+        await avatar.start()
+        avatar.push_speech(speech)  # (n,) float32, 16 kHz mono
+        arrivals: list[float] = []
+
+        async def watch():
+            while True:
+                await avatar.video.recv()
+                arrivals.append(time.monotonic())
+
+        watcher = asyncio.create_task(watch())
+        await asyncio.sleep(3.0)
+        on_victim = active(victim)
+        killed = time.monotonic()
+        os.killpg(victim.process.pid, signal.SIGKILL)
+        await asyncio.sleep(4.0)
+        seen = {"on_victim": on_victim, "on_survivor": active(survivor), "error": avatar.error,
+                "failovers": list(avatar.upstream.failovers), "late": avatar.stats.frames_late,
+                "frames_after": sum(t > killed for t in arrivals)}
+        watcher.cancel()
+        await avatar.close()
+        return seen
+
+    seen = asyncio.run(run())
+    print(f"\navatar failover: {seen['failovers']}")
+    assert seen["on_victim"] == 1 and seen["error"] is None, seen
+    assert len(seen["failovers"]) == 1 and seen["failovers"][0].gap_s < 1.5, seen
+    assert seen["on_survivor"] == 1 and seen["frames_after"] > 4 * 25 * 0.9, seen  # 25 fps held
+    wait_for(lambda: active(survivor) == 0, 10, "END to reach the survivor")

@@ -44,7 +44,7 @@ from flowact.contract import (ADMIN_KEY_HTTP_HEADER, WEB_BODY_TIMEOUT_S, WEB_CON
                               WEB_IMAGE_TYPES, WEB_IMAGES_PATH, WEB_MAX_DECODE_PIXELS, WEB_MAX_IMAGE_BYTES,
                               WEB_MAX_IMAGE_PIXELS, WEB_MAX_IMAGES, WEB_MAX_SDP_BYTES, WEB_MAX_SDP_MEDIA, WEB_METRICS,
                               WEB_MIN_IMAGE_SIDE, WEB_SDP_TYPE, WEB_SESSIONS_PATH, WEB_TOKEN_MIN_CHARS,
-                              WEB_UPSTREAM_TIMEOUT_S)
+                              LIVE_UPSTREAM_TIMEOUT_S)
 from flowact.client.stream import FailoverPolicy
 from flowact.media import REFERENCE_IMAGE, SPEECH_WAV, fit_image, load_image
 from flowact.stats import percentile
@@ -231,7 +231,7 @@ class Edge:
 
     def __init__(self, url: str, height: int, width: int, max_sessions: int, ice_servers=(),
                  jitter_buffer_s: float | None = None, access: Access | None = None,
-                 connect_timeout_s: float = WEB_CONNECT_TIMEOUT_S, upstream_timeout_s: float = WEB_UPSTREAM_TIMEOUT_S,
+                 connect_timeout_s: float = WEB_CONNECT_TIMEOUT_S, upstream_timeout_s: float = LIVE_UPSTREAM_TIMEOUT_S,
                  failover: FailoverPolicy | None = FailoverPolicy()):
         self.url, self.height, self.width, self.max_sessions = url, height, width, max_sessions
         self.ice_servers = list(ice_servers)
@@ -318,7 +318,7 @@ class Edge:
     async def list_sessions(self, request: web.Request) -> web.Response:
         self.access.check_admin(request)
         return web.json_response([{"number": s.number, "state": s.state, "connection": s.pc.connectionState,
-                                   "mode": s.conditioning.kind, **s.stats.to_json()} for s in self.sessions.values()])
+                                   "mode": s.conditioning.kind, **s.stats_json()} for s in self.sessions.values()])
 
     async def close_all(self) -> None:
         await asyncio.gather(*(s.close("edge shutting down") for s in list(self.sessions.values())),

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from flowact.contract import (ADMIN_KEY_ENV, ADMIN_KEY_HTTP_HEADER, DEFAULT_HOST, DEFAULT_URL, WEB_DEFAULT_MAX_SESSIONS,
-                              WEB_CONNECT_TIMEOUT_S, WEB_DEFAULT_PORT, WEB_UPSTREAM_TIMEOUT_S)
+                              WEB_CONNECT_TIMEOUT_S, WEB_DEFAULT_PORT, LIVE_UPSTREAM_TIMEOUT_S)
 
 
 def add_parser(sub) -> None:
@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
     p.add_argument("--wait", type=float, default=60.0, metavar="SECONDS", help="wait this long for the server")
     p.add_argument("--connect-timeout", type=float, default=WEB_CONNECT_TIMEOUT_S, metavar="SECONDS",
                    help="a session whose viewer has not connected by then is ended and its slot freed")
-    p.add_argument("--upstream-timeout", type=float, default=WEB_UPSTREAM_TIMEOUT_S, metavar="SECONDS",
+    p.add_argument("--upstream-timeout", type=float, default=LIVE_UPSTREAM_TIMEOUT_S, metavar="SECONDS",
                    help="a chunk the server has not answered by then ends its session (a hung server)")
     p.add_argument("--no-failover", action="store_true",
                    help="end a session when its replica goes away (default: continue it from its last snapshot "

@@ -10,9 +10,10 @@ The chunk loop, per session:
      jitter buffer (or when it arrived, if later);
   4. the video track plays frame n at origin + n / 25, the speech track the same samples at the
      same times: the speech is delayed by exactly the time its frames took;
-  5. the session ends (DELETE, the viewer closing, ICE failure, the server gone or silent for
-     WEB_UPSTREAM_TIMEOUT_S) with END on the gRPC stream when the server still holds the stream, and
-     frees everything.
+  5. when the replica goes away the gRPC side (flowact.client.live.LiveStream) continues on another;
+  6. the session ends (DELETE, the viewer closing, ICE failure, a server that refuses the stream or
+     that failover cannot replace) with END on the gRPC stream when the server still holds the
+     stream, and frees everything.
 
 The session knows nothing about HTTP: the app creates it from an offer and closes it. Its secret (the
 capability to end it) and its gRPC stream id are never logged nor told to the viewer: logs and
@@ -31,20 +32,15 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import av
-import grpc
 import numpy as np
-import tritonclient.grpc as grpcclient
-import tritonclient.grpc.aio as aioclient
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, rtcpeerconnection
 from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcsctptransport import LOCAL_MAX_MESSAGE_SIZE, RTCSctpTransport
 
-from flowact.client.stream import (Failover, FailoverPolicy, Outage, ReplicaGone, StreamError, make_inputs,
-                                   refusal_cause)
-from flowact.contract import (ENSEMBLE_MODEL, FAILOVER_CONNECTION_LOST, FAILOVER_NO_ANSWER, FRAMES, MAX_SEED, SNAPSHOT, SNAPSHOTS_DISABLED,
-                              WEB_CONNECT_TIMEOUT_S, WEB_MAX_CHANNELS, WEB_MAX_REPLAY_CHUNKS, WEB_MAX_CONTROL_BYTES,
-                              WEB_RECONNECT_BACKOFF_MAX_S, WEB_SESSION_SECRET_BYTES, WEB_UPSTREAM_CHECK_S,
-                              WEB_UPSTREAM_TIMEOUT_S)
+from flowact.client.live import LiveStream, upstream_client
+from flowact.client.stream import Failover, FailoverPolicy, StreamError
+from flowact.contract import (ENSEMBLE_MODEL, LIVE_UPSTREAM_TIMEOUT_S, WEB_CONNECT_TIMEOUT_S, WEB_MAX_CHANNELS,
+                              WEB_MAX_CONTROL_BYTES, WEB_SESSION_SECRET_BYTES, WEB_UPSTREAM_CHECK_S)
 from flowact.presets import CHUNK_SECONDS, FRAMES_PER_CHUNK, SAMPLE_RATE
 from flowact.stats import percentile
 from flowact.web.timeline import Chunk, ChunkAssembler, Conditioning, ControlError
@@ -60,14 +56,6 @@ STATS_EVERY_S = 1.0  # session stats to the viewer over the data channel
 
 class OfferError(ValueError):
     """An SDP offer the edge cannot answer; the message says why."""
-
-
-class SnapshotsOff(RuntimeError):
-    """The server has no snapshot key: it refused the START that asked for a snapshot."""
-
-
-def new_web_stream_id() -> str:
-    return f"web-{secrets.token_hex(16)}"  # 128-bit random sequence id
 
 
 class BoundedSctpTransport(RTCSctpTransport):
@@ -91,17 +79,6 @@ class BoundedSctpTransport(RTCSctpTransport):
 rtcpeerconnection.RTCSctpTransport = BoundedSctpTransport  # what every peer connection of the edge makes
 
 
-def upstream_client(url: str) -> aioclient.InferenceServerClient:
-    """A gRPC client of its own: its own subchannel (gRPC otherwise shares one per address between all
-    channels, with one reconnect backoff that grows to 120 s while the server is down), whose backoff
-    stays under WEB_RECONNECT_BACKOFF_MAX_S, so a server that comes back is reached at once."""
-    backoff_ms = int(WEB_RECONNECT_BACKOFF_MAX_S * 1000)
-    return aioclient.InferenceServerClient(url, channel_args=[
-        ("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1),
-        ("grpc.use_local_subchannel_pool", 1), ("grpc.initial_reconnect_backoff_ms", min(250, backoff_ms)),
-        ("grpc.min_reconnect_backoff_ms", min(250, backoff_ms)), ("grpc.max_reconnect_backoff_ms", backoff_ms)])
-
-
 async def upstream_unready(url: str) -> str | None:
     """None if the server answers ready within WEB_UPSTREAM_CHECK_S, else why not."""
     client = upstream_client(url)
@@ -122,7 +99,6 @@ class SessionStats:
     jitter_buffer_s: float
     ttff_s: float | None = None
     audio_delay_s: float | None = None
-    chunks_sent: int = 0
     chunks_back: int = 0
     frames_sent: int = 0
     frames_late: int = 0
@@ -135,7 +111,7 @@ class SessionStats:
                 "jitter_buffer_ms": ms(self.jitter_buffer_s),
                 "mouth_latency_p50_ms": ms(percentile(self.mouth_latency_s[-250:], 50)) if self.mouth_latency_s else None,
                 "mouth_latency_p99_ms": ms(percentile(self.mouth_latency_s[-250:], 99)) if self.mouth_latency_s else None,
-                "chunks_sent": self.chunks_sent, "chunks_back": self.chunks_back,
+                "chunks_back": self.chunks_back,
                 "frames_sent": self.frames_sent, "frames_late": self.frames_late}
 
 
@@ -143,29 +119,15 @@ class Session:
     def __init__(self, url: str, image: np.ndarray, metrics, jitter_buffer_s: float,
                  on_lateness: Callable[[float], None], ice_servers=(), conditioning: Conditioning | None = None,
                  model: str = ENSEMBLE_MODEL, number: int = 0, connect_timeout_s: float = WEB_CONNECT_TIMEOUT_S,
-                 upstream_timeout_s: float = WEB_UPSTREAM_TIMEOUT_S, failover: FailoverPolicy | None = FailoverPolicy()):
+                 upstream_timeout_s: float = LIVE_UPSTREAM_TIMEOUT_S, failover: FailoverPolicy | None = FailoverPolicy()):
         self.number = number  # what logs and the admin view call it
         self.connect_timeout_s = connect_timeout_s  # a viewer that has not connected by then is ended
-        self.upstream_timeout_s = upstream_timeout_s  # a chunk the server has not answered by then ends the session
         self.secret = secrets.token_urlsafe(WEB_SESSION_SECRET_BYTES)  # the creator's capability: Location
         self.key = self.key_of(self.secret)
-        self.stream_id = new_web_stream_id()  # a fresh one after each failover
-        self.seed = secrets.randbelow(MAX_SEED + 1)  # the stream's noise: a replay from chunk 0 makes the same frames
-        self.failover = failover  # None: a lost replica ends the session
-        self.failovers: list[Failover] = []
-        # chunk -> (audio, behaviour, prompt), conditioned once when made; kept until a snapshot covers it
-        # (or, on a server without snapshots, for a replay from chunk 0: at most WEB_MAX_REPLAY_CHUNKS)
-        self._kept: dict[int, tuple] = {}
-        self._made = asyncio.Event()  # a chunk was made, or END: the gRPC stream's requests go on
-        self._ending = False
-        self._snapshot: tuple[int, bytes] | None = None  # (the chunk it follows, the signed state)
-        self._snapshots_on = True  # False once the server says it has no snapshot key
-        self._delivered = 0  # chunks whose frames went to the video track
-        self._last_delivery: float | None = None
-        self._outage: Outage | None = None  # a failover whose first new chunk has not come yet
-        self._attempting = False  # a gRPC stream is open (END can go out on it)
-        self._replayable = True  # without a snapshot, every chunk since 0 is still kept
-        self.url, self.model, self.image, self.metrics = url, model, image, metrics
+        # the gRPC side: chunks in as the clock makes them, frames out, failover; its stream id never leaves the edge
+        self.upstream = LiveStream(url, image, self._on_frames, self._on_failover, model=model, failover=failover,
+                                   upstream_timeout_s=upstream_timeout_s, id_prefix="web-", name=f"of session #{number}")
+        self.metrics = metrics
         self.on_lateness = on_lateness
         self.stats = SessionStats(time.monotonic(), jitter_buffer_s)
         self.conditioning = conditioning or Conditioning()
@@ -175,7 +137,6 @@ class Session:
         self.speech = SpeechTrack(self.playout, self._on_audio_sent)
         self.assembler = ChunkAssembler()
         self.channels: list = []  # the viewer's data channels (at most WEB_MAX_CHANNELS)
-        self._sent_at: dict[int, float] = {}  # chunk index -> when it went to the server, until answered
         self.state = "new"  # new -> live -> ended
         self.end_reason: str | None = None
         self.closed = asyncio.Event()
@@ -187,7 +148,6 @@ class Session:
         self._has_speech = False  # the offer has an audio section: the speech goes back on it
         self._chunk0_complete: float | None = None
         self._first_frame_of: dict[int, float] = {}  # chunk -> when its first frame left (for the A/V offset)
-        self._started_stream = False  # START went out: the server may hold the stream
         self._server_failed = False
         self._closing: asyncio.Task | None = None
         self.on_closed: Callable[["Session"], None] | None = None
@@ -196,10 +156,6 @@ class Session:
     def key_of(secret: str) -> str:
         """Where the edge files a session: its secret hashed (a lookup reveals nothing by its timing)."""
         return hashlib.sha256(secret.encode("utf-8", "replace")).hexdigest()
-
-    def scrub(self, text: str) -> str:
-        """A server message as the viewer and the log may see it: without the gRPC stream id."""
-        return text.replace(self.stream_id, f"of session #{self.number}")
 
     # --- signaling -------------------------------------------------------------------------------
 
@@ -270,157 +226,31 @@ class Session:
             if chunk.index == 0:
                 self._chunk0_complete = chunk.complete_at
             self.speech.put_chunk(chunk.index, chunk.audio)
-            self._kept[chunk.index] = (chunk.audio, *self.conditioning.next(chunk))
-            self._made.set()
+            self.upstream.put(chunk.index, chunk.audio, *self.conditioning.next(chunk))
 
     # --- the gRPC stream -------------------------------------------------------------------------
 
-    async def _requests(self, start_at: int):
-        """One gRPC stream's requests: START with chunk `start_at` (RESUME = the snapshot before it, or
-        the image and seed at chunk 0), the kept chunks after it once more, then new chunks as they
-        come, each conditioned once (a replay sends what the first try sent); END last."""
-        snapshots = self.failover is not None and self.failover.snapshot_every > 0 and self._snapshots_on
-        outputs = [grpcclient.InferRequestedOutput(name) for name in ((FRAMES, SNAPSHOT) if snapshots else (FRAMES,))]
-        i = start_at
-        while True:
-            while i not in self._kept and not self._ending:  # chunks are read, never taken: a stale stream steals none
-                self._made.clear()
-                await self._made.wait()
-            if i not in self._kept:  # END, on a stream that STARTed; else nothing here to end
-                if i > start_at:
-                    yield {"model_name": self.model, "outputs": outputs, "sequence_id": self.stream_id,
-                           "sequence_end": True, "inputs": make_inputs(self.assembler.flush(time.monotonic()))}
-                return
-            audio, behaviour, prompt = self._kept[i]
-            self.stats.chunks_sent = max(self.stats.chunks_sent, i + 1)
-            first = i == start_at
-            resume = self._snapshot[1] if first and self._snapshot is not None else None
-            fresh = first and resume is None
-            self._sent_at[i] = time.monotonic()
-            yield {"model_name": self.model, "outputs": outputs, "sequence_id": self.stream_id, "sequence_start": first,
-                   "inputs": make_inputs(audio, self.image if fresh else None, self.seed if fresh else None, prompt,
-                                         behaviour, resume, snapshots and i % self.failover.snapshot_every == 0)}
-            i += 1
-
-    async def _attempt(self, start_at: int) -> None:
-        """One gRPC stream from chunk `start_at` until END is answered or the session ends. Its n-th answer
-        is chunk start_at + n; chunks delivered already (a replay) are not delivered again. Raises
-        ReplicaGone when the replica goes away, says so, or leaves a chunk unanswered for
-        upstream_timeout_s (a hung replica); StreamError for any other refusal."""
-        client = upstream_client(self.url)
-        responses = client.stream_infer(self._requests(start_at))
-        n = start_at
-        try:
-            while True:
-                result, error = await self._next_answer(responses, n)
-                if result is None and error is None:
-                    return  # the call ended (after END)
-                if error is not None:
-                    message = self.scrub(error.message() if hasattr(error, "message") else str(error))
-                    cause = refusal_cause(message)
-                    if cause is not None:
-                        raise ReplicaGone(f"the server refused chunk {n}: {message}", cause)
-                    if SNAPSHOTS_DISABLED in message and n == start_at == 0:
-                        raise SnapshotsOff(message)
-                    raise StreamError(f"the server refused chunk {n}: {message}")
-                if self.state != "live":
-                    continue  # the END chunk's answer
-                self._sent_at.pop(n, None)
-                snapshot = result.as_numpy(SNAPSHOT)
-                if snapshot is not None and snapshot.size:  # (1, bytes): the state after chunk n
-                    self._snapshot = (n, snapshot[0].tobytes())
-                    for done in [i for i in self._kept if i <= n]:
-                        del self._kept[done]
-                if n == self._delivered:
-                    self._on_frames(n, result.as_numpy(FRAMES)[0], time.monotonic())  # (12, H, W, 3)
-                    self._delivered += 1
-                    if self._snapshot is None and len(self._kept) > WEB_MAX_REPLAY_CHUNKS:  # no snapshot yet
-                        self._kept.pop(min(self._kept))
-                        self._replayable = False
-                n += 1
-        except grpc.aio.AioRpcError as e:  # the stream broke: the replica (or the way to it) is gone
-            raise ReplicaGone(f"connection to the server lost at chunk {n}: {e.details()}", FAILOVER_CONNECTION_LOST) from None
-        finally:
-            responses.cancel()
-            await client.close()
-
-    async def _next_answer(self, responses, n: int) -> tuple:
-        """The call's next (result, error), or (None, None) at its end; ReplicaGone when a chunk sent has
-        waited longer than upstream_timeout_s (checked every TICK_S without cancelling the read)."""
-        answer = asyncio.ensure_future(responses.__anext__())
-        while True:
-            done, _ = await asyncio.wait({answer}, timeout=TICK_S)
-            if done:
-                try:
-                    return answer.result()
-                except StopAsyncIteration:
-                    return None, None
-            waiting = min(self._sent_at.items(), key=lambda kv: kv[1], default=None)
-            if waiting is not None and time.monotonic() - waiting[1] > self.upstream_timeout_s:
-                answer.cancel()
-                raise ReplicaGone(f"the server did not answer chunk {waiting[0]} within {self.upstream_timeout_s:.1f} s",
-                                  FAILOVER_NO_ANSWER)
-
     async def _stream(self) -> None:
-        """The session's gRPC side: attempts, and between them the failover. When a replica goes away the
-        session goes on from its latest snapshot on whichever replica the address (a gateway) reaches
-        now, under a fresh stream id, re-sending the chunks since; retries back off with jitter, bounded
-        in attempts and seconds (FailoverPolicy). The viewer's clock never waits: frames that come back
-        too late for their time are replaced by the last one shown."""
-        start_at, outage = 0, None
-        while True:
-            try:
-                self._attempting = True
-                await self._attempt(start_at)
-                return
-            except SnapshotsOff:  # a server without a snapshot key: the same START without asking for one
-                self._snapshots_on = False
-                self.stream_id = new_web_stream_id()
-                continue
-            except ReplicaGone as e:
-                self._attempting = False
-                now = time.monotonic()
-                if outage is None or self._delivered > outage.at_chunk:  # a new failover (the last one is over)
-                    outage = Outage(e.cause, str(e), self._delivered, self._last_delivery or now, now, self.stats.chunks_sent)
-                outage.attempts += 1
-                if self._snapshot is None and not self._replayable:
-                    why = f"no snapshot to resume from (the server has no snapshot key) after {WEB_MAX_REPLAY_CHUNKS} chunks"
-                else:
-                    why = (f"failover gave up after {outage.attempts} attempts, {now - outage.started:.0f} s"
-                           if outage.attempts > self.failover.max_attempts or now - outage.started > self.failover.max_seconds
-                           else None) if self.failover is not None else "failover is off"
-                if why is not None or self.state != "live":
-                    self._server_failed = True
-                    self._fail(f"{e} ({why})")
-                    return
-                self._outage = outage
-                self._sent_at.clear()
-                await asyncio.sleep(self.failover.delay(outage.attempts - 1))
-                self.stream_id = new_web_stream_id()
-                start_at = self._snapshot[0] + 1 if self._snapshot is not None else 0
-                outage.resumed_from = start_at
-            except StreamError as e:
-                self._server_failed = True  # the server freed (or never admitted) the stream
-                self._fail(str(e))
-                return
+        """The gRPC side (flowact.client.live): it fails over by itself; what it cannot continue ends the session."""
+        try:
+            await self.upstream.run()
+        except StreamError as e:
+            self._server_failed = True  # the server freed (or never admitted) the stream
+            self._fail(str(e))
 
-    def _report_failover(self, now: float) -> None:
+    def _on_failover(self, f: Failover) -> None:
         """The first new chunk after a failover came: tell the viewer and the metrics what it cost."""
-        o, self._outage = self._outage, None
-        replayed = max(0, o.sent - o.resumed_from)
-        gap = now - o.since
-        self.failovers.append(Failover(o.cause, o.message, o.at_chunk, o.resumed_from, replayed, o.attempts, gap))
         self.metrics.failovers.inc()
         log.info("session #%d: failed over (%s) at chunk %d, %d chunk(s) replayed, viewer gap %.0f ms",
-                 self.number, o.cause, o.at_chunk, replayed, gap * 1000)
-        self.send({"type": "failover", "cause": o.cause, "at_chunk": o.at_chunk, "replayed": replayed,
-                   "attempts": o.attempts, "gap_ms": round(gap * 1000)})
+                 self.number, f.cause, f.at_chunk, f.replayed, f.gap_s * 1000)
+        self.send({"type": "failover", "cause": f.cause, "at_chunk": f.at_chunk, "replayed": f.replayed,
+                   "attempts": f.attempts, "gap_ms": round(f.gap_s * 1000)})
+
+    def stats_json(self) -> dict:
+        return {**self.stats.to_json(), "chunks_sent": self.upstream.chunks_sent}
 
     def _on_frames(self, k: int, frames: np.ndarray, now: float) -> None:
         self.stats.chunks_back += 1
-        self._last_delivery = now
-        if self._outage is not None:
-            self._report_failover(now)
         complete = self._complete_at.pop(k, now)
         self.metrics.chunk_ready.observe(now - complete)
         self.on_lateness(now - (self._chunk0_complete + k * CHUNK_SECONDS))
@@ -501,7 +331,7 @@ class Session:
     async def _report(self) -> None:
         while True:
             await asyncio.sleep(STATS_EVERY_S)
-            self.send({"type": "stats", "mode": self.conditioning.mode, **self.stats.to_json()})
+            self.send({"type": "stats", "mode": self.conditioning.mode, **self.stats_json()})
 
     # --- the end ---------------------------------------------------------------------------------
 
@@ -514,7 +344,7 @@ class Session:
             self.close(f"connection {state}")
 
     def _fail(self, reason: str) -> None:
-        reason = self.scrub(reason)
+        reason = self.upstream.scrub(reason)
         log.warning("session #%d: %s", self.number, reason)
         self.metrics.sessions_failed.inc()
         self.send({"type": "error", "message": reason})
@@ -523,7 +353,7 @@ class Session:
     def close(self, reason: str) -> asyncio.Task:
         """End the session (idempotent): END on the gRPC stream, then the peer connection. -> the closing task."""
         if self._closing is None:
-            self.end_reason = self.scrub(reason)
+            self.end_reason = self.upstream.scrub(reason)
             self._closing = asyncio.get_running_loop().create_task(self._close())
         return self._closing
 
@@ -531,9 +361,8 @@ class Session:
         self.state = "ended"
         log.info("session #%d: ending (%s)", self.number, self.end_reason)
         stream = self._stream_task
-        if stream is not None and not stream.done() and not self._server_failed and self._attempting:
-            self._ending = True  # END (sent only if START went out), then the stream closes
-            self._made.set()
+        if stream is not None and not stream.done() and not self._server_failed and self.upstream.attempting:
+            self.upstream.end(self.assembler.flush(time.monotonic()))  # END (if START went out), then the stream closes
             try:
                 await asyncio.wait_for(asyncio.shield(stream), END_TIMEOUT_S)
             except (asyncio.TimeoutError, Exception):
