@@ -40,12 +40,12 @@ class Serve:
     """`flowact serve` as a user runs it, in its own session (so that its whole group can be killed)."""
 
     def __init__(self, repository: Path, tmp: Path, *args: str, env: dict | None = None):
-        self.http, self.grpc, self.metrics = free_ports(3)
+        self.http, self.grpc, self.metrics, self.health = free_ports(4)
         self.env = dict(os.environ, FLOWACT_DRAIN_FILE=str(tmp / "draining"), **(env or {}))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "flowact.cli", "serve", "--preset", "tiny", "--repository", str(repository),
              "--work-dir", str(tmp / "triton"), "--grpc-port", str(self.grpc), "--http-port", str(self.http),
-             "--metrics-port", str(self.metrics), *args],
+             "--metrics-port", str(self.metrics), "--health-port", str(self.health), *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env, start_new_session=True)
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()

@@ -64,12 +64,13 @@ def served(tmp_path_factory, onnx_dir):
     tmp = tmp_path_factory.mktemp("operators")
     repo = build_embedded_repository("tiny", tmp / "repo", opts=RepositoryOptions(capacity=8, idle_ttl_s=10.0),
                                      onnx_dir=onnx_dir)
-    http, grpc, metrics = free_ports(3)
+    http, grpc, metrics, health = free_ports(4)
     env = dict(os.environ, FLOWACT_DRAIN_FILE=str(tmp / "draining"), **{ADMIN_KEY_ENV: KEY})
     out, err = open(tmp / "stdout", "w"), open(tmp / "stderr", "w")
     proc = subprocess.Popen([sys.executable, "-m", "flowact.cli", "serve", "--preset", "tiny", "--repository", str(repo),
                              "--work-dir", str(tmp / "triton"), "--grpc-port", str(grpc), "--http-port", str(http),
-                             "--metrics-port", str(metrics)], stdout=out, stderr=err, env=env, cwd=tmp)
+                             "--metrics-port", str(metrics), "--health-port", str(health)], stdout=out, stderr=err, env=env,
+                            cwd=tmp)
     srv = Served(proc, grpc, http, metrics, tmp)
     deadline = time.monotonic() + 180
     while "flowact serving" not in (tmp / "stdout").read_text():

@@ -703,11 +703,12 @@ def test_flowact_serve_exits_non_zero_when_a_stub_dies(spare, tmp_path):
     restarts the container) brings it back; the log says which stub died."""
     import psutil
 
-    http, grpc, metrics_port = free_ports(3)
+    http, grpc, metrics_port, health = free_ports(4)
     env = dict(os.environ, FLOWACT_DRAIN_FILE=str(tmp_path / "draining"))
     serve = subprocess.Popen([sys.executable, "-m", "flowact.cli", "serve", "--preset", "tiny",
                               "--repository", str(spare.repository), "--work-dir", str(tmp_path / "triton"),
-                              "--grpc-port", str(grpc), "--http-port", str(http), "--metrics-port", str(metrics_port)],
+                              "--grpc-port", str(grpc), "--http-port", str(http), "--metrics-port", str(metrics_port),
+                              "--health-port", str(health)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 120
