@@ -26,7 +26,8 @@ def add_parser(sub) -> None:
     p.add_argument("--connect-timeout", type=float, default=WEB_CONNECT_TIMEOUT_S, metavar="SECONDS",
                    help="a session whose viewer has not connected by then is ended and its slot freed")
     p.add_argument("--upstream-timeout", type=float, default=LIVE_UPSTREAM_TIMEOUT_S, metavar="SECONDS",
-                   help="a chunk the server has not answered by then ends its session (a hung server)")
+                   help="a chunk the server has not answered by then means a hung replica: the session fails over "
+                        "(with --no-failover it ends)")
     p.add_argument("--no-failover", action="store_true",
                    help="end a session when its replica goes away (default: continue it from its last snapshot "
                         "on whichever replica --url reaches, e.g. a `flowact gateway`)")
