@@ -204,6 +204,8 @@ class LiveStream:
                 self.stream_id = self._new_id()
             except ReplicaGone as e:
                 self.attempting = False
+                if self._end_audio is not None:
+                    return  # the stream is ending: there is nothing to move to another replica
                 now = time.monotonic()
                 if outage is None or self._delivered > outage.at_chunk:  # a new failover (the last one is over)
                     outage = Outage(e.cause, str(e), self._delivered, self._last_delivery or now, now, self.chunks_sent)
