@@ -57,6 +57,7 @@ DEFAULT_METRICS_PORT = 8002
 DEFAULT_CAPACITY = 4  # streams admitted at once
 DEFAULT_IDLE_TTL_S = 30.0  # a stream with no request for this long is freed
 DEFAULT_URL = f"{DEFAULT_HOST}:{DEFAULT_GRPC_PORT}"
+ARTIFACTS_DIR = "artifacts"  # where the CLI puts exports, repositories and the server's work dir (relative to the cwd)
 DEFAULT_HEALTH_PORT = 8003  # `flowact serve --health-port`: GET /ready (new streams welcome?) and /live, for gateways
 HEALTH_READY_PATH = "/ready"  # 200 "ready (a/c streams)", 503 "not ready: draining | at capacity (a/c) | triton not ready"
 HEALTH_LIVE_PATH = "/live"  # 200 while Triton is live
