@@ -17,24 +17,13 @@ import platform
 from importlib import metadata
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import psutil
 
-
-def metric_value(text: str, name: str) -> float | None:
-    """Sum of a metric's samples in Prometheus text format (None if absent)."""
-    from flowact.serving.cli import metric_value as value
-
-    return value(text, name)
-
-
-def scrape(url: str, timeout: float = 5.0) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.read().decode()
+from flowact.serving.health import metric_value, scrape
 
 
 class ProcessGroupSource:

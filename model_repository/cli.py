@@ -7,7 +7,6 @@ import signal
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 from flowact.contract import (ACTIVE_STREAMS, ADMIN_KEY_ENV, DEFAULT_CAPACITY, DEFAULT_DRAIN_TIMEOUT_S,
@@ -16,18 +15,13 @@ from flowact.contract import (ACTIVE_STREAMS, ADMIN_KEY_ENV, DEFAULT_CAPACITY, D
                               EVACUATE_GRACE_S, MIN_RANDOM_ID_CHARS, REQUIRE_RANDOM_IDS_ENV,
                               TRITONSERVER_ENV)
 from flowact.serving.drain import drain_file, drain_file_of, read_state, write_state
-from flowact.serving.health import HealthServer, metric_value, readiness
+from flowact.serving.health import HealthServer, metric_value, readiness, scrape
 from flowact.serving.server import StartupError, TritonServer
 
 # This module stays free of torch at import time: `probe` and `drain` run as Kubernetes probes.
 ARTIFACTS = Path("artifacts")
 PIPELINES = ("overlap", "serial")
 TARGETS = ("embedded", "torch")  # `trt` plans are built with `flowact export repository --target trt`
-
-
-def scrape(metrics_url: str) -> str:
-    with urllib.request.urlopen(metrics_url, timeout=5) as r:
-        return r.read().decode()
 
 
 def add_parser(sub) -> None:

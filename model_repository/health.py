@@ -33,6 +33,12 @@ def metric_value(text: str, name: str) -> float | None:
     return sum(values) if values else None
 
 
+def scrape(metrics_url: str, timeout: float = 5.0) -> str:
+    """A Prometheus endpoint's text."""
+    with urllib.request.urlopen(metrics_url, timeout=timeout) as r:
+        return r.read().decode()
+
+
 def http_ok(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=UPSTREAM_TIMEOUT_S) as r:
