@@ -116,7 +116,8 @@ def record_streams(preset: Preset, nets: Networks, streams: int = 4, chunks: int
         nets.to(device)
     base = Runners.from_networks(nets)
     specs = network_specs(preset)
-    runners = Runners(**{n: _Recorder(n, getattr(base, n), rec, state, keep, specs[n]) for n in NETWORK_NAMES})
+    runners = Runners(**{n: _Recorder(n, getattr(base, n), rec, state, keep, specs[n]) for n in NETWORK_NAMES},
+                      kv_dtype=base.kv_dtype)
     handles = _amax_hooks(nets, rec, state)
     try:
         images, audios, prompts = stream_media(preset, streams, chunks, seed)

@@ -52,6 +52,7 @@ class Runners:
     denoiser_memory: Callable[..., Tensor]  # memory (B, Fm, 16, h, w), valid (B, Fm) | None[, positions (Fm',)] -> kv
     denoiser: Callable[..., Tensor]  # x, t, audio, prompt, kv, valid | None -> velocity (B, 3, 16, h, w)
     text_encoder: Callable[[Tensor], Tensor]  # byte ids (B, P) i64 -> prompt tokens (B, P, Dt)
+    kv_dtype: torch.dtype  # what denoiser_memory returns the memory K/V in (a stream's K/V workspace is sized by it)
     # denoiser_memory takes `positions` (only the valid bank slots, no mask) and the denoiser K/V of any
     # length: PyTorch's dynamic shapes. ONNX graphs and TensorRT plans have the whole bank and a mask.
     memory_subsets: bool = False

@@ -98,4 +98,4 @@ def load_onnx_runners(directory: str | Path, preset=None, precision=None, provid
     manifest.check_preset(preset, directory)
     specs = network_specs(preset)
     return Runners(**{name: OrtRunner(manifest.path(directory, name), specs[name], providers, threads, spin)
-                      for name in NETWORK_NAMES})
+                      for name in NETWORK_NAMES}, kv_dtype=specs["denoiser_memory"].outputs[0].torch_dtype)

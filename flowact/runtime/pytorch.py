@@ -61,7 +61,7 @@ def torch_runners(nets, dtype: torch.dtype | None = None) -> Runners:
     dtype = dtype or torch.float32
     fns = (nets.audio_encoder, nets.vae_encoder, nets.vae_decoder, nets.denoiser.memory_kv,
            nets.denoiser.forward_stream, nets.text_encoder)
-    return Runners(*(TorchRunner(fn, dtype, device_type) for fn in fns), memory_subsets=True)
+    return Runners(*(TorchRunner(fn, dtype, device_type) for fn in fns), kv_dtype=dtype, memory_subsets=True)
 
 
 def load_torch_runners(preset, checkpoint: str | Path | None, device: str | torch.device = "cpu",

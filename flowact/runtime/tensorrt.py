@@ -96,4 +96,5 @@ def load_trt_runners(directory: str | Path, preset: Preset | str | None = None,
     preset = get_preset(manifest.preset) if preset is None else get_preset(preset) if isinstance(preset, str) else preset
     manifest.check_preset(preset, directory)
     specs = network_specs(preset)
-    return Runners(**{n: TrtRunner(manifest.path(directory, n), specs[n], device) for n in NETWORK_NAMES})
+    return Runners(**{n: TrtRunner(manifest.path(directory, n), specs[n], device) for n in NETWORK_NAMES},
+                   kv_dtype=specs["denoiser_memory"].outputs[0].torch_dtype)
