@@ -28,7 +28,7 @@ from flowact.runtime import Runners
 from flowact.session import StreamSession
 from flowact.export.calibrate import stream_media
 from flowact.export.fp8 import export_fp8
-from flowact.export.manifest import Manifest
+from flowact.runtime.manifest import Manifest
 from flowact.runtime.onnx import load_onnx_runners
 from flowact.networks import build_networks
 from flowact.presets import CHUNK_SECONDS, get_preset

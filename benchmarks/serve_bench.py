@@ -356,7 +356,7 @@ def inprocess_point(cfg: BenchConfig, kind: str, n: int, threads: int) -> tuple[
 
 
 def has_export(onnx_dir: Path) -> bool:
-    from flowact.export.manifest import resolve
+    from flowact.runtime.manifest import resolve
 
     try:
         resolve(onnx_dir)

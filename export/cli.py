@@ -124,7 +124,7 @@ def _repository(args) -> int:
 
 
 def _check(args) -> int:
-    from flowact.export.manifest import Manifest, resolve
+    from flowact.runtime.manifest import Manifest, resolve
     from flowact.export.tensorrt import tensorrt_onnx
     from flowact.export.trt_check import check_tensorrt_compat, errors
     from flowact.specs import network_specs

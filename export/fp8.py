@@ -34,7 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from flowact.export import graph
 from flowact.export.calibrate import Recording, feeds, record_streams
-from flowact.export.manifest import Manifest, Precision, digest
+from flowact.runtime.manifest import Manifest, Precision, digest
 from flowact.export.onnx import WeightSource, export_onnx, source_hash
 from flowact.networks import Networks
 from flowact.presets import Preset

@@ -19,7 +19,7 @@ import onnx
 import torch
 
 from flowact.export import graph
-from flowact.export.manifest import Manifest, Precision, digest, preset_fields
+from flowact.runtime.manifest import Manifest, Precision, digest, preset_fields
 from flowact.networks import Networks, build_networks, checkpoint_files
 from flowact.presets import Preset
 from flowact.specs import BATCH, NetworkSpec, network_specs, onnx_elem_type

@@ -28,7 +28,7 @@ import torch
 
 from flowact.export import graph
 from flowact.export.fp8 import export_fp8
-from flowact.export.manifest import Manifest, Precision, digest
+from flowact.runtime.manifest import Manifest, Precision, digest
 from flowact.export.onnx import WeightSource
 from flowact.export.trt_check import check_tensorrt_compat, errors
 from flowact.networks import Networks

@@ -16,7 +16,7 @@ from flowact.session import Runners
 from flowact.export import graph
 from flowact.export.calibrate import record_streams
 from flowact.export.fp8 import FP8_NETWORKS, POLICIES, linear_layers, module_path, network_error
-from flowact.export.manifest import Manifest
+from flowact.runtime.manifest import Manifest
 from flowact.export.onnx import export_onnx
 from flowact.runtime.onnx import OrtRunner, load_onnx_runners
 from flowact.export.tensorrt import tensorrt_onnx

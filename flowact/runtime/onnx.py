@@ -85,7 +85,7 @@ def load_onnx_runners(directory: str | Path, preset=None, precision=None, provid
     `directory` is a precision directory (holding manifest.json) or an export root with
     `precision` (default fp32) below it. The manifest's preset (a name or a Preset) must equal
     `preset` when given."""
-    from flowact.export.manifest import Manifest, resolve
+    from flowact.runtime.manifest import Manifest, resolve
     from flowact.presets import get_preset
     from flowact.specs import NETWORK_NAMES, network_specs
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from flowact.export.manifest import Manifest, Precision, resolve
+from flowact.runtime.manifest import Manifest, Precision, resolve
 from flowact.presets import Preset, get_preset
 from flowact.runtime import Runners, check_arity, full_valid
 from flowact.specs import NETWORK_NAMES, NetworkSpec, network_specs

@@ -1,5 +1,8 @@
 """The manifest of an export directory: what was built, from what, and how to tell it is current.
 
+The exporters (flowact.export) write it; the runtimes (flowact.runtime.onnx, .tensorrt) read it to
+find each network's file, so it lives here, below both.
+
 Layout of an export root (`flowact export ... --out ROOT`):
     ROOT/fp32/      <network>.onnx + manifest.json   (`flowact export onnx`)
     ROOT/fp8/       <network>.onnx + manifest.json   (`flowact export fp8`: FP8 Q/DQ transformers,
