@@ -1,29 +1,34 @@
-"""`flowact export onnx|fp8|trt|check|repository`: the export steps, each idempotent (current files are skipped).
+"""`flowact export onnx|fp8|trt|check`: the export steps, each idempotent (current files are skipped).
 
     flowact export onnx  --preset P [--checkpoint DIR] --out ROOT   -> ROOT/fp32/
     flowact export fp8   --preset P [--checkpoint DIR] --out ROOT   -> ROOT/fp8/ (runs onnx first)
     flowact export trt   --preset P [--checkpoint DIR] --out ROOT   -> ROOT/trt-fp8/ (runs fp8 first; GPU + TensorRT)
     flowact export check --out ROOT [--precision fp8]               TensorRT parser check on CPU
-    flowact export repository --preset P --target embedded|torch|trt --out DIR [--capacity N] [--device cuda:0]
-                                                                    a Triton model repository (exports as needed)
+
+`flowact export repository` renders a Triton model repository from these exports: the serving
+package adds it to the steps (flowact.serving.repository_cli), since serving depends on export and
+not the other way round.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from flowact.contract import DEFAULT_CAPACITY, DEFAULT_IDLE_TTL_S
 from flowact.presets import PRESETS, get_preset
 
-def add_parser(sub) -> None:
+
+def common(p, out_help: str = "export root (fp32/, fp8/, trt-fp8/ below it)") -> None:
+    """The arguments every step that builds from weights takes."""
+    p.add_argument("--preset", required=True, choices=list(PRESETS))
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: seeded random weights)")
+    p.add_argument("--seed", type=int, default=0, help="weight seed when no checkpoint is given")
+    p.add_argument("--out", required=True, type=Path, help=out_help)
+
+
+def add_parser(sub):
+    """The `export` command and its steps; -> the steps' subparsers (the serving package adds `repository`)."""
     parser = sub.add_parser("export", help="export the networks: ONNX, FP8 ONNX, TensorRT engines")
     steps = parser.add_subparsers(dest="step", required=True)
-
-    def common(p):
-        p.add_argument("--preset", required=True, choices=list(PRESETS))
-        p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: seeded random weights)")
-        p.add_argument("--seed", type=int, default=0, help="weight seed when no checkpoint is given")
-        p.add_argument("--out", required=True, type=Path, help="export root (fp32/, fp8/, trt-fp8/ below it)")
 
     p = steps.add_parser("onnx", help="float32 ONNX per network (opset 20, dynamic batch)")
     common(p)
@@ -49,21 +54,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, type=Path, help="export root or precision directory")
     p.add_argument("--precision", choices=["fp32", "fp8"], default=None)
     p.set_defaults(func=_check)
-
-    p = steps.add_parser("repository", help="a complete Triton model repository (exports what it needs)")
-    common(p)
-    p.add_argument("--target", choices=["embedded", "torch", "trt"], default="embedded",
-                   help="what the stream model runs the networks with, beside the per-stream state: embedded: ONNX "
-                        "Runtime (CPU); torch: PyTorch (CUDA bf16 or CPU); trt: TensorRT plans")
-    p.add_argument("--device", default=None,
-                   help="the stream model's device, where the per-stream state and networks live: trt: cuda:N "
-                        "(default cuda:0); torch: cuda:N or cpu (default cuda:0 where CUDA is visible, else cpu); "
-                        "embedded: cpu")
-    p.add_argument("--engines", type=Path, default=None, help="export root for ONNX / plans (default artifacts/<preset>)")
-    p.add_argument("--capacity", type=int, default=DEFAULT_CAPACITY, help="streams the server admits at once")
-    p.add_argument("--idle-ttl", type=float, default=DEFAULT_IDLE_TTL_S, help="seconds before an idle stream is freed")
-    p.add_argument("--pipeline", choices=["overlap", "serial"], default="overlap")
-    p.set_defaults(func=_repository)
+    return steps
 
 
 def _onnx(args) -> int:
@@ -90,36 +81,6 @@ def _trt(args) -> int:
     except TensorRTUnavailable as e:
         print(f"flowact export trt: {e}")
         return 2
-    return 0
-
-
-def _repository(args) -> int:
-    from flowact.serving.repository import (Pipeline, RepositoryOptions, Target, build_embedded_repository,
-                                            render_repository, target_device)
-
-    preset = get_preset(args.preset)
-    try:  # before any export or engine build
-        device = target_device(Target(args.target), args.device)
-    except ValueError as e:
-        print(f"flowact export repository: {e}")
-        return 2
-    opts = RepositoryOptions(capacity=args.capacity, idle_ttl_s=args.idle_ttl, pipeline=Pipeline(args.pipeline),
-                             device=device)
-    engines = args.engines or Path("artifacts") / preset.name
-    if args.target == Target.EMBEDDED.value:
-        repo = build_embedded_repository(preset.name, args.out, args.checkpoint, opts, engines, seed=args.seed)
-    elif args.target == Target.TORCH.value:
-        repo = render_repository(preset, Target.TORCH, args.out, opts=opts, checkpoint=args.checkpoint)
-    else:
-        from flowact.export.tensorrt import TensorRTUnavailable, build_trt
-
-        try:
-            plans = build_trt(preset, engines, checkpoint=args.checkpoint, seed=args.seed)
-        except TensorRTUnavailable as e:
-            print(f"flowact export repository --target trt: {e}")
-            return 2
-        repo = render_repository(preset, Target.TRT, args.out, plans, opts)
-    print(f"model repository ready: {repo}")
     return 0
 
 

@@ -19,8 +19,8 @@ COMMANDS = {
     "gateway": "flowact.serving.gateway",
     "stream": "flowact.client.cli",
     "web": "flowact.web.cli",
-    "demo": "flowact.demo",
-    "export": "flowact.export.cli",
+    "demo": "flowact.serving.demo",
+    "export": "flowact.serving.repository_cli",  # flowact.export.cli's steps, plus `repository`
     "bench": "flowact.benchmarks.serve_bench",
 }
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from flowact.client.cli import stream_file
+from flowact.contract import ARTIFACTS_DIR, DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT
 from flowact.media import REFERENCE_IMAGE, SPEECH_WAV
 from flowact.networks import shipped_checkpoint
 from flowact.presets import get_preset
 from flowact.serving.repository import RepositoryOptions, build_embedded_repository
 from flowact.serving.server import TritonServer
-
-ARTIFACTS = Path("artifacts")
 
 
 def add_parser(sub) -> None:
@@ -25,9 +24,9 @@ def add_parser(sub) -> None:
     p.add_argument("--checkpoint", default=None, help="default: checkpoints/<preset> if shipped, else random weights")
     p.add_argument("--out", default="out.mp4")
     p.add_argument("--realtime", action="store_true", help="pace the audio at real time")
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT)
+    p.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT)
+    p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT)
     p.set_defaults(func=_run)
 
 
@@ -35,12 +34,13 @@ def _run(args) -> int:
     preset = get_preset(args.preset)
     checkpoint = args.checkpoint or shipped_checkpoint(preset.name)
     print(f"weights: {checkpoint or 'seeded random (no trained checkpoint for this preset)'}", flush=True)
-    repo = build_embedded_repository(preset.name, ARTIFACTS / preset.name / "repository", checkpoint,
+    artifacts = Path(ARTIFACTS_DIR)
+    repo = build_embedded_repository(preset.name, artifacts / preset.name / "repository", checkpoint,
                                      RepositoryOptions())
     print(f"starting tritonserver (preset {preset.name}) ...", flush=True)
-    with TritonServer(repo, args.grpc_port, args.http_port, args.metrics_port, work_dir=ARTIFACTS / "triton") as server:
-        print(f"serving on 127.0.0.1:{server.grpc_port}; streaming {REFERENCE_IMAGE.name} + {SPEECH_WAV.name}", flush=True)
-        summary = stream_file(f"127.0.0.1:{server.grpc_port}", REFERENCE_IMAGE, SPEECH_WAV, args.out,
+    with TritonServer(repo, args.grpc_port, args.http_port, args.metrics_port, work_dir=artifacts / "triton") as server:
+        print(f"serving on {server.host}:{server.grpc_port}; streaming {REFERENCE_IMAGE.name} + {SPEECH_WAV.name}", flush=True)
+        summary = stream_file(f"{server.host}:{server.grpc_port}", REFERENCE_IMAGE, SPEECH_WAV, args.out,
                               preset.height, preset.width, realtime=args.realtime)
     print(f"server stopped\nwrote {args.out}\n{summary.lines()}")
     return 0
