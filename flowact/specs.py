@@ -13,8 +13,8 @@ Networks, in the order of `flowact.runtime.Runners`' fields:
     denoiser         X, T, AUDIO_FEATURES, PROMPT_TOKENS, MEMORY_KV, MEMORY_VALID -> VELOCITY  (per NFE)
     text_encoder     PROMPT_IDS -> PROMPT_TOKENS                 (once per distinct prompt)
 
-This module knows nothing about ONNX, TensorRT or Triton beyond their dtype names; the export
-modules and serving code import those themselves.
+This module knows nothing about ONNX or Triton beyond their dtype names; the export modules and
+serving code import those themselves.
 """
 
 from __future__ import annotations
@@ -51,18 +51,18 @@ NETWORK_NAMES = ("audio_encoder", "vae_encoder", "vae_decoder", "denoiser_memory
 
 # --- dtypes ---------------------------------------------------------------------------------------
 
-# numpy dtype -> (torch dtype, Triton data type, ONNX TensorProto element type, TensorRT DataType name)
-_DTYPES: dict[np.dtype, tuple[torch.dtype, str, int, str]] = {
-    np.dtype(np.float32): (torch.float32, "TYPE_FP32", 1, "FLOAT"),
-    np.dtype(np.float16): (torch.float16, "TYPE_FP16", 10, "HALF"),
-    np.dtype(np.uint8): (torch.uint8, "TYPE_UINT8", 2, "UINT8"),
-    np.dtype(np.int32): (torch.int32, "TYPE_INT32", 6, "INT32"),
-    np.dtype(np.int64): (torch.int64, "TYPE_INT64", 7, "INT64"),
-    np.dtype(np.bool_): (torch.bool, "TYPE_BOOL", 9, "BOOL"),
+# numpy dtype -> (torch dtype, Triton data type, ONNX TensorProto element type)
+_DTYPES: dict[np.dtype, tuple[torch.dtype, str, int]] = {
+    np.dtype(np.float32): (torch.float32, "TYPE_FP32", 1),
+    np.dtype(np.float16): (torch.float16, "TYPE_FP16", 10),
+    np.dtype(np.uint8): (torch.uint8, "TYPE_UINT8", 2),
+    np.dtype(np.int32): (torch.int32, "TYPE_INT32", 6),
+    np.dtype(np.int64): (torch.int64, "TYPE_INT64", 7),
+    np.dtype(np.bool_): (torch.bool, "TYPE_BOOL", 9),
 }
 
 
-def _entry(dtype) -> tuple[torch.dtype, str, int, str]:
+def _entry(dtype) -> tuple[torch.dtype, str, int]:
     try:
         return _DTYPES[np.dtype(dtype)]
     except (KeyError, TypeError):
@@ -84,14 +84,9 @@ def onnx_elem_type(dtype) -> int:
     return _entry(dtype)[2]
 
 
-def tensorrt_dtype(dtype, trt):
-    """numpy dtype -> tensorrt.DataType; `trt` is the imported tensorrt module (imported by the caller)."""
-    return getattr(trt.DataType, _entry(dtype)[3])
-
-
 def numpy_dtype(dtype) -> np.dtype:
     """torch dtype, Triton data type ("TYPE_FP32"), ONNX element type (int) or numpy dtype -> numpy dtype."""
-    for np_dtype, (t, tri, onx, _) in _DTYPES.items():
+    for np_dtype, (t, tri, onx) in _DTYPES.items():
         if isinstance(dtype, torch.dtype) and dtype == t:
             return np_dtype
         if isinstance(dtype, str) and dtype == tri:
@@ -213,8 +208,11 @@ class NetworkSpec:
         return (owner if self.method == "forward" else _WRAPPERS[self.method](owner)).eval()
 
     def callable(self, nets) -> Callable[..., torch.Tensor]:
-        """The PyTorch callable `flowact.runtime.Runners` holds for this network."""
-        owner = getattr(nets, self.owner)
+        """The PyTorch callable `flowact.runtime.Runners` holds for this network, from the family."""
+        return self.owner_callable(getattr(nets, self.owner))
+
+    def owner_callable(self, owner: nn.Module) -> Callable[..., torch.Tensor]:
+        """The same callable from the owner module alone (a network built without the rest of its family)."""
         return owner if self.method == "forward" else getattr(owner, self.method)
 
     def sample_inputs(self, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:

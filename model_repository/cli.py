@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from flowact.contract import (ACTIVE_STREAMS, ADMIN_KEY_ENV, DEFAULT_CAPACITY, DEFAULT_DRAIN_TIMEOUT_S,
+from flowact.contract import (ACTIVE_STREAMS, ADMIN_KEY_ENV, ARTIFACTS_DIR, DEFAULT_CAPACITY, DEFAULT_DRAIN_TIMEOUT_S,
                               DEFAULT_GRPC_PORT, DEFAULT_HEALTH_PORT, DEFAULT_HOST, DEFAULT_HTTP_PORT, DEFAULT_IDLE_TTL_S,
                               DEFAULT_METRICS_PORT, DRAIN_EVACUATE, DRAIN_FILE_ENV, DRAIN_STOPPING, ENSEMBLE_MODEL,
                               EVACUATE_GRACE_S, MIN_RANDOM_ID_CHARS, REQUIRE_RANDOM_IDS_ENV,
@@ -19,7 +19,6 @@ from flowact.serving.health import HealthServer, metric_value, readiness, scrape
 from flowact.serving.server import StartupError, TritonServer
 
 # This module stays free of torch at import time: `probe` and `drain` run as Kubernetes probes.
-ARTIFACTS = Path("artifacts")
 PIPELINES = ("overlap", "serial")
 TARGETS = ("embedded", "torch")  # `trt` plans are built with `flowact export repository --target trt`
 
@@ -48,7 +47,7 @@ def add_parser(sub) -> None:
     p.add_argument("--tritonserver", type=Path, default=os.environ.get(TRITONSERVER_ENV),
                    help="tritonserver binary (default: the one the nvidia-pytriton wheel ships; "
                         "/opt/tritonserver/bin/tritonserver in the NGC image)")
-    p.add_argument("--work-dir", type=Path, default=ARTIFACTS / "triton", help="backend folder and server log")
+    p.add_argument("--work-dir", type=Path, default=Path(ARTIFACTS_DIR) / "triton", help="backend folder and server log")
     p.add_argument("--log-stdout", action="store_true", help="copy Triton's log to stdout (containers)")
     p.add_argument("--admin-key-file", type=Path, default=None,
                    help=f"file holding the key that opens the admin protocols (model-config, statistics, ...); "
@@ -97,7 +96,7 @@ def admin_key(key_file: Path | None) -> tuple[str | None, str]:
 
 def _serve(args) -> int:
     key, key_source = admin_key(args.admin_key_file)
-    repo = args.repository or ARTIFACTS / args.preset / ("repository" if args.target == "embedded" else f"repository-{args.target}")
+    repo = args.repository or Path(ARTIFACTS_DIR) / args.preset / ("repository" if args.target == "embedded" else f"repository-{args.target}")
     if args.repository is None or not (repo / ENSEMBLE_MODEL / "config.pbtxt").exists():
         from flowact.networks import shipped_checkpoint
         from flowact.presets import get_preset

@@ -36,10 +36,12 @@ import numpy as np
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from flowact.contract import (AUDIO, BEHAVIOUR, CANDIDATE_HEADROOM, CHUNK_INDEX, DEFAULT_CAPACITY, DEFAULT_IDLE_TTL_S,
-                              END, ENSEMBLE_MODEL, FRAMES, PROMPT, REF_IMAGE, RESUME, SEED, SNAPSHOT, START,
-                              STREAM_MODEL, TRITON_IDLE_FACTOR, TRITON_IDLE_MARGIN_S, WANT_SNAPSHOT)
+from flowact.contract import (ARTIFACTS_DIR, AUDIO, BEHAVIOUR, CANDIDATE_HEADROOM, CHUNK_INDEX, DEFAULT_CAPACITY,
+                              DEFAULT_IDLE_TTL_S, END, ENSEMBLE_MODEL, FRAMES, PROMPT, REF_IMAGE, RESUME, SEED,
+                              SNAPSHOT, START, STREAM_MODEL, TRITON_IDLE_FACTOR, TRITON_IDLE_MARGIN_S, WANT_SNAPSHOT,
+                              WIRE_DTYPES)
 from flowact.presets import SAMPLES_PER_CHUNK, Preset, get_preset
+from flowact.runtime import RuntimeKind
 from flowact.snapshot import max_snapshot_bytes
 from flowact.specs import LATENTS, NetworkSpec, TensorSpec, network_specs
 
@@ -52,8 +54,8 @@ class Target(str, Enum):
     TRT = "trt"  # TensorRT plans inside the stream model; vae_decoder a tensorrt_plan model
 
 
-# The stream model's runtime per target (flowact.runtime.RuntimeKind values).
-STREAM_RUNTIME = {Target.EMBEDDED: "onnx", Target.TORCH: "torch", Target.TRT: "trt"}
+# What runs the networks per target: in the stream model, and in vae_decoder where it is a python model.
+RUNTIME = {Target.EMBEDDED: RuntimeKind.ONNX, Target.TORCH: RuntimeKind.TORCH, Target.TRT: RuntimeKind.TRT}
 
 
 class Pipeline(str, Enum):
@@ -148,8 +150,7 @@ def network_config(spec: NetworkSpec, target: Target, opts: RepositoryOptions, s
     if target != Target.TRT:
         cfg.backend = "python"
         add_instance(cfg, opts)
-        runtime = "onnx" if target == Target.EMBEDDED else "torch"
-        for key, value in (("network", spec.name), ("preset", preset.name), ("runtime", runtime),
+        for key, value in (("network", spec.name), ("preset", preset.name), ("runtime", RUNTIME[target].value),
                            ("source", "" if source is None else str(source)), ("device", opts.device),
                            ("threads", str(opts.engine_threads))):
             cfg.parameters[key].string_value = value
@@ -162,27 +163,34 @@ def network_config(spec: NetworkSpec, target: Target, opts: RepositoryOptions, s
     return cfg
 
 
+def wire_tensor(cls, name: str, dims: list[int], **kw):
+    """A client-facing tensor typed from the contract's WIRE_DTYPES (a config names BYTES `TYPE_STRING`)."""
+    wire = WIRE_DTYPES[name]
+    return cls(name=name, data_type=getattr(mc, "TYPE_STRING" if wire == "BYTES" else f"TYPE_{wire}"), dims=dims, **kw)
+
+
 def stream_inputs(preset: Preset, device_kind: str = "cpu") -> list[mc.ModelInput]:
     image = network_specs(preset)["vae_encoder"].inputs[0]
-    return [
+    dims = {
         # AUDIO is required in every request, but marked optional so that the stream model answers a
         # request without it ("AUDIO: required ..."): Triton 2.51's ensemble would report "unexpected deadlock".
-        mc.ModelInput(name=AUDIO, data_type=mc.TYPE_FP32, dims=[SAMPLES_PER_CHUNK], optional=True),
-        mc.ModelInput(name=REF_IMAGE, data_type=mc.TYPE_UINT8, dims=list(image.dims_without_batch), optional=True),
-        mc.ModelInput(name=SEED, data_type=mc.TYPE_INT64, dims=[1], optional=True),
-        mc.ModelInput(name=PROMPT, data_type=mc.TYPE_STRING, dims=[1], optional=True),
-        mc.ModelInput(name=BEHAVIOUR, data_type=mc.TYPE_STRING, dims=[1], optional=True),
+        AUDIO: [SAMPLES_PER_CHUNK],
+        REF_IMAGE: list(image.dims_without_batch),
+        SEED: [1],
+        PROMPT: [1],
+        BEHAVIOUR: [1],
         # Fixed size (every SNAPSHOT of the preset is padded to it): Triton refuses any other size
         # before the request reaches the stream model's shared memory.
-        mc.ModelInput(name=RESUME, data_type=mc.TYPE_UINT8, dims=[max_snapshot_bytes(preset, device_kind)], optional=True),
-        mc.ModelInput(name=WANT_SNAPSHOT, data_type=mc.TYPE_BOOL, dims=[1], optional=True),
-    ]
+        RESUME: [max_snapshot_bytes(preset, device_kind)],
+        WANT_SNAPSHOT: [1],
+    }
+    return [wire_tensor(mc.ModelInput, name, d, optional=True) for name, d in dims.items()]
 
 
 def stream_outputs() -> list[mc.ModelOutput]:
     """The stream model's outputs besides the chunk itself (both mapped through the ensemble)."""
-    return [mc.ModelOutput(name=CHUNK_INDEX, data_type=mc.TYPE_INT64, dims=[1]),
-            mc.ModelOutput(name=SNAPSHOT, data_type=mc.TYPE_UINT8, dims=[-1])]  # empty unless WANT_SNAPSHOT
+    return [wire_tensor(mc.ModelOutput, CHUNK_INDEX, [1]),
+            wire_tensor(mc.ModelOutput, SNAPSHOT, [-1])]  # empty unless WANT_SNAPSHOT
 
 
 def triton_idle_s(idle_ttl_s: float) -> float:
@@ -218,7 +226,7 @@ def stream_config(preset: Preset, opts: RepositoryOptions, target: Target = Targ
         control.control.add(kind=kind, int32_false_true=[0, 1])
     for key, value in (("preset", preset.name), ("capacity", str(opts.capacity)),
                        ("idle_ttl_s", str(opts.idle_ttl_s)), ("output", out.name),
-                       ("runtime", STREAM_RUNTIME[target]), ("device", opts.device),
+                       ("runtime", RUNTIME[target].value), ("device", opts.device),
                        ("source", "" if source is None else str(source)), ("threads", str(opts.engine_threads))):
         cfg.parameters[key].string_value = value
     return cfg  # inputs stay host tensors (as_numpy): they come from the client; only LATENTS out go by DLPack
@@ -258,9 +266,10 @@ def render_repository(preset: Preset, target: Target, out: Path, network_files: 
                       opts: RepositoryOptions = RepositoryOptions(), checkpoint: str | Path | None = None) -> Path:
     """Write every model of the repository.
 
-    `network_files`: network name -> ONNX file (embedded: each network model reads its file in
-    place) or TensorRT plan (trt: vae_decoder's is copied in as model.plan, the others into the
-    stream model's directory). target torch reads `checkpoint` (None: seeded random weights)."""
+    `network_files`: network name -> ONNX file (embedded: vae_decoder reads its file in place, the
+    stream model the export directory beside it) or TensorRT plan (trt: vae_decoder's is copied in as
+    model.plan, every plan and the manifest into the stream model's directory). target torch reads
+    `checkpoint` (None: seeded random weights)."""
     target, out = Target(target), Path(out)
     opts = dataclasses.replace(opts, device=target_device(target, opts.device))
     specs = network_specs(preset)
@@ -307,6 +316,6 @@ def build_embedded_repository(preset_name: str, out: Path, checkpoint: str | Pat
     from flowact.export.onnx import export_onnx
 
     preset = get_preset(preset_name)
-    onnx_dir = onnx_dir or Path("artifacts") / preset.name / "onnx"
+    onnx_dir = onnx_dir or Path(ARTIFACTS_DIR) / preset.name / "onnx"
     files = export_onnx(preset, onnx_dir, checkpoint=checkpoint, seed=seed)
     return render_repository(preset, Target.EMBEDDED, out, files, opts)

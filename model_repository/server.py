@@ -1,6 +1,6 @@
 """Launch and stop the tritonserver binary that the nvidia-pytriton wheel ships (the embedded server).
 
-Gotchas handled here (measured, see shared/design/TOOLING.md): the wheel's python backend folder
+Gotchas of the nvidia-pytriton 0.7.0 wheel handled here (measured): its python backend folder
 has no stub, so a backend directory is assembled with the 3.11 stub beside libtriton_python.so;
 the stub finds its environment through `python3` on PATH and needs libpython on
 LD_LIBRARY_PATH (without it the server hangs in "loading" forever, hence the readiness timeout);
@@ -42,8 +42,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flowact.contract import (ADMIN_KEY_ALPHABET, ADMIN_KEY_ENV, ADMIN_KEY_MIN_CHARS, ADMIN_KEY_NAME, DEFAULT_GRPC_PORT,
-                              DEFAULT_HOST, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, LAUNCHER_GUARD_KILL_S,
+from flowact.contract import (ADMIN_KEY_ALPHABET, ADMIN_KEY_ENV, ADMIN_KEY_MIN_CHARS, ADMIN_KEY_NAME, ARTIFACTS_DIR,
+                              DEFAULT_GRPC_PORT, DEFAULT_HOST, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, LAUNCHER_GUARD_KILL_S,
                               SNAPSHOT_KEY_ENV)
 
 SHM_PREFIX = "triton_python_backend_shm_region"
@@ -160,7 +160,7 @@ class TritonServer:
     http_port: int = DEFAULT_HTTP_PORT
     metrics_port: int = DEFAULT_METRICS_PORT
     host: str = DEFAULT_HOST  # loopback unless told otherwise
-    work_dir: Path = Path("artifacts/triton")  # the assembled backend directory (embedded binary)
+    work_dir: Path = Path(ARTIFACTS_DIR) / "triton"  # the assembled backend directory (embedded binary)
     binary: Path | None = None  # another tritonserver (e.g. /opt/tritonserver/bin/tritonserver in the NGC image)
     extra_args: list[str] = field(default_factory=list)  # passed to tritonserver as they are (TLS, ...)
     extra_env: dict[str, str] = field(default_factory=dict)

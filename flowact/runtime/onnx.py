@@ -2,8 +2,8 @@
 
 `OrtRunner(path, spec)(*tensors) -> tensor` takes and returns torch tensors like the module it
 replaces; `load_onnx_runners(directory)` builds the whole `Runners` from an export directory (fp32
-or fp8). The Triton embedded target's network models, calibration and the benchmarks open their
-sessions through `ort_session`.
+or fp8). Every ONNX Runtime session is opened through `ort_session`: the runners', the embedded
+target's vae_decoder model's and the FP8 export's error check's.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ if TYPE_CHECKING:  # torch, the specs and the manifest are imported where used: 
 def ort_session(model: str | Path | bytes, threads: int | None = None, spin: bool = True,
                 providers: list[str] | None = None):
     """An InferenceSession of a file (or serialized model), quiet, fully optimised. `threads` intra-op threads (None: ORT's default);
-    `spin=False` for processes that share the cores with other sessions (the server's network models:
-    idle spinning pools of six networks on two cores slow every one of them)."""
+    `spin=False` for processes that share the cores with other sessions (the server's: the stream model's
+    six sessions and vae_decoder's on the same cores, where idle spinning pools slow every one of them)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()

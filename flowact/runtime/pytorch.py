@@ -57,11 +57,13 @@ class TorchRunner:
 
 
 def torch_runners(nets, dtype: torch.dtype | None = None) -> Runners:
+    """Each network's callable, by name, as its spec finds it in the family (`NetworkSpec.callable`)."""
+    from flowact.specs import network_specs
+
     device_type = next(nets.denoiser.parameters()).device.type
     dtype = dtype or torch.float32
-    fns = (nets.audio_encoder, nets.vae_encoder, nets.vae_decoder, nets.denoiser.memory_kv,
-           nets.denoiser.forward_stream, nets.text_encoder)
-    return Runners(*(TorchRunner(fn, dtype, device_type) for fn in fns), kv_dtype=dtype, memory_subsets=True)
+    return Runners(**{name: TorchRunner(spec.callable(nets), dtype, device_type)
+                      for name, spec in network_specs(nets.preset).items()}, kv_dtype=dtype, memory_subsets=True)
 
 
 def load_torch_runners(preset, checkpoint: str | Path | None, device: str | torch.device = "cpu",

@@ -301,7 +301,3 @@ class Stage:
 def step_generator(seed: int, step: int) -> torch.Generator:
     """A generator for one step's randomness: batches do not depend on where a run was resumed."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
-
-
-def numpy_rng(seed: int, step: int) -> np.random.Generator:
-    return np.random.default_rng([seed, step])

@@ -5,7 +5,7 @@ tensorrt_plan backends; its inputs and outputs are rendered from the network's s
 Triton's dynamic batcher groups run as one call. Parameters: `network`, `preset`, `runtime` (onnx |
 torch), `source` (the ONNX file; or the checkpoint directory, empty for seeded random weights),
 `device`, `threads`. The onnx runtime path imports no torch (a stub that imports torch starts
-about 2.5 s slower, and the embedded repository has six of these models).
+about 2.5 s slower).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from flowact.runtime import RuntimeKind
 from flowact.serving.triton_tensors import output_tensor
 
 PARAMETERS = ("network", "preset", "runtime", "source", "device", "threads")
@@ -30,8 +31,9 @@ class TritonPythonModel:
         self.name = params["network"]
         self.input_names = [i["name"] for i in config["input"]]
         self.output_name = config["output"][0]["name"]
-        self.network = (OnnxNetwork if params["runtime"] == "onnx" else TorchNetwork)(params, self.input_names,
-                                                                                     self.output_name)
+        runtime = RuntimeKind(params["runtime"])
+        self.network = (OnnxNetwork if runtime == RuntimeKind.ONNX else TorchNetwork)(params, self.input_names,
+                                                                                    self.output_name)
 
     def execute(self, requests):
         parts = [[pb_utils.get_input_tensor_by_name(r, name) for r in requests] for name in self.input_names]
