@@ -8,31 +8,34 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from flowact.runtime import Runners
-from flowact.session import StreamSession
+from flowact.contract import DEFAULT_PROMPT
+from flowact.engine import StreamEngine
 from flowact.media import Mp4Writer, load_audio, load_image, split_chunks
 from flowact.networks import build_networks, shipped_checkpoint
 from flowact.presets import get_preset
+from flowact.runtime import Runners
 from flowact.stats import StreamSummary
+from flowact.validate import check_prompt, check_seed
 
 
 def generate(preset_name: str, image: str | Path, audio: str | Path, out: str | Path,
-             checkpoint: str | Path | None = None, seed: int = 0, prompt: str = "speaking") -> StreamSummary:
+             checkpoint: str | Path | None = None, seed: int = 0, prompt: str = DEFAULT_PROMPT) -> StreamSummary:
+    seed, prompt = check_seed(seed), check_prompt(prompt)
     preset = get_preset(preset_name)
     nets = build_networks(preset, checkpoint=checkpoint)
     ref = load_image(image, preset.height, preset.width)  # (H, W, 3) uint8
     speech = load_audio(audio)  # (S,) float32 16 kHz
     chunks, n_frames = split_chunks(speech)  # (N, 7680), frames covering the audio
 
-    session = StreamSession(preset, Runners.from_networks(nets))
+    engine = StreamEngine(preset, Runners.from_networks(nets))
     latencies, arrivals = [], []
     written = 0
     t0 = time.perf_counter()
-    session.start(ref, seed=seed, prompt=prompt)
+    stream = engine.start(ref, seed=seed, prompt=prompt)
     with Mp4Writer(out, preset.width, preset.height, audio=speech) as writer:
         for chunk in tqdm(chunks, desc=f"generate {preset.name}", unit="chunk"):
             t_chunk = time.perf_counter()
-            frames = session.step(chunk)  # (12, H, W, 3) uint8
+            (frames,) = engine.step([stream], [chunk])  # (12, H, W, 3) uint8
             now = time.perf_counter()
             latencies.append(now - t_chunk)
             arrivals.append(now - t0)
@@ -53,7 +56,7 @@ def add_parser(sub) -> None:
     p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: checkpoints/<preset> if shipped)")
     p.add_argument("--random-weights", action="store_true", help="seeded random weights instead of a checkpoint")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prompt", default="speaking")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=_run)
 

@@ -1,6 +1,6 @@
-"""Resumable streams: an opaque, versioned, signed snapshot of one `StreamSession`'s state.
+"""Resumable streams: an opaque, versioned, signed snapshot of one stream's `StreamState`.
 
-A snapshot holds everything a session carries between chunks (memory bank, decode context, audio
+A snapshot holds everything a stream carries between chunks (memory bank, decode context, audio
 context window, RNG state, chunk index, last audio features and prompts), so a START with it on
 any server of the same deployment continues the stream with the frames an uninterrupted run would
 have produced: a stream survives the loss of its pod.
@@ -17,7 +17,7 @@ Layout (little-endian):
 The header names the preset and its fingerprint; the array layout is derived from the preset,
 never read from the header, so a snapshot cannot make the server allocate what it did not expect.
 
-The layout is `StreamState.layout` (flowact.session): the state class lists its own fields, and
+The layout is `StreamState.layout` (flowact.state): the state class lists its own fields, and
 `arrays()` / `load()` read and write them, so this codec holds no list of its own. The generator
 state is the device kind's (CPU or CUDA), so a snapshot resumes on devices of the same kind; the
 fingerprint covers the device kind, so another kind refuses it by name.
@@ -34,12 +34,17 @@ import hmac
 import json
 import os
 import struct
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from flowact.contract import MAX_PROMPT_BYTES, SNAPSHOT_KEY_ENV
 from flowact.presets import Preset
-from flowact.session import InputError, StreamSession, StreamState, check_prompt
+from flowact.state import StreamState
+from flowact.validate import InputError, check_prompt
+
+if TYPE_CHECKING:
+    from flowact.engine import StreamEngine
 
 VERSION = 2  # 2: layout from StreamState (generator of the device kind)
 MAGIC = b"FASN"
@@ -76,7 +81,7 @@ def key_from_env(env: dict[str, str] | None = None) -> bytes | None:
 
 
 class SnapshotCodec:
-    """Encode a session's state into a signed snapshot and restore a session from one."""
+    """Encode a stream's state into a signed snapshot, and continue a stream from one."""
 
     def __init__(self, preset: Preset, key: bytes, field: str = "snapshot", device_kind: str = "cpu"):
         if len(key) < MIN_KEY_BYTES:
@@ -91,12 +96,12 @@ class SnapshotCodec:
 
     # --- export -----------------------------------------------------------------------------------
 
-    def encode(self, session: StreamSession, version: int = VERSION) -> bytes:
-        """The state of a started session after its last chunk. (`version` exists for tests.)"""
-        if not session.started:
-            raise ValueError("cannot snapshot a session that has not started")
-        header = {"preset": self.preset.name, "fingerprint": self.fingerprint, **session.state.header()}
-        values = session.state.arrays()
+    def encode(self, state: StreamState, version: int = VERSION) -> bytes:
+        """A started stream's state after its last chunk. (`version` exists for tests.)"""
+        if not state.started:
+            raise ValueError("cannot snapshot a stream that has not started")
+        header = {"preset": self.preset.name, "fingerprint": self.fingerprint, **state.header()}
+        values = state.arrays()
         header_bytes = json.dumps(header, separators=(",", ":")).encode()
         parts = [_PREFIX.pack(MAGIC, version, len(header_bytes)), header_bytes]
         for name, dtype, shape in self.layout:
@@ -159,15 +164,14 @@ class SnapshotCodec:
         prompts = {k: check_prompt(header.get(k), f"{self.field} {k}") for k in ("prompt", "last_prompt")}
         return {**arrays, **prompts, "chunk_index": chunk_index, "has_last_audio": bool(header.get("has_last_audio"))}
 
-    def restore(self, session: StreamSession, blob: bytes) -> StreamSession:
-        """Put a checked snapshot's state into a fresh session (instead of `session.start`)."""
+    def restore(self, engine: StreamEngine, blob: bytes) -> StreamState:
+        """A checked snapshot's stream, continued in `engine` (instead of `engine.start`)."""
         parts = self.decode(blob)
         header = {k: parts.pop(k) for k in StreamState.HEADER}
         try:
-            session.restore(parts, header)
+            return engine.resume(parts, header)
         except RuntimeError as e:  # the generator refused its state
             raise SnapshotError(f"{self.field}: invalid RNG state ({e})") from None
-        return session
 
 
 # --- one size per preset: RESUME has fixed dims, so Triton itself refuses any other size ----------

@@ -1,5 +1,5 @@
-"""The stream model's state: request validation, sessions by correlation id, admission, drain and
-idle eviction.
+"""The stream model's boundary and bookkeeping: request validation into typed requests, streams by
+correlation id, admission, drain and idle eviction.
 
 No Triton import: the Triton `stream` model (stream/1/model.py) only converts tensors to numpy
 arrays by input name and calls this. Thread-safe: the idle reaper runs beside execute().
@@ -27,16 +27,19 @@ import time
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Hashable, Mapping
+from typing import TYPE_CHECKING, Callable, Hashable, Mapping
 
 import numpy as np
 
-from flowact.contract import (AUDIO, BEHAVIOUR, BEHAVIOURS, DRAIN_EVACUATE, DRAIN_STOPPING,
-                              GONE_MEMORY, MAX_SEED, MAX_TEXT_WIRE_BYTES, MIN_RANDOM_ID_BITS, MIN_RANDOM_ID_CHARS, PROMPT, REF_IMAGE,
+from flowact.contract import (AUDIO, BEHAVIOUR, BEHAVIOURS, DEFAULT_PROMPT, DRAIN_EVACUATE, DRAIN_STOPPING,
+                              GONE_MEMORY, MAX_TEXT_WIRE_BYTES, MIN_RANDOM_ID_BITS, MIN_RANDOM_ID_CHARS, PROMPT, REF_IMAGE,
                               RESUME, SEED, START_ONLY_INPUTS, STREAM_ID_BYTES, WANT_SNAPSHOT)
-from flowact.session import InputError, StreamSession, check_audio_chunk, check_image, check_prompt
 from flowact.presets import Preset
 from flowact.snapshot import peek_preset, unpadded
+from flowact.validate import InputError, check_audio_chunk, check_image, check_prompt, check_seed
+
+if TYPE_CHECKING:
+    from flowact.state import StreamState
 
 
 class AdmissionError(InputError):
@@ -73,17 +76,30 @@ def check_stream_id(stream_id: Hashable, require_random: bool) -> None:
 
 
 @dataclass(frozen=True)
+class StartRequest:
+    """START with a reference image: a fresh stream."""
+
+    image: np.ndarray  # (H, W, 3) uint8 of the preset
+    seed: int
+    prompt: str  # the stream's conditioning text (PROMPT or BEHAVIOUR, else DEFAULT_PROMPT)
+
+
+@dataclass(frozen=True)
+class ResumeRequest:
+    """START with RESUME: continue a stream from a snapshot (checked and signed when restored)."""
+
+    snapshot: bytes
+
+
+@dataclass(frozen=True)
 class ChunkRequest:
-    """One validated request of the stream model."""
+    """One request of the stream model, checked: the engine trusts it."""
 
     audio: np.ndarray  # (7680,) float32
-    start: bool
+    prompt: str | None  # this chunk's conditioning text (PROMPT or BEHAVIOUR); None: the stream's own
+    want_snapshot: bool
     end: bool
-    prompt: str | None = None  # this chunk's conditioning text (PROMPT or BEHAVIOUR), None: the stream's own
-    ref_image: np.ndarray | None = None  # (H, W, 3) uint8, START only
-    seed: int = 0
-    snapshot: bytes | None = None  # RESUME, START only: continue from this instead of REF_IMAGE/SEED
-    want_snapshot: bool = False
+    begin: StartRequest | ResumeRequest | None = None  # START only: how the stream begins
 
 
 def single(array: np.ndarray, name: str) -> np.ndarray:
@@ -140,12 +156,17 @@ def parse_request(inputs: Mapping[str, np.ndarray | None], start: bool, end: boo
         if not isinstance(flag, (bool, np.bool_)):
             raise InputError(f"{WANT_SNAPSHOT}: expected a bool, got {type(flag).__name__}")
         want = bool(flag)
+    chosen = prompt or behaviour
     if not start:
         for name in START_ONLY_INPUTS:
             if get(name) is not None:
                 raise InputError(f"{name}: only allowed with START (the first request of a stream)")
-        return ChunkRequest(audio, False, end, prompt or behaviour, want_snapshot=want)
-    snapshot = None
+        return ChunkRequest(audio, chosen, want, end)
+    return ChunkRequest(audio, chosen, want, end, begin_request(get, chosen, preset, max_snapshot_bytes))
+
+
+def begin_request(get, prompt: str | None, preset: Preset, max_snapshot_bytes: int) -> StartRequest | ResumeRequest:
+    """How a START begins its stream: RESUME (a snapshot) or REF_IMAGE with an optional SEED."""
     if get(RESUME) is not None:
         raw = single(get(RESUME), RESUME)
         if raw.dtype != np.uint8 or raw.ndim != 1:
@@ -156,27 +177,18 @@ def parse_request(inputs: Mapping[str, np.ndarray | None], start: bool, end: boo
                              f"(preset {preset.name!r})")
         if not 0 < raw.size <= max_snapshot_bytes:
             raise InputError(f"{RESUME}: {raw.size} bytes is outside (0, {max_snapshot_bytes}]")
-        snapshot = unpadded(raw.tobytes(), max_snapshot_bytes)
-    image = None
-    if get(REF_IMAGE) is not None:
-        image = check_image(single(get(REF_IMAGE), REF_IMAGE), preset, REF_IMAGE)
-    elif snapshot is None:
+        return ResumeRequest(unpadded(raw.tobytes(), max_snapshot_bytes))
+    if get(REF_IMAGE) is None:
         raise InputError(f"{REF_IMAGE}: required with START (the stream's reference image), "
                          f"unless resuming from {RESUME}")
-    seed = 0
-    if get(SEED) is not None:
-        value = scalar(get(SEED), SEED)
-        if not isinstance(value, np.integer):
-            raise InputError(f"{SEED}: expected an integer, got {type(value).__name__}")
-        seed = int(value)
-        if not 0 <= seed <= MAX_SEED:
-            raise InputError(f"{SEED}: {seed} is out of range [0, {MAX_SEED}]")
-    return ChunkRequest(audio, True, end, prompt or behaviour, image, seed, snapshot, want)
+    image = check_image(single(get(REF_IMAGE), REF_IMAGE), preset, REF_IMAGE)
+    seed = 0 if get(SEED) is None else check_seed(scalar(get(SEED), SEED), SEED)
+    return StartRequest(image, seed, prompt or DEFAULT_PROMPT)
 
 
 @dataclass
 class Stream:
-    session: StreamSession
+    state: StreamState
     started_at: float  # monotonic seconds
     last_seen: float
     first_chunk_done: bool = False
@@ -202,8 +214,7 @@ class Counters:
 class StreamRegistry:
     capacity: int
     idle_ttl_s: float
-    new_session: Callable[[], StreamSession]
-    release: Callable[[StreamSession], None] = lambda session: None  # a stream left: free its state slot
+    release: Callable[[StreamState], None] = lambda state: None  # a stream left: free its state slot (StreamEngine.end)
     drain_file: Path | None = None  # None: never draining (a server started without flowact.serving.drain)
     clock: Callable[[], float] = time.monotonic
     require_random_ids: bool = False  # START refuses integer and short string ids (check_stream_id)
@@ -240,19 +251,9 @@ class StreamRegistry:
     def active(self) -> int:
         return len(self.streams)
 
-    def start(self, stream_id: Hashable, ref_image, seed: int, prompt: str) -> StreamSession:
-        """Admit a new stream (replacing nothing) and start its session, or raise a clear error."""
-        return self.admit(stream_id, lambda session: session.start(ref_image, seed=seed, prompt=prompt))
-
-    def resume(self, stream_id: Hashable, restore: Callable[[StreamSession], object]) -> StreamSession:
-        """Admit a stream whose session `restore` fills from a snapshot (instead of starting it)."""
-        session = self.admit(stream_id, restore)
-        with self.lock:
-            self.counters.resumed += 1
-        return session
-
-    def admit(self, stream_id: Hashable, begin: Callable[[StreamSession], object]) -> StreamSession:
-        """Admission (duplicate id, drain, capacity), then `begin(session)`; nothing is kept if either refuses."""
+    def admit(self, stream_id: Hashable, begin: Callable[[], StreamState], resumed: bool = False) -> StreamState:
+        """Admission (id, duplicate, drain, capacity), then `begin()` (StreamEngine.start or a snapshot's
+        restore); nothing is kept if either refuses."""
         with self.lock:
             check_stream_id(stream_id, self.require_random_ids)
             if stream_id in self.streams:
@@ -266,17 +267,13 @@ class StreamRegistry:
             if self.active() >= self.capacity:
                 self.counters.rejected += 1
                 raise AdmissionError(f"at capacity ({self.active()}/{self.capacity} streams): retry later or on another replica")
-            session = self.new_session()
-            try:
-                begin(session)  # raises InputError on a bad image/seed/prompt/snapshot
-            except BaseException:
-                self.release(session)
-                raise
+            stream_state = begin()  # raises InputError on a bad snapshot, holding nothing
             now = self.clock()
-            self.streams[stream_id] = Stream(session, now, now)
+            self.streams[stream_id] = Stream(stream_state, now, now)
             self.gone.pop(stream_id, None)
             self.counters.started += 1
-            return session
+            self.counters.resumed += resumed
+            return stream_state
 
     def get(self, stream_id: Hashable) -> Stream:
         """The stream of a request after START; refuses an unknown id naming why it is gone, and ends
@@ -310,7 +307,7 @@ class StreamRegistry:
         with self.lock:
             stream = self.streams.pop(stream_id, None)
             if stream is not None:
-                self.release(stream.session)
+                self.release(stream.state)
                 self.counters.ended += 1
 
     def refused(self, error: Exception) -> None:
@@ -326,7 +323,7 @@ class StreamRegistry:
             gone = [sid for sid, s in self.streams.items() if now - s.last_seen > self.idle_ttl_s]
             for sid in gone:
                 stream = self.streams.pop(sid)
-                self.release(stream.session)
+                self.release(stream.state)
                 self.remember_gone(sid, f"was evicted after {now - stream.last_seen:.1f} s idle (idle TTL "
                                         f"{self.idle_ttl_s:g} s): START it again ({RESUME} with its last SNAPSHOT continues it)")
             self.counters.evicted += len(gone)

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
+from flowact.engine import StreamEngine
 from flowact.runtime import Runners
-from flowact.session import StreamSession
 from flowact.networks import build_networks
 from flowact.presets import SAMPLES_PER_CHUNK, get_preset
 
@@ -50,10 +50,11 @@ def speech_chunks(n: int, seed: int = 0) -> list[np.ndarray]:
     return list(audio.astype(np.float32).reshape(n, SAMPLES_PER_CHUNK))
 
 
-def run_session(preset, runners, seed: int, chunks, image=None) -> np.ndarray:
-    session = StreamSession(preset, runners)
-    session.start(ref_image(preset) if image is None else image, seed=seed)
-    return np.stack([session.step(c) for c in chunks])  # (N, 12, H, W, 3)
+def run_stream(preset, runners, seed: int, chunks, image=None) -> np.ndarray:
+    """One stream in process: frames (N, 12, H, W, 3) of N chunks."""
+    engine = StreamEngine(preset, runners)
+    stream = engine.start(ref_image(preset) if image is None else image, seed=seed)
+    return np.stack([engine.step([stream], [c])[0] for c in chunks])
 
 
 def start_server(tmp, onnx_dir, capacity: int = 12, idle_ttl_s: float = 3.0, extra_env=None, by_port: bool = False,

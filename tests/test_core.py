@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ref_image, run_session, speech_chunks
+from conftest import ref_image, run_stream, speech_chunks
 from flowact.runtime import Runners
-from flowact.session import InputError, MemoryBank, StreamSession, sampling_times, step_batch, valid_slots
+from flowact.engine import StreamEngine, sampling_times, valid_slots
+from flowact.state import MemoryBank
 from flowact.media import read_mp4
 from flowact.models.text_encoder import tokenize
 from flowact.networks import build_networks
@@ -91,36 +92,35 @@ def test_memory_bank_rotation():
 
 
 def test_memory_bounded_over_long_stream(tiny, tiny_runners):
-    session = StreamSession(tiny, tiny_runners)
-    session.start(ref_image(tiny), seed=3)
+    engine = StreamEngine(tiny, tiny_runners)
+    stream = engine.start(ref_image(tiny), seed=3)
     sizes = set()
     for chunk in speech_chunks(110, seed=1):
-        session.step(chunk)
-        sizes.add((tuple(session.state.memory.latents.shape), tuple(session.state.audio_window.shape), len(session.prompts.cache)))
-    assert session.chunk_index == 110
+        engine.step([stream], [chunk])
+        sizes.add((tuple(stream.memory.latents.shape), tuple(stream.audio_window.shape), len(engine.prompts.cache)))
+    assert stream.chunk_index == 110
     assert sizes == {((tiny.memory_frames, LATENT_CHANNELS, tiny.latent_height, tiny.latent_width),
                       (tiny.audio_window_samples,), 1)}
 
 
 def test_determinism_by_seed(tiny, tiny_runners):
     chunks = speech_chunks(5)
-    a = run_session(tiny, tiny_runners, 7, chunks)
-    b = run_session(tiny, tiny_runners, 7, chunks)
-    c = run_session(tiny, tiny_runners, 8, chunks)
+    a = run_stream(tiny, tiny_runners, 7, chunks)
+    b = run_stream(tiny, tiny_runners, 7, chunks)
+    c = run_stream(tiny, tiny_runners, 8, chunks)
     assert np.array_equal(a, b)
     assert not np.array_equal(a, c)
 
 
-def test_batched_step_equals_per_session(tiny, tiny_runners):
+def test_batched_step_equals_per_stream(tiny, tiny_runners):
     seeds, images = [1, 2, 3], [ref_image(tiny, s) for s in range(3)]
     audio = [speech_chunks(6, seed=s) for s in seeds]
-    alone = [run_session(tiny, tiny_runners, seed, audio[i], images[i]) for i, seed in enumerate(seeds)]
-    sessions = [StreamSession(tiny, tiny_runners) for _ in seeds]
-    for s, seed, img in zip(sessions, seeds, images):
-        s.start(img, seed=seed)
+    alone = [run_stream(tiny, tiny_runners, seed, audio[i], images[i]) for i, seed in enumerate(seeds)]
+    engine = StreamEngine(tiny, tiny_runners, capacity=len(seeds))
+    streams = [engine.start(img, seed=seed) for seed, img in zip(seeds, images)]
     together = [[] for _ in seeds]
     for k in range(6):  # 6 chunks: memory refinement (every 4) runs inside the batch too
-        for i, frames in enumerate(step_batch(sessions, [a[k] for a in audio], [None] * 3)):
+        for i, frames in enumerate(engine.step(streams, [a[k] for a in audio])):
             together[i].append(frames)
     for i in range(3):
         diff = np.abs(alone[i].astype(int) - np.stack(together[i]).astype(int))
@@ -130,16 +130,15 @@ def test_batched_step_equals_per_session(tiny, tiny_runners):
 
 def test_memory_refinement_changes_short_term(tiny, tiny_runners):
     chunks = speech_chunks(5)
-    with_refine = StreamSession(tiny, tiny_runners)
-    with_refine.start(ref_image(tiny), seed=1)
-    without = StreamSession(tiny.with_(refine_every=0), tiny_runners)
-    without.start(ref_image(tiny), seed=1)
+    engines = StreamEngine(tiny, tiny_runners), StreamEngine(tiny.with_(refine_every=0), tiny_runners)
+    with_refine, without = (e.start(ref_image(tiny), seed=1) for e in engines)
+    step = lambda c: [e.step([s], [c]) for e, s in zip(engines, (with_refine, without))]  # noqa: E731
     for c in chunks[:4]:
-        with_refine.step(c), without.step(c)
-    assert torch.equal(with_refine.state.memory.latents, without.state.memory.latents)
-    assert with_refine.state.refinement_due() and not without.state.refinement_due()
-    with_refine.step(chunks[4]), without.step(chunks[4])
-    assert not torch.equal(with_refine.state.memory.latents[1:4], without.state.memory.latents[1:4])
+        step(c)
+    assert torch.equal(with_refine.memory.latents, without.memory.latents)
+    assert with_refine.refinement_due() and not without.refinement_due()
+    step(chunks[4])
+    assert not torch.equal(with_refine.memory.latents[1:4], without.memory.latents[1:4])
 
 
 def test_checkpoint_round_trip(tmp_path, tiny, tiny_nets):
@@ -151,44 +150,10 @@ def test_checkpoint_round_trip(tmp_path, tiny, tiny_nets):
         other = loaded.modules()[name].state_dict()
         assert all(torch.equal(v, other[k]) for k, v in module.state_dict().items()), name
     chunks = speech_chunks(2)
-    assert np.array_equal(run_session(tiny, Runners.from_networks(loaded), 1, chunks),
-                          run_session(tiny, Runners.from_networks(tiny_nets), 1, chunks))
+    assert np.array_equal(run_stream(tiny, Runners.from_networks(loaded), 1, chunks),
+                          run_stream(tiny, Runners.from_networks(tiny_nets), 1, chunks))
     with pytest.raises(ValueError, match="different preset"):
         build_networks(tiny.with_(long_term_size=1), checkpoint=tmp_path / "ckpt")
-
-
-@pytest.mark.parametrize("audio, sample_rate, message", [
-    (np.zeros(SAMPLES_PER_CHUNK, np.float64), 16_000, "dtype must be float32"),
-    (np.zeros(SAMPLES_PER_CHUNK - 1, np.float32), 16_000, r"shape must be \(7680,\)"),
-    (np.zeros((2, SAMPLES_PER_CHUNK), np.float32), 16_000, r"shape must be \(7680,\)"),
-    (np.full(SAMPLES_PER_CHUNK, np.nan, np.float32), 16_000, "NaN or Inf"),
-    (np.zeros(SAMPLES_PER_CHUNK, np.float32), 44_100, "sample rate must be 16000"),
-    ([0.0] * SAMPLES_PER_CHUNK, 16_000, "numpy float32 array"),
-])
-def test_bad_audio_is_refused(tiny, tiny_runners, audio, sample_rate, message):
-    session = StreamSession(tiny, tiny_runners)
-    session.start(ref_image(tiny), seed=0)
-    with pytest.raises(InputError, match=message):
-        session.step(audio, sample_rate=sample_rate)
-    assert session.chunk_index == 0
-    session.step(speech_chunks(1)[0])  # the session still works
-
-
-@pytest.mark.parametrize("image, message", [
-    (np.zeros((32, 32, 3), np.uint8), r"shape must be \(64, 64, 3\)"),
-    (np.zeros((64, 64), np.uint8), "shape must be"),
-    (np.zeros((64, 64, 3), np.float32), "dtype must be uint8"),
-])
-def test_bad_image_is_refused(tiny, tiny_runners, image, message):
-    with pytest.raises(InputError, match=message):
-        StreamSession(tiny, tiny_runners).start(image, seed=0)
-
-
-def test_step_before_start_and_bad_seed(tiny, tiny_runners):
-    with pytest.raises(InputError, match="not started"):
-        StreamSession(tiny, tiny_runners).step(speech_chunks(1)[0])
-    with pytest.raises(InputError, match="seed"):
-        StreamSession(tiny, tiny_runners).start(ref_image(tiny), seed=-1)
 
 
 def test_generate_trims_video_to_audio(tmp_path):
@@ -252,7 +217,7 @@ def test_valid_slots_only_equals_the_masked_bank(tiny, tiny_nets, slots):
         assert diff.max() < 1e-5
 
 
-def test_sessions_with_and_without_memory_subsets_agree(tiny):
+def test_streams_with_and_without_memory_subsets_agree(tiny):
     """The torch runners' valid-slots path and the mask path (ONNX / TensorRT) give the same frames over
     a stream's first chunks (partial memory) and its first refinement. The trained tiny weights: seeded
     random ones barely depend on the memory (slots at wrong positions moved no pixel by more than 1,
@@ -263,7 +228,7 @@ def test_sessions_with_and_without_memory_subsets_agree(tiny):
     masked = dataclasses.replace(trained, memory_subsets=False)
     assert trained.memory_subsets
     chunks = speech_chunks(6)
-    a, b = run_session(tiny, trained, 5, chunks), run_session(tiny, masked, 5, chunks)
+    a, b = run_stream(tiny, trained, 5, chunks), run_stream(tiny, masked, 5, chunks)
     diff = np.abs(a.astype(int) - b.astype(int))
     print(f"valid slots vs mask: max {diff.max()} mean {diff.mean():.5f}")
     assert diff.max() <= 1 and diff.mean() < 1e-3
@@ -274,20 +239,18 @@ def test_mixed_batch_of_new_and_steady_streams_equals_each_alone(tiny, tiny_runn
     nobody's frames."""
     seeds = [11, 12, 13]
     audio = [speech_chunks(8, seed=s) for s in seeds]
-    alone = {s: run_session(tiny, tiny_runners, s, audio[i][:8 if s != 13 else 3], ref_image(tiny, s))
+    alone = {s: run_stream(tiny, tiny_runners, s, audio[i][:8 if s != 13 else 3], ref_image(tiny, s))
              for i, s in enumerate(seeds)}
-    steady = [StreamSession(tiny, tiny_runners) for _ in seeds[:2]]
-    for s, seed in zip(steady, seeds):
-        s.start(ref_image(tiny, seed), seed=seed)
+    engine = StreamEngine(tiny, tiny_runners, capacity=3)
+    steady = [engine.start(ref_image(tiny, seed), seed=seed) for seed in seeds[:2]]
     got = {s: [] for s in seeds}
     for k in range(5):  # 5 chunks alone: their memory is full
-        for seed, frames in zip(seeds, step_batch(steady, [audio[0][k], audio[1][k]], [None, None])):
+        for seed, frames in zip(seeds, engine.step(steady, [audio[0][k], audio[1][k]])):
             got[seed].append(frames)
-    assert all(s.state.memory.full() for s in steady)
-    new = StreamSession(tiny, tiny_runners)
-    new.start(ref_image(tiny, 13), seed=13)
+    assert all(s.memory.full() for s in steady)
+    new = engine.start(ref_image(tiny, 13), seed=13)
     for k in range(5, 8):  # the new stream's first 3 chunks need the mask; the steady ones do not
-        frames = step_batch([*steady, new], [audio[0][k], audio[1][k], audio[2][k - 5]], [None] * 3)
+        frames = engine.step([*steady, new], [audio[0][k], audio[1][k], audio[2][k - 5]])
         for seed, f in zip(seeds, frames):
             got[seed].append(f)
     for seed in seeds:
@@ -297,7 +260,7 @@ def test_mixed_batch_of_new_and_steady_streams_equals_each_alone(tiny, tiny_runn
 
 
 def test_state_pool_slots_and_capacity_check(tiny):
-    from flowact.session import StateCapacityError, StatePool
+    from flowact.state import StateCapacityError, StatePool
 
     pool = StatePool(tiny, 2)
     a, b = pool.acquire(), pool.acquire()
@@ -317,7 +280,7 @@ def test_state_pool_slots_and_capacity_check(tiny):
 
 
 def test_generator_state_sizes_match_torch():
-    from flowact.session import RNG_STATE_BYTES
+    from flowact.state import RNG_STATE_BYTES
 
     assert RNG_STATE_BYTES["cpu"] == torch.Generator().get_state().numel()
     if torch.cuda.is_available():
@@ -337,10 +300,10 @@ def test_bf16_state_feeds_float32_timesteps(tiny, tiny_nets):
         seen.append(t)
         return runners.denoiser(x, t, *rest)
 
-    session = StreamSession(tiny, dataclasses.replace(runners, denoiser=denoiser), dtype=torch.bfloat16)
-    session.start(ref_image(tiny), seed=1)
+    engine = StreamEngine(tiny, dataclasses.replace(runners, denoiser=denoiser), dtype=torch.bfloat16)
+    stream = engine.start(ref_image(tiny), seed=1)
     for chunk in speech_chunks(5):  # chunk 4 refines the memory: its times too
-        step_batch([session], [chunk], [None])
+        engine.denoise([stream], [chunk])
     assert len(seen) > 5 * tiny.nfe and all(t.dtype == torch.float32 for t in seen)
     chunk = sampling_times(tiny.nfe, tiny.timestep_shift)[:-1]
     refinement = sampling_times(max(1, math.ceil(tiny.nfe * tiny.refine_t)), 1.0, start=tiny.refine_t)[:-1]
@@ -371,12 +334,12 @@ def test_memory_slots_benchmark_views_are_the_banks(tiny, tiny_runners):
     from flowact.benchmarks import memory_slots
 
     views = memory_slots.views(tiny)
-    session = StreamSession(tiny, tiny_runners)
-    session.start(ref_image(tiny), seed=0)
+    engine = StreamEngine(tiny, tiny_runners)
+    stream = engine.start(ref_image(tiny), seed=0)
     for k, chunk in enumerate(speech_chunks(tiny.long_term_size + 1)):
-        assert views[f"chunk {k + 1}"] == valid_slots(session.state.memory.valid)
-        step_batch([session], [chunk], [None])
-    assert session.state.memory.full()
-    assert views["refinement"] == valid_slots(session.state.memory.without_short_term())
+        assert views[f"chunk {k + 1}"] == valid_slots(stream.memory.valid)
+        engine.denoise([stream], [chunk])
+    assert stream.memory.full()
+    assert views["refinement"] == valid_slots(stream.memory.without_short_term())
     rows = memory_slots.flops(tiny)
     assert all(r["slots"]["chunk_tflop"] < r["mask"]["chunk_tflop"] for r in rows.values())

@@ -11,8 +11,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import run_session, speech_chunks
-from flowact.session import Runners
+from conftest import run_stream, speech_chunks
+from flowact.runtime import Runners
 from flowact.export import graph
 from flowact.export.calibrate import record_streams
 from flowact.export.fp8 import FP8_NETWORKS, POLICIES, linear_layers, module_path, network_error
@@ -117,8 +117,8 @@ def test_onnx_runtime_matches_torch(tiny, tiny_nets, ort_fp32, name, batch, full
 
 def test_stream_of_20_chunks_through_onnx_runtime_matches_torch(tiny, tiny_runners, ort_fp32):
     chunks = speech_chunks(20, seed=4)
-    ref = run_session(tiny, tiny_runners, 5, chunks)
-    got = run_session(tiny, ort_fp32, 5, chunks)
+    ref = run_stream(tiny, tiny_runners, 5, chunks)
+    got = run_stream(tiny, ort_fp32, 5, chunks)
     diff = np.abs(ref.astype(int) - got.astype(int))
     per_chunk = diff.reshape(20, -1).max(axis=1)
     print(f"ORT fp32 vs torch: max per chunk {per_chunk.tolist()}, mean {diff.mean():.2e}")
@@ -220,8 +220,8 @@ def test_fp8_error_bounds(export_root, tiny, tiny_nets):
 
 def test_fp8_stream_stays_close_to_torch(tiny, tiny_runners, export_root):
     chunks = speech_chunks(8, seed=2)
-    ref = run_session(tiny, tiny_runners, 3, chunks).astype(np.float64)
-    got = run_session(tiny, load_onnx_runners(export_root, tiny, precision="fp8", threads=1), 3, chunks).astype(np.float64)
+    ref = run_stream(tiny, tiny_runners, 3, chunks).astype(np.float64)
+    got = run_stream(tiny, load_onnx_runners(export_root, tiny, precision="fp8", threads=1), 3, chunks).astype(np.float64)
     psnr = [10 * np.log10(255 ** 2 / max(((r - g) ** 2).mean(), 1e-12)) for r, g in zip(ref, got)]
     print("FP8 runners vs torch, PSNR per chunk:", [f"{p:.1f}" for p in psnr])
     assert min(psnr) > 45.0  # measured 57.7 dB

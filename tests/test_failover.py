@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import metrics, ref_image, run_session, speech_chunks, start_server, url
+from conftest import metrics, ref_image, run_stream, speech_chunks, start_server, url
 from test_reliability import assert_frames_match
 from flowact.benchmarks.loadgen import LoadSpec, run_point, summarise
 from flowact.client.stream import AvatarStream, FailoverPolicy, StreamError
@@ -57,7 +57,7 @@ def victim(tmp_path, onnx_dir):
 def reference(tiny, tiny_runners):
     """The uninterrupted run of the test stream, in process."""
     chunks = speech_chunks(CHUNKS, seed=3)
-    return chunks, run_session(tiny, tiny_runners, 3, chunks, ref_image(tiny, 3))
+    return chunks, run_stream(tiny, tiny_runners, 3, chunks, ref_image(tiny, 3))
 
 
 def both(victim, survivor) -> str:

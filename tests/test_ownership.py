@@ -15,10 +15,10 @@ import pytest
 import soundfile as sf
 import tritonclient.grpc as grpcclient
 
-from conftest import ref_image, run_session, speech_chunks, start_server, url
+from conftest import ref_image, run_stream, speech_chunks, start_server, url
 from flowact.client.stream import AvatarStream, StreamError, new_stream_id
 from flowact.contract import MIN_RANDOM_ID_CHARS, REQUIRE_RANDOM_IDS_ENV, SNAPSHOT_KEY_ENV
-from flowact.session import InputError
+from flowact.validate import InputError
 from flowact.presets import get_preset
 from flowact.serving.streams import StreamRegistry, check_stream_id
 from flowact.snapshot import max_snapshot_bytes, padded, peek_preset, unpadded
@@ -107,9 +107,9 @@ def test_random_id_rule():
 def test_registry_names_eviction_and_stop(tmp_path):
     now = [0.0]
     drain = tmp_path / "draining"
-    reg = StreamRegistry(capacity=2, idle_ttl_s=30.0, new_session=object, drain_file=drain, clock=lambda: now[0])
-    reg.admit("a", lambda s: None)
-    reg.admit("b", lambda s: None)
+    reg = StreamRegistry(capacity=2, idle_ttl_s=30.0, drain_file=drain, clock=lambda: now[0])
+    reg.admit("a", object)
+    reg.admit("b", object)
     now[0] = 31.0
     reg.get("b")  # b stays alive
     assert reg.evict_idle() == ["a"]
@@ -117,7 +117,7 @@ def test_registry_names_eviction_and_stop(tmp_path):
         reg.get("a")
     drain.write_text("stopping")
     with pytest.raises(InputError, match="server is stopping: no new streams"):
-        reg.admit("c", lambda s: None)
+        reg.admit("c", object)
     reg.get("b")  # active streams go on while the server drains
     drain.write_text("evacuate")
     with pytest.raises(InputError, match=r"server is stopping: stream 'b' ended here .*RESUME"):
@@ -127,9 +127,9 @@ def test_registry_names_eviction_and_stop(tmp_path):
     assert reg.active() == 0 and reg.counters.ended == 1 and reg.counters.evicted == 1
     drain.write_text("")  # `flowact drain` (preStop)
     with pytest.raises(InputError, match="server is draining"):
-        reg.admit("d", lambda s: None)
+        reg.admit("d", object)
     drain.unlink()
-    reg.admit("a", lambda s: None)  # a START forgets why the id was gone
+    reg.admit("a", object)  # a START forgets why the id was gone
     assert "a" not in reg.gone
 
 
@@ -180,7 +180,7 @@ def test_a_refused_start_leaves_the_owners_frames_identical(server, tiny, tiny_r
                 intruder.run(ref_image(tiny, 7), speech_chunks(3, seed=7), seed=7)
     thread.join(timeout=60)
     assert len(got["result"].frames) == 8
-    want = run_session(tiny, tiny_runners, 4, chunks, ref_image(tiny, 4))
+    want = run_stream(tiny, tiny_runners, 4, chunks, ref_image(tiny, 4))
     diff = np.abs(np.stack(got["result"].frames).astype(int) - want.astype(int))
     assert diff.max() <= 1 and diff.mean() < 1e-3, f"max {diff.max()} mean {diff.mean():.2e}"
 
@@ -267,7 +267,7 @@ def test_two_stream_clis_at_once_get_their_own_frames(server, tmp_path):
     assert [p.returncode for p in both] == [0, 0], outputs
     alone = frames("alone")
     # Its own frames, undisturbed: streams batched together match their solo runs within one level
-    # before H.264 (test_core: batched vs per-session), so compare the decoded videos by error size.
+    # before H.264 (test_core: batched vs per-stream), so compare the decoded videos by error size.
     own, other = (np.abs(frames(n).astype(int) - alone.astype(int)).mean() for n in ("a", "b"))
     print(f"mean |a - alone| {own:.3f} levels, mean |b - alone| {other:.3f} levels")
     assert len(frames("a")) == len(frames("b")) == len(alone)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flowact.runtime import Runners
-from flowact.session import StreamSession
+from flowact.engine import StreamEngine
 from flowact.networks import build_networks
 from flowact.presets import FRAMES_PER_CHUNK, SAMPLES_PER_CHUNK, get_preset
 from flowact.train.data import (DEMO_IDENTITY, Motion, audio_envelope, make_clip, render, speech_timeline)
@@ -78,10 +78,10 @@ def test_stream_meter_equals_whole_video(clip):
 
 
 def stream_lip_sync(preset, nets, clip, seed=0) -> float:
-    session = StreamSession(preset, Runners.from_networks(nets))
-    session.start(clip.reference, seed=seed, prompt=clip.states[0])
-    frames = np.concatenate([session.step(clip.audio[c * SAMPLES_PER_CHUNK:(c + 1) * SAMPLES_PER_CHUNK], clip.states[c])
-                             for c in range(clip.chunks)])
+    engine = StreamEngine(preset, Runners.from_networks(nets))
+    stream = engine.start(clip.reference, seed=seed, prompt=clip.states[0])
+    frames = np.concatenate([engine.step([stream], [clip.audio[c * SAMPLES_PER_CHUNK:(c + 1) * SAMPLES_PER_CHUNK]],
+                                         [clip.states[c]])[0] for c in range(clip.chunks)])
     return lip_sync(frames, clip.audio)
 
 

@@ -26,14 +26,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.utils import InferenceServerException
 
-from conftest import metrics, ref_image, run_session, speech_chunks, start_server, url
+from conftest import metrics, ref_image, run_stream, speech_chunks, start_server, url
 from flowact.client.stream import AvatarStream, StreamError
 from flowact.contract import MAX_PROMPT_BYTES, SNAPSHOT_KEY_ENV
-from flowact.session import InputError
+from flowact.validate import InputError
 from flowact.presets import BEHAVIOURS, SAMPLES_PER_CHUNK, get_preset
 from flowact.serving.cli import metric_value
 from flowact.serving.server import TritonServer, free_ports, group_alive, group_rss, shm_regions
-from flowact.serving.streams import parse_request
+from flowact.serving.streams import ResumeRequest, StartRequest, parse_request
 from flowact.snapshot import SnapshotCodec, SnapshotError, key_from_env, max_snapshot_bytes, padded
 
 CAPACITY = 24
@@ -162,35 +162,36 @@ def image_in(seed: int = 0) -> grpcclient.InferInput:
 
 
 def test_snapshot_resumes_bit_identically_in_process(tiny, tiny_runners):
-    from flowact.session import StreamSession
+    from flowact.engine import StreamEngine
 
     chunks = speech_chunks(10, seed=3)  # crosses memory refinement (every 4 chunks) twice
-    want = run_session(tiny, tiny_runners, 3, chunks, ref_image(tiny, 3))
+    want = run_stream(tiny, tiny_runners, 3, chunks, ref_image(tiny, 3))
     codec = SnapshotCodec(tiny, KEY.encode())
-    session = StreamSession(tiny, tiny_runners)
-    session.start(ref_image(tiny, 3), seed=3)
-    got = [session.step(c) for c in chunks[:1]]
-    for c in chunks[1:]:  # a fresh session from a snapshot before every chunk
-        session = codec.restore(StreamSession(tiny, tiny_runners), codec.encode(session))
-        got.append(session.step(c))
+    engine = StreamEngine(tiny, tiny_runners, capacity=2)
+    stream = engine.start(ref_image(tiny, 3), seed=3)
+    got = engine.step([stream], chunks[:1])
+    for c in chunks[1:]:  # a fresh stream from a snapshot before every chunk
+        old, stream = stream, codec.restore(engine, codec.encode(stream))
+        engine.end(old)
+        got += engine.step([stream], [c])
     assert np.array_equal(np.stack(got), want)
-    assert len(codec.encode(session)) <= codec.max_bytes == max_snapshot_bytes(tiny)
+    assert len(codec.encode(stream)) <= codec.max_bytes == max_snapshot_bytes(tiny)
 
 
 def test_snapshot_refusals_are_clear(tiny, tiny_runners):
-    from flowact.session import StreamSession
+    from flowact.engine import StreamEngine
 
     codec = SnapshotCodec(tiny, KEY.encode(), field="RESUME")
-    session = StreamSession(tiny, tiny_runners)
-    session.start(ref_image(tiny), seed=1, prompt="thinking")
-    session.step(speech_chunks(1)[0])
-    blob = codec.encode(session)
-    fresh = lambda: StreamSession(tiny, tiny_runners)  # noqa: E731
+    engine = StreamEngine(tiny, tiny_runners, capacity=2)
+    stream = engine.start(ref_image(tiny), seed=1, prompt="thinking")
+    engine.step([stream], speech_chunks(1))
+    blob = codec.encode(stream)
 
     def refusal(data: bytes, using: SnapshotCodec = codec) -> str:
         with pytest.raises(SnapshotError) as e:
-            using.restore(fresh(), data)
+            using.restore(engine, data)
         assert str(e.value).startswith("RESUME: ")
+        assert engine.pool.free == [1]  # a refused snapshot holds no slot
         return str(e.value)
 
     for i in (0, 9, len(blob) // 2, len(blob) - 1):  # magic, header, payload, signature
@@ -201,25 +202,25 @@ def test_snapshot_refusals_are_clear(tiny, tiny_runners):
     assert "too short" in refusal(blob[:20])
     assert "more than" in refusal(blob + bytes(codec.max_bytes))
     assert "integrity check failed" in refusal(blob, SnapshotCodec(tiny, b"another deployment's key!", field="RESUME"))
-    assert "version 3 is not supported (this server reads version 2)" in refusal(codec.encode(session, version=3))
+    assert "version 3 is not supported (this server reads version 2)" in refusal(codec.encode(stream, version=3))
     other = tiny.with_(long_term_size=2)  # same name, other state layout
     assert "made for preset 'tiny' (fingerprint" in refusal(SnapshotCodec(other, KEY.encode()).encode(
-        _session_for(other, tiny_runners)))
+        _stream_for(other)))
     assert key_from_env({}) is None
     with pytest.raises(ValueError, match=SNAPSHOT_KEY_ENV):
         key_from_env({SNAPSHOT_KEY_ENV: "short"})
 
 
-def _session_for(preset, runners):
-    """A started session of a preset variant (its networks are not needed for a snapshot)."""
-    from flowact.session import StreamSession
+def _stream_for(preset):
+    """A started stream of a preset variant (its networks are not needed for a snapshot)."""
     import torch
 
-    session = StreamSession(preset, runners)
+    from flowact.state import StatePool
+
+    state = StatePool(preset, 1).acquire()
     with torch.inference_mode():
-        session.state.begin(torch.zeros(16, preset.latent_height, preset.latent_width), seed=0, prompt="idle")
-    session.started = True
-    return session
+        state.begin(torch.zeros(16, preset.latent_height, preset.latent_width), seed=0, prompt="idle")
+    return state
 
 
 def _parse(start=True, end=False, **inputs):
@@ -265,11 +266,13 @@ def test_request_rules_name_the_field(inputs, start, message):
 def test_request_contract_accepts_what_it_documents():
     req = _parse(BEHAVIOUR=np.array([[b"listening"]], object), SEED=np.array([[2**63 - 1]], np.int64),
                  WANT_SNAPSHOT=np.array([[True]]))
-    assert (req.prompt, req.seed, req.want_snapshot, req.start) == ("listening", 2**63 - 1, True, True)
+    assert isinstance(req.begin, StartRequest) and type(req.begin.seed) is int
+    assert (req.prompt, req.begin.prompt, req.begin.seed, req.want_snapshot) == ("listening", "listening", 2**63 - 1, True)
+    assert _parse().begin.prompt == "speaking" and _parse().prompt is None  # the default text, only at START
     req = _parse(start=False, end=True, PROMPT=np.array([["raise the left hand\tslowly".encode()]], object))
-    assert (req.prompt, req.end, req.ref_image) == ("raise the left hand\tslowly", True, None)
+    assert (req.prompt, req.end, req.begin) == ("raise the left hand\tslowly", True, None)
     req = _parse(REF_IMAGE=None, RESUME=np.ones((1, 64), np.uint8))  # the signature is checked when restoring
-    assert req.snapshot == bytes([1] * 64) and req.ref_image is None
+    assert req.begin == ResumeRequest(bytes([1] * 64))
 
 
 # --- against the server: input validation ---------------------------------------------------------
@@ -479,7 +482,7 @@ def test_fuzzed_requests_never_crash_leak_or_disturb_a_healthy_stream(fuzz_serve
     for category in sorted(examples):
         print(f"  {category}: {examples[category]}")
     assert len(frames) >= 10
-    assert_frames_match(frames, run_session(tiny, tiny_runners, 21, healthy_chunks[:len(frames)], ref_image(tiny, 21)))
+    assert_frames_match(frames, run_stream(tiny, tiny_runners, 21, healthy_chunks[:len(frames)], ref_image(tiny, 21)))
     wait_idle(server, FUZZ_IDLE_TTL_S + 10)  # fuzzed streams left without END are freed by the idle TTL
     assert_accounted(server)
     assert server.dead_stubs() == [] and server.failures == []
@@ -637,7 +640,7 @@ def snapshot_stream(srv, sid, chunks, seed=5):
 
 def test_stream_resumes_on_another_server_with_identical_frames(server, spare, tiny, tiny_runners):
     chunks = speech_chunks(8, seed=5)
-    want = run_session(tiny, tiny_runners, 5, chunks, ref_image(tiny, 5))
+    want = run_stream(tiny, tiny_runners, 5, chunks, ref_image(tiny, 5))
     stream, frames = snapshot_stream(server, "resume-me", chunks[:4])
     stream.close()  # the first server is "lost" here (its state is evicted by the TTL)
     with AvatarStream(url(spare), stream_id="resumed", want_snapshots=True) as resumed:
@@ -659,7 +662,7 @@ def test_stream_resumes_on_another_server_with_identical_frames(server, spare, t
 
 def test_server_restart_gives_a_clear_error_and_the_stream_resumes(spare, tiny, tiny_runners):
     chunks = speech_chunks(6, seed=5)
-    want = run_session(tiny, tiny_runners, 5, chunks, ref_image(tiny, 5))
+    want = run_stream(tiny, tiny_runners, 5, chunks, ref_image(tiny, 5))
     stream, frames = snapshot_stream(spare, "restart-me", chunks[:3])
     spare.stop()
     with pytest.raises(StreamError, match="stream restart-me: connection to the server lost .*(Socket closed|GOAWAY|unavailable)"):
@@ -677,7 +680,7 @@ def test_killed_python_stub_is_detected_and_the_server_restarts(spare, model, ti
     """Triton 2.51 neither restarts a dead stub nor drops readiness; the launcher's watchdog restarts
     the server, the client gets a clear error, and resumes from its last snapshot."""
     chunks = speech_chunks(5, seed=5)
-    want = run_session(tiny, tiny_runners, 5, chunks, ref_image(tiny, 5))
+    want = run_stream(tiny, tiny_runners, 5, chunks, ref_image(tiny, 5))
     stream, frames = snapshot_stream(spare, f"stub-{model}", chunks[:2])
     restarts, old_pgid = spare.restarts, spare.process.pid
     old_regions = {s.shm_region for s in spare.stubs.values()}

@@ -10,7 +10,7 @@ import tritonclient.grpc as grpcclient
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from conftest import metrics, ref_image, run_session, speech_chunks, start_server, url
+from conftest import metrics, ref_image, run_stream, speech_chunks, start_server, url
 from flowact.client.stream import AvatarStream
 from flowact.serving.cli import metric_value
 from flowact.serving.server import group_alive, shm_regions
@@ -46,7 +46,7 @@ def test_grpc_frames_equal_in_process(server, tiny, tiny_runners):
     chunks = speech_chunks(6, seed=4)
     with AvatarStream(url(server), stream_id=101) as stream:
         result = stream.run(ref_image(tiny, 4), chunks, seed=4)
-    assert_frames_match(result.frames, run_session(tiny, tiny_runners, 4, chunks, ref_image(tiny, 4)))
+    assert_frames_match(result.frames, run_stream(tiny, tiny_runners, 4, chunks, ref_image(tiny, 4)))
 
 
 def test_eight_concurrent_streams_no_cross_talk(server, tiny, tiny_runners):
@@ -67,7 +67,7 @@ def test_eight_concurrent_streams_no_cross_talk(server, tiny, tiny_runners):
         t.join(timeout=120)
     assert not errors, errors
     for i, sid in enumerate(ids):
-        assert_frames_match(results[sid].frames, run_session(tiny, tiny_runners, i, speech_chunks(5, seed=i), ref_image(tiny, i)))
+        assert_frames_match(results[sid].frames, run_stream(tiny, tiny_runners, i, speech_chunks(5, seed=i), ref_image(tiny, i)))
 
 
 def send_raw(srv, sid, inputs, start=False, end=False) -> str | None:
@@ -120,7 +120,7 @@ def test_bad_requests_get_clear_errors_while_a_stream_runs(server, tiny, tiny_ru
     assert "PROMPT: not valid UTF-8" in send_raw(server, 309, [audio_in, image_in, bad_prompt], start=True)
 
     thread.join(timeout=60)
-    assert_frames_match(healthy["result"].frames, run_session(tiny, tiny_runners, 9, healthy_chunks, ref_image(tiny, 9)))
+    assert_frames_match(healthy["result"].frames, run_stream(tiny, tiny_runners, 9, healthy_chunks, ref_image(tiny, 9)))
     with AvatarStream(url(server), stream_id=306) as stream:  # a refused START left no state behind
         assert len(stream.run(ref_image(tiny), speech_chunks(1), seed=0).frames) == 1
 

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import ref_image, run_session, speech_chunks, url
+from conftest import ref_image, run_stream, speech_chunks, url
 from flowact.client.stream import AvatarStream
 from flowact.serving.repository import RepositoryOptions, Target, render_repository
 from flowact.serving.server import TritonServer, free_ports
@@ -42,7 +42,7 @@ def test_torch_target_frames_equal_in_process(torch_server, tiny, tiny_runners):
     first.join(120)
     second.join(120)
     for sid in (1, 2):
-        want = run_session(tiny, tiny_runners, sid, chunks[sid], ref_image(tiny, sid))
+        want = run_stream(tiny, tiny_runners, sid, chunks[sid], ref_image(tiny, sid))
         diff = np.abs(np.stack(results[sid].frames).astype(int) - want.astype(int))
         print(f"torch target stream {sid}: max {diff.max()} mean {diff.mean():.2e}")
         assert diff.max() <= 1 and diff.mean() < 1e-3

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from flowact.session import MemoryBank
+from flowact.state import MemoryBank
 from flowact.networks import build_networks
 from flowact.presets import LATENT_CHANNELS
 from flowact.train import common, forcing, vae

@@ -27,7 +27,7 @@ import math
 import torch
 from tqdm import tqdm
 
-from flowact.session import sampling_times
+from flowact.engine import sampling_times
 from flowact.presets import LATENT_FRAMES_PER_CHUNK
 from flowact.networks import build_networks
 from flowact.train.common import EMA, Stage, lr_at, setup, stage_parser, step_generator

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from flowact.session import MemoryBank
+from flowact.state import MemoryBank
 from flowact.models.text_encoder import tokenize
 from flowact.presets import (AUDIO_FEATURES_PER_CHUNK, LATENT_FRAMES_PER_CHUNK, SAMPLES_PER_CHUNK, Preset)
 from flowact.train.common import encode_groups
