@@ -31,6 +31,15 @@ from flowact.models.text_encoder import TextEncoder
 from flowact.models.vae import VAEDecoder, VAEEncoder
 from flowact.presets import Preset
 
+# The family's modules, fresh (random weights), in the order build_networks draws them.
+MODULES = {
+    "audio_encoder": lambda preset: StreamingAudioEncoder(preset.audio),
+    "vae_encoder": VAEEncoder,
+    "vae_decoder": VAEDecoder,
+    "denoiser": MMDiT,
+    "text_encoder": TextEncoder,
+}
+
 
 @dataclass
 class Networks:
@@ -41,7 +50,7 @@ class Networks:
     denoiser: MMDiT
     text_encoder: TextEncoder
 
-    NAMES = ("audio_encoder", "vae_encoder", "vae_decoder", "denoiser", "text_encoder")
+    NAMES = tuple(MODULES)
 
     def modules(self) -> dict[str, nn.Module]:
         return {name: getattr(self, name) for name in self.NAMES}
@@ -80,13 +89,28 @@ def build_networks(preset: Preset, seed: int = 0, checkpoint: str | Path | None 
     built directly on `device` (random weights then come from that device's generator)."""
     torch.manual_seed(seed)
     with torch.device(device):
-        nets = Networks(preset, StreamingAudioEncoder(preset.audio), VAEEncoder(preset), VAEDecoder(preset),
-                        MMDiT(preset), TextEncoder(preset))
+        nets = Networks(preset, **{name: new(preset) for name, new in MODULES.items()})
     if checkpoint is not None:
-        load_checkpoint(nets, checkpoint)
+        check_checkpoint(checkpoint, preset)
+        for name, module in nets.modules().items():
+            load_weights(module, checkpoint, name)
     for module in nets.modules().values():
         module.eval().requires_grad_(False)
     return nets
+
+
+def build_network(preset: Preset, name: str, seed: int = 0, checkpoint: str | Path | None = None,
+                  device: str | torch.device = "cpu") -> nn.Module:
+    """The one module of the family that build_networks(...) holds as `name`, equal to it. From a
+    checkpoint only that module is built and loaded. Seeded random weights are drawn in the family's
+    order, so then the whole family is built and all but `name` dropped."""
+    if checkpoint is None:
+        return getattr(build_networks(preset, seed, device=device), name)
+    check_checkpoint(checkpoint, preset)
+    with torch.device(device):
+        module = MODULES[name](preset)
+    load_weights(module, checkpoint, name)
+    return module.eval().requires_grad_(False)
 
 
 def checkpoint_files(directory: str | Path, name: str) -> list[Path]:
@@ -99,18 +123,22 @@ def checkpoint_files(directory: str | Path, name: str) -> list[Path]:
     return files
 
 
-def load_checkpoint(nets: Networks, directory: str | Path) -> None:
+def check_checkpoint(directory: str | Path, preset: Preset) -> None:
+    """Refuse a directory that is not a checkpoint of `preset`."""
     directory = Path(directory)
     meta_path = directory / "preset.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{directory} is not a flowact checkpoint (no preset.json)")
     fields = json.loads(meta_path.read_text())["fields"]
-    expected = json.loads(json.dumps(dataclasses.asdict(nets.preset)))
+    expected = json.loads(json.dumps(dataclasses.asdict(preset)))
     if fields != expected:
         diff = sorted(k for k in expected if fields.get(k) != expected[k])
         raise ValueError(f"checkpoint {directory} was saved for a different preset (fields differ: {', '.join(diff)})")
-    for name, module in nets.modules().items():
-        state = {}
-        for f in checkpoint_files(directory, name):
-            state.update(load_file(str(f)))
-        module.load_state_dict(state, strict=True)
+
+
+def load_weights(module: nn.Module, directory: str | Path, name: str) -> None:
+    """One network's weights from a checkpoint (its file or shards), every parameter and buffer."""
+    state = {}
+    for f in checkpoint_files(directory, name):
+        state.update(load_file(str(f)))
+    module.load_state_dict(state, strict=True)

@@ -43,7 +43,7 @@ from flowact.contract import (ARTIFACTS_DIR, AUDIO, BEHAVIOUR, CANDIDATE_HEADROO
 from flowact.presets import SAMPLES_PER_CHUNK, Preset, get_preset
 from flowact.runtime import RuntimeKind
 from flowact.snapshot import max_snapshot_bytes
-from flowact.specs import LATENTS, NetworkSpec, TensorSpec, network_specs
+from flowact.specs import LATENTS, TensorSpec, network_specs
 
 HERE = Path(__file__).parent
 
@@ -68,7 +68,7 @@ class RepositoryOptions:
     capacity: int = DEFAULT_CAPACITY  # streams admitted at once
     idle_ttl_s: float = DEFAULT_IDLE_TTL_S  # a stream with no request for this long is freed
     pipeline: Pipeline = Pipeline.OVERLAP
-    engine_threads: int = 2  # intra-op threads per network model (ONNX Runtime, or torch on the CPU)
+    engine_threads: int = 2  # intra-op threads of the stream model and of vae_decoder (ONNX Runtime, or torch on the CPU)
     queue_delay_us: int = 2000  # how long the stream batcher waits to gather streams into one batch
     device: str | None = None  # where the stream model's state and networks live; None: target_device's default
 
@@ -133,10 +133,10 @@ def gpu_index(device: str) -> int:
     return int(device.partition(":")[2] or 0)  # "cuda" is cuda:0
 
 
-def network_config(spec: NetworkSpec, target: Target, opts: RepositoryOptions, source: Path | None,
-                   preset: Preset) -> mc.ModelConfig:
-    """A stateless network model: python running ONNX (embedded) or torch (torch), or a tensorrt_plan (trt).
-    `source`: the ONNX file (embedded) or the checkpoint directory (torch; None: seeded random)."""
+def decoder_config(preset: Preset, target: Target, opts: RepositoryOptions, source: Path | None) -> mc.ModelConfig:
+    """The vae_decoder model, stateless: python running ONNX (embedded) or torch (torch), or a tensorrt_plan
+    (trt). `source`: the ONNX file (embedded) or the checkpoint directory (torch; None: seeded random)."""
+    spec = network_specs(preset)["vae_decoder"]
     cfg = mc.ModelConfig(name=spec.name, max_batch_size=max(opts.capacity, spec.profile.max) if target != Target.TRT
                          else spec.profile.max)
     cfg.input.extend(tensor_config(t, mc.ModelInput) for t in spec.inputs)
@@ -280,16 +280,16 @@ def render_repository(preset: Preset, target: Target, out: Path, network_files: 
                          f"for preset {preset.name}: lower --capacity or rebuild with a larger profile")
     checkpoint = None if checkpoint is None else Path(checkpoint).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    network_py = HERE / "network" / "1" / "model.py"
+    decoder_py = HERE / "vae_decoder" / "1" / "model.py"
     stream_source = None
     if target == Target.EMBEDDED:  # ONNX Runtime reads the export directory's files (and their external data)
-        write_model(out, network_config(specs["vae_decoder"], target, opts, files["vae_decoder"], preset), network_py)
+        write_model(out, decoder_config(preset, target, opts, files["vae_decoder"]), decoder_py)
         stream_source = files["vae_decoder"].parent  # the export directory: its manifest names every file
     elif target == Target.TORCH:
-        write_model(out, network_config(specs["vae_decoder"], target, opts, checkpoint, preset), network_py)
+        write_model(out, decoder_config(preset, target, opts, checkpoint), decoder_py)
         stream_source = checkpoint
     else:
-        model_dir = write_model(out, network_config(specs["vae_decoder"], target, opts, None, preset))
+        model_dir = write_model(out, decoder_config(preset, target, opts, None))
         shutil.copy2(files["vae_decoder"], model_dir / "1" / "model.plan")
         stream_source = out / STREAM_MODEL / "1"
         stream_source.mkdir(parents=True, exist_ok=True)

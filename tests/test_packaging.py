@@ -73,7 +73,7 @@ def installed(tmp_path_factory) -> Path:
 def test_wheel_carries_every_runtime_file(installed):
     wheel = next((installed.parent.parent / "wheels").glob("flowact_triton-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    for needed in ("flowact/serving/network/1/model.py", "flowact/serving/stream/1/model.py",
+    for needed in ("flowact/serving/vae_decoder/1/model.py", "flowact/serving/stream/1/model.py",
                    "flowact/samples/reference.png", "flowact/samples/speech.wav",
                    "flowact/checkpoints/tiny/preset.json", "flowact/checkpoints/tiny/denoiser.safetensors",
                    "flowact/checkpoints/cpu/preset.json", "flowact/checkpoints/cpu/denoiser-00001-of-00002.safetensors"):

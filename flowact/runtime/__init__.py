@@ -3,7 +3,8 @@
 Every adapter has the PyTorch module's call signature (torch tensors in, a torch tensor out), so
 the stream sampler (flowact.session) cannot tell which one runs:
 
-    torch     PyTorch modules on a device and dtype (flowact.runtime.pytorch; CPU fp32, CUDA bf16)
+    torch     PyTorch modules on a device and dtype (flowact.runtime.pytorch; CPU fp32, CUDA bf16; one
+              network alone, its module the only one built: `load_torch_runner`, the torch vae_decoder model)
     onnx      ONNX Runtime on the CPU (flowact.runtime.onnx; the embedded target)
     trt       TensorRT plans on a GPU (flowact.runtime.tensorrt)
 

@@ -74,3 +74,16 @@ def load_torch_runners(preset, checkpoint: str | Path | None, device: str | torc
     dtype = dtype or default_dtype(device)
     nets = build_networks(preset, checkpoint=checkpoint, device=device).to(device, dtype)
     return torch_runners(nets, dtype)
+
+
+def load_torch_runner(preset, name: str, checkpoint: str | Path | None, device: str | torch.device = "cpu",
+                      dtype: torch.dtype | None = None) -> TorchRunner:
+    """One network's runner (a NETWORK_NAMES name) with only its own module built and loaded (from a
+    checkpoint; seeded random weights are drawn for the whole family: flowact.networks.build_network)."""
+    from flowact.networks import build_network
+    from flowact.specs import network_specs
+
+    dtype = dtype or default_dtype(device)
+    spec = network_specs(preset)[name]
+    owner = build_network(preset, spec.owner, checkpoint=checkpoint, device=device).to(device, dtype)
+    return TorchRunner(spec.owner_callable(owner), dtype, torch.device(device).type)

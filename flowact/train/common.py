@@ -68,10 +68,10 @@ def setup(args) -> tuple[Preset, Path, torch.device]:
 
 
 def save_networks(nets: Networks, directory: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, int]:
-    """Write a checkpoint directory that networks.load_checkpoint reads; returns bytes per file.
+    """Write a checkpoint directory that flowact.networks reads; returns bytes per file.
 
     A network whose weights exceed SHARD_BYTES in `dtype` is written as NAME-0000k-of-0000n.safetensors
-    shards instead (flowact.networks.load_checkpoint merges them)."""
+    shards instead (flowact.networks.load_weights merges them)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for stale in directory.glob("*.safetensors"):

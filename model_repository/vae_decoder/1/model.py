@@ -1,11 +1,13 @@
-"""Triton network model: one network, stateless, run by ONNX Runtime (target embedded) or PyTorch (target torch).
+"""Triton vae_decoder model: the ensemble's second step (LATENTS -> FRAMES), stateless, run by ONNX
+Runtime (target embedded) or PyTorch (target torch); target trt serves a tensorrt_plan instead.
 
 The bundled tritonserver has only the python backend, so this stands in for the onnxruntime /
 tensorrt_plan backends; its inputs and outputs are rendered from the network's spec. Requests that
-Triton's dynamic batcher groups run as one call. Parameters: `network`, `preset`, `runtime` (onnx |
-torch), `source` (the ONNX file; or the checkpoint directory, empty for seeded random weights),
-`device`, `threads`. The onnx runtime path imports no torch (a stub that imports torch starts
-about 2.5 s slower).
+Triton's dynamic batcher groups run as one call. Parameters: `network` (the spec's name,
+vae_decoder), `preset`, `runtime` (onnx | torch), `source` (the ONNX file; or the checkpoint
+directory, empty for seeded random weights), `device`, `threads`. The onnx runtime path imports no
+torch (a stub that imports torch starts about 2.5 s slower); the torch path builds only this
+network's module, not the whole family.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         for key in PARAMETERS:
             if key not in params:
-                raise pb_utils.TritonModelException(f"network model {config['name']}: config lacks parameter {key!r}")
+                raise pb_utils.TritonModelException(f"model {config['name']}: config lacks parameter {key!r}")
         self.name = params["network"]
         self.input_names = [i["name"] for i in config["input"]]
         self.output_name = config["output"][0]["name"]
@@ -64,19 +66,18 @@ class OnnxNetwork:
 
 
 class TorchNetwork:
-    """The network's PyTorch module on the model's device; GPU tensors come and go through DLPack."""
+    """The network's PyTorch module (and only it) on the model's device; GPU tensors come and go through DLPack."""
 
     def __init__(self, params: dict, input_names: list[str], output_name: str):
         import torch
 
         from flowact.presets import get_preset
-        from flowact.runtime import build_runners
-        from flowact.runtime.pytorch import use_device
+        from flowact.runtime.pytorch import load_torch_runner, use_device
 
         torch.set_num_threads(int(params["threads"]))
         self.device = use_device(params["device"])
-        runners = build_runners("torch", get_preset(params["preset"]), params["source"] or None, params["device"])
-        self.run = getattr(runners, params["network"])
+        self.run = load_torch_runner(get_preset(params["preset"]), params["network"], params["source"] or None,
+                                     params["device"])
 
     def __call__(self, parts):
         import torch
