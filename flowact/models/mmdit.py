@@ -62,6 +62,13 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)  # (B, H, N, Dh)
 
 
+def key_bias(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Key validity (B, N) bool -> the additive attention bias (B, N): 0 where valid, -inf where not.
+    Added once per score instead of a boolean mask, which exports to a select and a NaN guard over every
+    score tensor (every query has a valid key: the reference slot is always filled)."""
+    return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill(~valid, float("-inf"))
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale) + shift
 
@@ -236,7 +243,7 @@ class MMDiT(nn.Module):
         m_mask = None
         if memory_valid is not None:
             valid = self.token_valid(memory_valid)  # (B, Nm)
-            m_mask = valid[:, None, None, :].expand(-1, 1, valid.shape[1], -1)  # (B, 1, Nm, Nm)
+            m_mask = key_bias(valid, m.dtype)[:, None, None, :]  # (B, 1, 1, Nm)
         rope = self.memory_rope(fm, positions)
         kvs = []
         for block in self.blocks:
@@ -260,7 +267,7 @@ class MMDiT(nn.Module):
         if memory_valid is not None:
             key_valid = torch.cat([self.token_valid(memory_valid),
                                    torch.ones(x.shape[0], xt.shape[1] + c.shape[1], dtype=torch.bool, device=x.device)], 1)
-            key_mask = key_valid[:, None, None, :]  # (B, 1, 1, Nm+Nx+Nc)
+            key_mask = key_bias(key_valid, xt.dtype)[:, None, None, :]  # (B, 1, 1, Nm+Nx+Nc)
         rope = self.stream_rope(self.preset.memory_frames)  # the stream follows the whole bank, subset or not
         for i, block in enumerate(self.blocks):
             x_mod = self.per_token(block.video.modulation(F.silu(x_cond)))  # (B, Nx, 6D)
