@@ -2,6 +2,7 @@
 
     flowact export onnx  --preset P [--checkpoint DIR] --out ROOT   -> ROOT/fp32/
     flowact export fp8   --preset P [--checkpoint DIR] --out ROOT   -> ROOT/fp8/ (runs onnx first)
+    flowact export int8  --preset P [--checkpoint DIR] --out ROOT   -> ROOT/int8/ (runs onnx first; CPU serving)
     flowact export trt   --preset P [--checkpoint DIR] --out ROOT   -> ROOT/trt-fp8/ (runs fp8 first; GPU + TensorRT)
     flowact export check --out ROOT [--precision fp8]               TensorRT parser check on CPU
 
@@ -44,6 +45,13 @@ def add_parser(sub):
                    help="recorded calls per network for the FP8-vs-fp32 error in ONNX Runtime (0: skip)")
     p.set_defaults(func=_fp8)
 
+    p = steps.add_parser("int8", help="int8 ONNX for CPU serving (dynamic linear layers, static VAE decoder convs)")
+    common(p)
+    p.add_argument("--streams", type=int, default=4, help="calibration streams")
+    p.add_argument("--chunks", type=int, default=6, help="calibration chunks per stream")
+    p.add_argument("--eval-calls", type=int, default=8, help="recorded calls per network for the int8-vs-fp32 error (0: skip)")
+    p.set_defaults(func=_int8)
+
     p = steps.add_parser("trt", help="TensorRT engines from the FP8 ONNX (needs a GPU and TensorRT 10)")
     common(p)
     p.add_argument("--high-precision", choices=["float16", "bfloat16"], default="float16")
@@ -69,6 +77,14 @@ def _fp8(args) -> int:
 
     export_fp8(get_preset(args.preset), args.out, checkpoint=args.checkpoint, seed=args.seed, vae=args.vae,
                streams=args.streams, chunks=args.chunks, eval_calls=args.eval_calls, device=args.device)
+    return 0
+
+
+def _int8(args) -> int:
+    from flowact.export.int8 import export_int8
+
+    export_int8(get_preset(args.preset), args.out, checkpoint=args.checkpoint, seed=args.seed, streams=args.streams,
+                chunks=args.chunks, eval_calls=args.eval_calls)
     return 0
 
 

@@ -20,6 +20,7 @@ serving code import those themselves.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Callable
 
 import numpy as np
@@ -178,6 +179,13 @@ class DenoiserStream(nn.Module):
 _WRAPPERS = {"memory_kv": DenoiserMemory, "forward_stream": DenoiserStream}
 
 
+class Int8(str, Enum):
+    """How `flowact export int8` quantizes a network (export/int8.py says why each one)."""
+
+    DYNAMIC = "dynamic"  # linear layers: int8 per-channel weights, activations quantized per call
+    STATIC = "static"  # convolutions: QDQ, int8 per-channel weights, calibrated uint8 activations
+
+
 @dataclass(frozen=True)
 class NetworkSpec:
     """Everything export, engine build, Triton configs and runtime buffers need about one network."""
@@ -188,6 +196,7 @@ class NetworkSpec:
     profile: BatchProfile
     owner: str  # attribute of flowact.networks.Networks holding the weights
     method: str = "forward"  # method of that module computing this network
+    int8: Int8 | None = None  # its quantization in the int8 export; None: kept float32
     sample: Callable[[int, torch.Generator], tuple[torch.Tensor, ...]] = field(repr=False, default=None)  # type: ignore[assignment]
 
     @property
@@ -264,12 +273,12 @@ def network_specs(preset: Preset) -> dict[str, NetworkSpec]:
                     sample=lambda b, g: (0.1 * randn(audio_window, b, g),)),
         NetworkSpec("vae_encoder", (ref_image,), (ref_latent,), profile, "vae_encoder",
                     sample=lambda b, g: (torch.randint(0, 256, ref_image.shape(b), generator=g, dtype=torch.uint8),)),
-        NetworkSpec("vae_decoder", (latents,), (frames,), profile, "vae_decoder",
+        NetworkSpec("vae_decoder", (latents,), (frames,), profile, "vae_decoder", int8=Int8.STATIC,
                     sample=lambda b, g: (randn(latents, b, g),)),
-        NetworkSpec("denoiser_memory", (memory, memory_valid), (memory_kv,), profile, "denoiser", "memory_kv",
+        NetworkSpec("denoiser_memory", (memory, memory_valid), (memory_kv,), profile, "denoiser", "memory_kv", Int8.DYNAMIC,
                     sample=lambda b, g: (randn(memory, b, g), valid_mask(b, g))),
         NetworkSpec("denoiser", (x, t, audio_features, prompt_tokens, memory_kv, memory_valid), (velocity,), profile,
-                    "denoiser", "forward_stream",
+                    "denoiser", "forward_stream", Int8.DYNAMIC,
                     sample=lambda b, g: (randn(x, b, g), torch.rand(t.shape(b), generator=g),
                                          randn(audio_features, b, g), randn(prompt_tokens, b, g),
                                          randn(memory_kv, b, g), valid_mask(b, g))),

@@ -7,6 +7,7 @@ Layout of an export root (`flowact export ... --out ROOT`):
     ROOT/fp32/      <network>.onnx + manifest.json   (`flowact export onnx`)
     ROOT/fp8/       <network>.onnx + manifest.json   (`flowact export fp8`: FP8 Q/DQ transformers,
                                                        FP16 VAE, float32 text encoder)
+    ROOT/int8/      <network>.onnx + manifest.json   (`flowact export int8`: int8 where the spec says, for CPUs)
     ROOT/trt-fp8/   <network>.plan + <network>.build_info.json + manifest.json (`flowact export trt`)
 
 Each network's entry records the file's sha256 and a `key`: a hash of everything the file was made
@@ -36,6 +37,7 @@ class Precision(str, Enum):
 
     FP32 = "fp32"  # float32 ONNX, the reference export
     FP8 = "fp8"  # FP8 (e4m3) Q/DQ transformers, FP16 VAE, float32 text encoder
+    INT8 = "int8"  # int8 for CPU serving, per network as its spec's `int8` says (flowact export int8)
     TRT_FP8 = "trt-fp8"  # TensorRT plans built from the fp8 directory (FP8 + FP16, strongly typed)
 
 

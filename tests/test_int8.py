@@ -1,0 +1,72 @@
+"""`flowact export int8` (export/int8.py): what each spec says is quantized, and nothing else; the
+manifest records it; the int8 runners' stream stays close to the float32 one. Tiny preset, CPU."""
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import ref_image, speech_chunks
+from flowact.engine import StreamEngine
+from flowact.export.int8 import export_int8, linear_nodes
+from flowact.export.onnx import WeightSource
+from flowact.runtime.manifest import Manifest, Precision
+from flowact.runtime.onnx import load_onnx_runners
+from flowact.specs import Int8, network_specs
+
+
+@pytest.fixture(scope="module")
+def int8_root(onnx_dir, tiny, tiny_nets):
+    said = []
+    export_int8(tiny, onnx_dir, source=WeightSource(tiny, nets=tiny_nets), streams=2, chunks=5, eval_calls=3,
+                say=said.append)
+    return onnx_dir, said
+
+
+def float_products(model: onnx.ModelProto) -> int:
+    """MatMuls of two activations (attention's scores and mix), which int8 leaves in float."""
+    weights = {i.name for i in model.graph.initializer}
+    return sum(n.op_type == "MatMul" and not weights & set(n.input) for n in model.graph.node)
+
+
+def ops(path) -> list[str]:
+    return [n.op_type for n in onnx.load(path).graph.node]
+
+
+def test_int8_export_quantizes_what_the_specs_say(int8_root, tiny, tiny_nets):
+    root, said = int8_root
+    directory = root / Precision.INT8.value
+    manifest = Manifest.load(directory)
+    assert manifest.precision == "int8"
+    for name, spec in network_specs(tiny).items():
+        entry, graph_ops = manifest.networks[name], ops(directory / f"{name}.onnx")
+        fp32_ops = ops(root / Precision.FP32.value / f"{name}.onnx")
+        if spec.int8 == Int8.DYNAMIC:  # every linear layer, and only those: attention's products stay float
+            fp32, int8 = onnx.load(root / Precision.FP32.value / f"{name}.onnx"), onnx.load(directory / f"{name}.onnx")
+            assert linear_nodes(fp32) and not linear_nodes(int8), name
+            assert graph_ops.count("MatMulInteger") >= len(linear_nodes(fp32)) - fp32_ops.count("Gemm"), name
+            assert float_products(int8) == float_products(fp32) > 0, name
+            assert entry["error_vs_fp32"]["rel_l2"] < 0.3, entry  # seeded random weights; trained: benchmarks.quality
+        elif spec.int8 == Int8.STATIC:  # every convolution between calibrated Q/DQ pairs
+            assert graph_ops.count("Conv") == fp32_ops.count("Conv") > 0
+            assert graph_ops.count("QuantizeLinear") >= graph_ops.count("Conv"), name
+            assert entry["error_vs_fp32"]["psnr_db"] > 30, entry
+        else:
+            assert graph_ops == fp32_ops and entry["error_vs_fp32"] == {}, name
+        assert entry["precision"] == (spec.int8.value if spec.int8 else "fp32"), entry
+    said.clear()
+    export_int8(tiny, root, source=WeightSource(tiny, nets=tiny_nets), streams=2, chunks=5, eval_calls=3, say=said.append)
+    assert all("up to date" in line for line in said), said  # the same inputs: nothing rebuilt
+
+
+def test_int8_stream_stays_close_to_float32(int8_root, tiny):
+    root, _ = int8_root
+    chunks = speech_chunks(6)
+    frames = {}
+    for precision in ("fp32", "int8"):
+        engine = StreamEngine(tiny, load_onnx_runners(root, tiny, precision=precision, threads=1))
+        stream = engine.start(ref_image(tiny), seed=2)
+        frames[precision] = np.stack([engine.step([stream], [c])[0] for c in chunks]).astype(np.float64)
+    mse = np.mean((frames["fp32"] - frames["int8"]) ** 2)
+    psnr = 10 * np.log10(255**2 / max(mse, 1e-12))
+    print(f"int8 vs fp32 frames over {len(chunks)} chunks: PSNR {psnr:.1f} dB")
+    assert psnr > 25 and not np.array_equal(frames["fp32"], frames["int8"])
