@@ -58,9 +58,11 @@ class SnapshotError(InputError):
     """A snapshot this server refuses; the message says why."""
 
 
-def preset_fingerprint(preset: Preset, device_kind: str = "cpu") -> str:
-    """Hash of every preset field and the device kind: two servers resume each other's streams only if it matches."""
-    fields = json.dumps({**dataclasses.asdict(preset), "device_kind": device_kind}, sort_keys=True, default=str)
+def preset_fingerprint(preset: Preset, device_kind: str = "cpu", quantized: bool = False) -> str:
+    """Hash of every preset field, the device kind and, for int8 networks, that: two servers resume each
+    other's streams only if it matches (float runtimes agree within a level; int8 does not)."""
+    fields = {**dataclasses.asdict(preset), "device_kind": device_kind, **({"quantized": "int8"} if quantized else {})}
+    fields = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(fields.encode()).hexdigest()[:16]
 
 
@@ -83,11 +85,12 @@ def key_from_env(env: dict[str, str] | None = None) -> bytes | None:
 class SnapshotCodec:
     """Encode a stream's state into a signed snapshot, and continue a stream from one."""
 
-    def __init__(self, preset: Preset, key: bytes, field: str = "snapshot", device_kind: str = "cpu"):
+    def __init__(self, preset: Preset, key: bytes, field: str = "snapshot", device_kind: str = "cpu",
+                 quantized: bool = False):
         if len(key) < MIN_KEY_BYTES:
             raise ValueError(f"snapshot key must be at least {MIN_KEY_BYTES} bytes")
-        self.preset, self.key, self.field, self.device_kind = preset, key, field, device_kind
-        self.fingerprint = preset_fingerprint(preset, device_kind)
+        self.preset, self.key, self.field, self.device_kind, self.quantized = preset, key, field, device_kind, quantized
+        self.fingerprint = preset_fingerprint(preset, device_kind, quantized)
         self.layout = StreamState.layout(preset, device_kind)
         self.max_bytes = max_snapshot_bytes(preset, device_kind)
 
@@ -141,7 +144,8 @@ class SnapshotCodec:
         if header.get("preset") != self.preset.name or header.get("fingerprint") != self.fingerprint:
             raise SnapshotError(f"{self.field}: made for preset {header.get('preset')!r} (fingerprint "
                                 f"{header.get('fingerprint')}), this server runs {self.preset.name!r} on "
-                                f"{self.device_kind} (fingerprint {self.fingerprint})")
+                                f"{self.device_kind}{' with int8 networks' if self.quantized else ''} "
+                                f"(fingerprint {self.fingerprint})")
         offset = _PREFIX.size + header_len
         arrays = {}
         for name, dtype, shape in self.layout:

@@ -11,6 +11,7 @@ from flowact.export.int8 import export_int8, linear_nodes
 from flowact.export.onnx import WeightSource
 from flowact.runtime.manifest import Manifest, Precision
 from flowact.runtime.onnx import load_onnx_runners
+from flowact.snapshot import SnapshotCodec, SnapshotError
 from flowact.specs import Int8, network_specs
 
 
@@ -70,3 +71,17 @@ def test_int8_stream_stays_close_to_float32(int8_root, tiny):
     psnr = 10 * np.log10(255**2 / max(mse, 1e-12))
     print(f"int8 vs fp32 frames over {len(chunks)} chunks: PSNR {psnr:.1f} dB")
     assert psnr > 25 and not np.array_equal(frames["fp32"], frames["int8"])
+
+
+def test_snapshots_do_not_cross_between_int8_and_float_networks(int8_root, tiny):
+    root, _ = int8_root
+    runners = {p: load_onnx_runners(root, tiny, precision=p, threads=1) for p in ("fp32", "int8")}
+    assert (runners["fp32"].quantized, runners["int8"].quantized) == (False, True)
+    key = b"a test deployment key, 32 bytes!!"
+    engine = StreamEngine(tiny, runners["fp32"])
+    stream = engine.start(ref_image(tiny), seed=1)
+    engine.step([stream], speech_chunks(1))
+    blob = SnapshotCodec(tiny, key, "RESUME", quantized=runners["fp32"].quantized).encode(stream)
+    with pytest.raises(SnapshotError, match="this server runs 'tiny' on cpu with int8 networks"):
+        SnapshotCodec(tiny, key, "RESUME", quantized=True).restore(StreamEngine(tiny, runners["int8"]), blob)
+    assert SnapshotCodec(tiny, key, "RESUME").restore(StreamEngine(tiny, runners["fp32"]), blob).chunk_index == 1

@@ -57,6 +57,7 @@ class Runners:
     # denoiser_memory takes `positions` (only the valid bank slots, no mask) and the denoiser K/V of any
     # length: PyTorch's dynamic shapes. ONNX graphs and TensorRT plans have the whole bank and a mask.
     memory_subsets: bool = False
+    quantized: bool = False  # int8 networks: frames differ from the float runners' (a snapshot does not cross)
 
     @classmethod
     def from_networks(cls, nets, dtype: "torch.dtype | None" = None) -> "Runners":

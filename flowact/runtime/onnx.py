@@ -85,7 +85,7 @@ def load_onnx_runners(directory: str | Path, preset=None, precision=None, provid
     `directory` is a precision directory (holding manifest.json) or an export root with
     `precision` (default fp32) below it. The manifest's preset (a name or a Preset) must equal
     `preset` when given."""
-    from flowact.runtime.manifest import Manifest, resolve
+    from flowact.runtime.manifest import Manifest, Precision, resolve
     from flowact.presets import get_preset
     from flowact.specs import NETWORK_NAMES, network_specs
 
@@ -98,4 +98,5 @@ def load_onnx_runners(directory: str | Path, preset=None, precision=None, provid
     manifest.check_preset(preset, directory)
     specs = network_specs(preset)
     return Runners(**{name: OrtRunner(manifest.path(directory, name), specs[name], providers, threads, spin)
-                      for name in NETWORK_NAMES}, kv_dtype=specs["denoiser_memory"].outputs[0].torch_dtype)
+                      for name in NETWORK_NAMES}, kv_dtype=specs["denoiser_memory"].outputs[0].torch_dtype,
+                   quantized=manifest.precision == Precision.INT8.value)

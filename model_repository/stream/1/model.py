@@ -86,7 +86,8 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(f"stream model: {e}") from None
         print(f"flowact stream model: {capacity} stream slots on {device} ({runtime}), "
               f"{self.engine.pool.describe_stream()}", flush=True)
-        self.codec = None if key is None else SnapshotCodec(self.preset, key, RESUME, device.type)  # None: snapshots off
+        self.codec = None if key is None else SnapshotCodec(self.preset, key, RESUME, device.type,  # None: snapshots off
+                                                               runners.quantized)
         self.max_snapshot_bytes = max_snapshot_bytes(self.preset, device.type)
         self.input_names = [i.name for i in stream_inputs(self.preset)]
         self.engine.warm_up()
