@@ -24,17 +24,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowact.runtime import Runners
-from flowact.session import StreamSession
+from flowact.benchmarks.kit import RESULTS
+from flowact.engine import StreamEngine
 from flowact.export.calibrate import stream_media
 from flowact.export.fp8 import export_fp8
-from flowact.runtime.manifest import Manifest
-from flowact.runtime.onnx import load_onnx_runners
 from flowact.networks import build_networks
 from flowact.presets import CHUNK_SECONDS, get_preset
+from flowact.runtime import Runners
+from flowact.runtime.manifest import Manifest
+from flowact.runtime.onnx import load_onnx_runners
 from flowact.specs import MEMORY_VALID, network_specs
 
-RESULTS = Path(__file__).parent / "results"
 BACKENDS = ("torch", "ort_fp32", "ort_fp8")
 
 
@@ -57,9 +57,9 @@ def stream_psnr(preset, reference: Runners, candidate: Runners, chunks: int = 8)
     images, audios, prompts = stream_media(preset, 1, chunks, seed=123)
     frames = []
     for runners in (reference, candidate):
-        s = StreamSession(preset, runners)
-        s.start(images[0], seed=9, prompt=prompts[0])
-        frames.append(np.stack([s.step(a) for a in audios[0]]).astype(np.float64))
+        engine = StreamEngine(preset, runners)
+        state = engine.start(images[0], seed=9, prompt=prompts[0])
+        frames.append(np.stack([engine.step([state], [a])[0] for a in audios[0]]).astype(np.float64))  # (K, 12, H, W, 3)
     mse = ((frames[0] - frames[1]) ** 2).reshape(chunks, -1).mean(axis=1)
     return [float(10 * np.log10(255.0 ** 2 / max(m, 1e-12))) for m in mse]
 

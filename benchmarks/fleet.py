@@ -38,7 +38,7 @@ import psutil
 
 from flowact.contract import ACTIVE_STREAMS, DRAIN_FILE_ENV, SNAPSHOT_KEY_ENV, STREAM_CAPACITY
 from flowact.serving.health import metric_value
-from flowact.serving.server import free_ports
+from flowact.serving.processes import free_ports
 
 
 def flowact_command(*args: str) -> list[str]:
@@ -251,16 +251,16 @@ class StreamRun:
     index: int
     seed: int
     chunks: int
-    image: np.ndarray
+    image: np.ndarray  # (H, W, 3) uint8
+    speech: np.ndarray  # (S,) float32, looped from this stream's own offset
     result: object = None  # StreamResult
     error: str | None = None
     thread: threading.Thread | None = None
 
     def audio(self) -> list[np.ndarray]:
         from flowact.benchmarks.loadgen import stream_audio
-        from flowact.media import SPEECH_WAV, load_audio
 
-        loop = stream_audio(load_audio(SPEECH_WAV), self.index)
+        loop = stream_audio(self.speech, self.index)
         return [loop.chunk(i) for i in range(self.chunks)]
 
     def start(self, url: str) -> "StreamRun":
@@ -303,11 +303,10 @@ def rehearse(repository: Path, work: Path, replicas: int, plan: list[tuple[str, 
              preset: str = "tiny", say=print) -> dict:
     """Run the plan against `replicas` `flowact serve` replicas of `repository` behind `flowact gateway`."""
     from flowact.client.stream import AvatarStream
-    from flowact.media import REFERENCE_IMAGE, load_image
+    from flowact.benchmarks.kit import reference_inputs
     from flowact.presets import get_preset
 
-    p = get_preset(preset)
-    image = load_image(REFERENCE_IMAGE, p.height, p.width)
+    image, speech, _ = reference_inputs(get_preset(preset))
     key = secrets.token_hex(32)  # one FLOWACT_SNAPSHOT_KEY for the whole fleet
     names = sorted({*range(replicas), *(int(a) for e, a in plan if e == "start")})
     fleet = {i: ServeReplica(f"replica {i + 1}", repository, work / f"replica{i + 1}", key, preset) for i in names}
@@ -348,7 +347,7 @@ def rehearse(repository: Path, work: Path, replicas: int, plan: list[tuple[str, 
             if event == "streams":
                 for _ in range(int(arg)):
                     n = len(runs)
-                    runs.append(StreamRun(n, n + 1, chunks, image).start(gateway.url))
+                    runs.append(StreamRun(n, n + 1, chunks, image, speech).start(gateway.url))
                     time.sleep(STAGGER_S)
             elif event == "start":
                 replica = fleet[int(arg)].start().wait_ready()

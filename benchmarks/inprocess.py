@@ -1,4 +1,4 @@
-"""In-process engine benchmark: per-chunk latency and real-time factor at 1, 2, 4 batched sessions,
+"""The stream engine in process: per-chunk latency and real-time factor at 1, 2, 4 batched streams,
 and the denoiser's achieved GFLOP/s next to a plain matmul's on the same machine.
 
     python -m flowact.benchmarks.inprocess --presets tiny,cpu --batches 1,2,4 [--chunks 20]
@@ -10,7 +10,6 @@ Prints a table and writes benchmarks/results/inprocess.json (or --out).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -21,13 +20,13 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from flowact.runtime import Runners
-from flowact.session import StreamSession, step_batch
-from flowact.networks import build_networks
+from flowact.benchmarks.flops import matmul_tflops
+from flowact.benchmarks.kit import RESULTS
+from flowact.engine import StreamEngine
 from flowact.presets import AUDIO_FEATURES_PER_CHUNK, CHUNK_SECONDS, LATENT_CHANNELS, SAMPLES_PER_CHUNK, get_preset
+from flowact.runtime import Runners, RuntimeKind, build_runners
 from flowact.stats import percentile
 
-RESULTS = Path(__file__).parent / "results"
 
 
 def sync(device: torch.device) -> None:
@@ -35,75 +34,60 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, iters: int = 10) -> float:
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    sync(device)
-    return 2 * n**3 * iters / (time.perf_counter() - t) / 1e9
-
-
-def denoiser_gflops(nets, batch: int, device: torch.device, iters: int = 5) -> tuple[float, float]:
-    """(GFLOP per NFE, achieved GFLOP/s) of forward_stream with full memory."""
-    p = nets.preset
+def denoiser_gflops(runners: Runners, p, batch: int, device: torch.device, iters: int = 5) -> tuple[float, float]:
+    """(GFLOP per NFE, achieved GFLOP/s) of the denoiser with full memory."""
     lat = (p.latent_height, p.latent_width)
     x = torch.randn(batch, 3, LATENT_CHANNELS, *lat, device=device)  # (B, 3, 16, h, w)
     t = torch.rand(batch, 3, device=device)
     audio = torch.randn(batch, AUDIO_FEATURES_PER_CHUNK, p.audio.d_model, device=device)
     prompt = torch.randn(batch, p.prompt_tokens, p.text_dim, device=device)
     valid = torch.ones(batch, p.memory_frames, dtype=torch.bool, device=device)
-    with torch.inference_mode():
-        kv = nets.denoiser.memory_kv(torch.randn(batch, p.memory_frames, LATENT_CHANNELS, *lat, device=device), valid)
-        with FlopCounterMode(display=False) as counter:
-            nets.denoiser.forward_stream(x, t, audio, prompt, kv, valid)
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(iters):
-            nets.denoiser.forward_stream(x, t, audio, prompt, kv, valid)
-        sync(device)
-        seconds = (time.perf_counter() - start) / iters
+    kv = runners.denoiser_memory(torch.randn(batch, p.memory_frames, LATENT_CHANNELS, *lat, device=device), valid)
+    with FlopCounterMode(display=False) as counter:
+        runners.denoiser(x, t, audio, prompt, kv, valid)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        runners.denoiser(x, t, audio, prompt, kv, valid)
+    sync(device)
+    seconds = (time.perf_counter() - start) / iters
     flops = counter.get_total_flops()
     return flops / 1e9, flops / seconds / 1e9
 
 
-def bench_preset(name: str, batches: list[int], chunks: int, device: torch.device) -> list[dict]:
+def bench_preset(name: str, batches: list[int], chunks: int, device: torch.device, dtype: torch.dtype) -> list[dict]:
     preset = get_preset(name)
-    with device:  # weights are created where they run (r1-480p has billions of parameters)
-        nets = build_networks(preset).to(device)  # .to: buffers made from numpy start on the CPU
-    runners = Runners.from_networks(nets)
+    runners = build_runners(RuntimeKind.TORCH, preset, device=device, dtype=dtype)  # built where they run
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (preset.height, preset.width, 3), dtype=np.uint8)
     rows = []
     for batch in batches:
-        sessions = [StreamSession(preset, runners, device=device) for _ in range(batch)]
-        start_times = []
-        for i, s in enumerate(sessions):
+        engine = StreamEngine(preset, runners, device, dtype, capacity=batch)
+        states, start_times = [], []
+        for i in range(batch):
             t = time.perf_counter()
-            s.start(image, seed=i)
+            states.append(engine.start(image, seed=i))
             start_times.append(time.perf_counter() - t)
         latencies = []
         for k in range(chunks + 2):  # 2 warm-up chunks
-            audio = [(0.1 * rng.standard_normal(SAMPLES_PER_CHUNK)).astype(np.float32) for _ in sessions]
+            audio = [(0.1 * rng.standard_normal(SAMPLES_PER_CHUNK)).astype(np.float32) for _ in states]
             sync(device)
             t = time.perf_counter()
-            step_batch(sessions, audio, [None] * batch)
+            engine.step(states, audio)
             sync(device)
             if k >= 2:
                 latencies.append(time.perf_counter() - t)
-        gflop, gflops = denoiser_gflops(nets, batch, device)
+        gflop, gflops = denoiser_gflops(runners, preset, batch, device)
         p50 = percentile(latencies, 50)
         rows.append({
-            "preset": name, "sessions": batch, "chunks": chunks,
+            "preset": name, "sessions": batch, "chunks": chunks,  # "sessions": the published JSON's key
             "chunk_latency_p50_ms": p50 * 1000, "chunk_latency_p99_ms": percentile(latencies, 99) * 1000,
             "start_ms": float(np.mean(start_times)) * 1000,
             "realtime_factor": p50 / CHUNK_SECONDS,  # < 1: every session in the batch is faster than real time
             "realtime": percentile(latencies, 99) < CHUNK_SECONDS,
             "denoiser_gflop_per_nfe": gflop, "denoiser_gflops": gflops,
         })
-        print(f"{name:8s} sessions={batch}  chunk p50 {rows[-1]['chunk_latency_p50_ms']:7.1f} ms  "
+        print(f"{name:8s} streams={batch}  chunk p50 {rows[-1]['chunk_latency_p50_ms']:7.1f} ms  "
               f"p99 {rows[-1]['chunk_latency_p99_ms']:7.1f} ms  RTF {rows[-1]['realtime_factor']:.3f}  "
               f"denoiser {gflop:6.2f} GFLOP/NFE at {gflops:6.1f} GFLOP/s", flush=True)
     return rows
@@ -117,20 +101,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; "
                     "1 is steadier on a machine shared with other jobs)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU; this CPU has no fast bf16)")
+    ap.add_argument("--bf16", action="store_true", help="bf16 weights and stream state (GPU; this CPU has no fast bf16)")
     ap.add_argument("--out", default=str(RESULTS / "inprocess.json"))
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    peak = matmul_gflops(device, dtype)
+    peak = matmul_tflops(device, dtype, n=2048)["tflops"] * 1e3  # GFLOP/s
     print(f"plain {dtype} matmul (2048^3) on {device}: {peak:.1f} GFLOP/s ({torch.get_num_threads()} CPU threads)")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
     rows = []
-    with autocast:
-        for name in args.presets.split(","):
-            rows += bench_preset(name, [int(b) for b in args.batches.split(",")], args.chunks, device)
+    for name in args.presets.split(","):
+        rows += bench_preset(name, [int(b) for b in args.batches.split(",")], args.chunks, device, dtype)
     for r in rows:
         r["denoiser_fraction_of_matmul"] = r["denoiser_gflops"] / peak
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -30,12 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from flowact.contract import ACTIVE_STREAMS, DRAIN_FILE_ENV
+from flowact.benchmarks.kit import RESULTS
 from flowact.client.stream import AvatarStream, StreamError
+from flowact.contract import ACTIVE_STREAMS, DRAIN_FILE_ENV
 from flowact.presets import CHUNK_SECONDS, SAMPLES_PER_CHUNK
 from flowact.stats import percentile
-
-RESULTS = Path(__file__).parent / "results"
 
 
 @dataclass
@@ -127,7 +126,7 @@ def soak(url: str, streams: int, duration_s: float, stream_seconds: float = 60.0
          metrics_url: str | None = None, say=print) -> SoakReport:
     """Run `streams` real-time streams back to back until `duration_s` has passed (bounded: every
     stream ends by the deadline, every wait has a timeout)."""
-    from flowact.serving.server import group_rss
+    from flowact.serving.processes import group_rss
 
     height = width = None
     if image is None:
@@ -172,7 +171,7 @@ def soak(url: str, streams: int, duration_s: float, stream_seconds: float = 60.0
         active = None
         if metrics_url is not None:
             try:
-                from flowact.serving.cli import metric_value
+                from flowact.serving.health import metric_value
 
                 with urllib.request.urlopen(metrics_url, timeout=5) as r:
                     active = metric_value(r.read().decode(), ACTIVE_STREAMS)
@@ -244,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     url, metrics_url, pgid = args.url, args.metrics_url, None
     if url is None:
         from flowact.serving.repository import RepositoryOptions, build_embedded_repository
-        from flowact.serving.server import TritonServer, free_ports
+        from flowact.serving.processes import free_ports
+        from flowact.serving.server import TritonServer
 
         work = Path(tempfile.mkdtemp(prefix="flowact-soak-"))
         opts = RepositoryOptions(capacity=args.capacity or args.streams + 2, idle_ttl_s=10.0)

@@ -23,18 +23,18 @@ import json
 import math
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from flowact.benchmarks.flops import count_flops
+from flowact.benchmarks.kit import RESULTS
+from flowact.engine import StreamEngine, valid_slots
 from flowact.networks import build_networks
 from flowact.presets import LATENT_CHANNELS, LATENT_FRAMES_PER_CHUNK, PRESETS, SAMPLES_PER_CHUNK, get_preset
-from flowact.runtime import Runners
-from flowact.session import MemoryBank, StreamSession, step_batch, valid_slots
+from flowact.runtime import RuntimeKind, build_runners
+from flowact.state import MemoryBank
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def views(preset) -> dict[str, tuple[int, ...]]:
@@ -79,26 +79,27 @@ def flops(preset) -> dict:
 
 def timed(preset, repeat: int) -> dict:
     """Wall time of START + first chunk (decoded) and of chunks 2-5, slots vs mask, interleaved."""
-    slots = Runners.from_networks(build_networks(preset))
-    paths = {"slots": slots, "mask": dataclasses.replace(slots, memory_subsets=False)}
+    slots = build_runners(RuntimeKind.TORCH, preset)
+    engines = {"slots": StreamEngine(preset, slots),
+               "mask": StreamEngine(preset, dataclasses.replace(slots, memory_subsets=False))}
     image = np.random.default_rng(0).integers(0, 256, (preset.height, preset.width, 3), dtype=np.uint8)
     audio = np.random.default_rng(1).normal(0, 0.1, (5, SAMPLES_PER_CHUNK)).astype(np.float32)
-    first = {k: [] for k in paths}
-    later = {k: [] for k in paths}
+    first = {k: [] for k in engines}
+    later = {k: [] for k in engines}
     for rep in range(repeat + 1):  # the first round warms both paths up and is not kept
-        for name, runners in paths.items():
-            session = StreamSession(preset, runners)
+        for name, engine in engines.items():
             t0 = time.perf_counter()
-            session.start(image, seed=rep)
-            step_batch([session], [audio[0]], [None])
+            state = engine.start(image, seed=rep)
+            engine.step([state], [audio[0]])
             t1 = time.perf_counter()
             for chunk in audio[1:]:
-                step_batch([session], [chunk], [None])
+                engine.step([state], [chunk])
+            engine.end(state)
             if rep:
                 first[name].append((t1 - t0) * 1e3)
                 later[name].append((time.perf_counter() - t1) * 1e3 / (len(audio) - 1))
     med = {k: {"start_first_chunk_ms": statistics.median(first[k]), "chunks_2_5_ms": statistics.median(later[k])}
-           for k in paths}
+           for k in engines}
     return {"preset": preset.name, "repeat": repeat, "torch_threads": torch.get_num_threads(), **med,
             "start_first_chunk_ratio": med["slots"]["start_first_chunk_ms"] / med["mask"]["start_first_chunk_ms"],
             "chunks_2_5_ratio": med["slots"]["chunks_2_5_ms"] / med["mask"]["chunks_2_5_ms"]}

@@ -31,14 +31,15 @@ from flowact.contract import AUDIO, REF_IMAGE
 
 def perf_data(preset_name: str, sequences: int = 2, chunks: int | None = None) -> dict:
     """perf_analyzer input data: {"data": [sequence, ...]}, each sequence a list of steps."""
-    from flowact.media import REFERENCE_IMAGE, SPEECH_WAV, load_audio, load_image, split_chunks
+    from flowact.benchmarks.kit import reference_inputs
+    from flowact.media import split_chunks
     from flowact.presets import SAMPLES_PER_CHUNK, get_preset
 
     if sequences < 1:
         raise ValueError("sequences must be >= 1")
     preset = get_preset(preset_name)
-    image = load_image(REFERENCE_IMAGE, preset.height, preset.width)  # (H, W, 3) uint8
-    speech, _ = split_chunks(load_audio(SPEECH_WAV))  # (N, 7680) float32, the last chunk zero-padded
+    image, speech, _ = reference_inputs(preset)  # (H, W, 3) uint8, (S,) float32
+    speech, _ = split_chunks(speech)  # (N, 7680) float32, the last chunk zero-padded
     n = chunks or len(speech)
     if n < 1:
         raise ValueError("chunks must be >= 1")

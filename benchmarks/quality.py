@@ -3,7 +3,7 @@
     python -m flowact.benchmarks.quality --preset tiny [--minutes 5] [--identities 4] [--checkpoints checkpoints] [--device cuda]
 
 Every configuration streams the same held-out avatars (the demo identity plus unseen random
-ones, each with its own reference image) through the real engine (`engine.step_batch`, all
+ones, each with its own reference image) through the stream engine (`StreamEngine.step`, all
 avatars batched), chunk by chunk, with held-out speech-and-pause audio and the behaviour prompt
 of each chunk, for `--minutes` of video. Metrics (flowact.train.metrics): lip sync (correlation
 of the audio envelope with the mouth opening measured in the frames), identity drift (distance
@@ -27,7 +27,7 @@ Prints a table and writes benchmarks/results/quality_<preset>.json and quality_<
 The demo figure instead: lip sync of what `flowact demo` / `flowact generate` stream, the shipped
 reference.png and speech.wav (real espeak-ng speech, a cartoon face, neither seen in training),
 for the shipped tiny and cpu checkpoints and for cpu with seeded random weights, in process
-(StreamSession, seed 0, as `flowact generate`); writes quality_demo.json (a few minutes on 2 cores).
+(StreamEngine, seed 0, as `flowact generate`); writes quality_demo.json (a few minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -45,15 +45,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from flowact.runtime import Runners
-from flowact.session import StreamSession, step_batch
-from flowact.networks import Networks, build_networks
+from flowact.benchmarks.kit import RESULTS, reference_inputs
+from flowact.engine import StreamEngine
 from flowact.presets import SAMPLES_PER_CHUNK, Preset, get_preset
+from flowact.runtime import Runners, RuntimeKind, build_runners
 from flowact.train.data import (DEMO_IDENTITY, Motion, audio_envelope, behaviour_motion, chunk_states, frame_states,
                                 random_identity, render, speech_timeline)
 from flowact.train.metrics import StreamMeter, drift
 
-RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 EVAL_SEED0 = 900_000  # held out: training clips use seeds 1000..
 
@@ -93,18 +92,16 @@ def ground_truth_meters(preset: Preset, avatars: list[Avatar]) -> list[StreamMet
         return list(pool.map(partial(ground_truth_meter, preset.height), range(len(avatars)), avatars))
 
 
-def stream_meters(preset: Preset, nets: Networks, avatars: list[Avatar], seed: int, desc: str,
+def stream_meters(preset: Preset, runners: Runners, avatars: list[Avatar], seed: int, desc: str,
                   device: str = "cpu") -> tuple[list[StreamMeter], float]:
-    runners = Runners.from_networks(nets.to(device))
-    sessions = [StreamSession(preset, runners, device=device) for _ in avatars]
-    for i, (s, a) in enumerate(zip(sessions, avatars)):
-        s.start(a.reference, seed=seed + i, prompt=a.states[0])
+    engine = StreamEngine(preset, runners, device, torch.float32, capacity=len(avatars))
+    states = [engine.start(a.reference, seed=seed + i, prompt=a.states[0]) for i, a in enumerate(avatars)]
     meters = [StreamMeter(a.reference) for a in avatars]
     chunks = len(avatars[0].states)
     t0 = time.perf_counter()
     for c in tqdm(range(chunks), desc=desc, unit="chunk", leave=False):
         audio = [a.audio[c * SAMPLES_PER_CHUNK:(c + 1) * SAMPLES_PER_CHUNK] for a in avatars]
-        frames = step_batch(sessions, audio, [a.states[c] for a in avatars])
+        frames = engine.step(states, audio, [a.states[c] for a in avatars])
         for m, f in zip(meters, frames):
             m.add(f)
     return meters, time.perf_counter() - t0
@@ -181,21 +178,20 @@ DEMO_ROWS = (("tiny", "tiny"), ("cpu", "cpu"), ("cpu random weights", "cpu"))
 
 def demo_lip_sync(out: Path, seed: int = 0) -> dict:
     """Lip sync of the shipped samples streamed like `flowact generate` (quality_demo.json)."""
-    from flowact.media import REFERENCE_IMAGE, SPEECH_WAV, load_audio, load_image, split_chunks
+    from flowact.media import split_chunks
     from flowact.networks import shipped_checkpoint
     from flowact.train.metrics import lip_sync
 
-    speech = load_audio(SPEECH_WAV)
-    chunks, n_frames = split_chunks(speech)
     rows = {}
     for name, preset_name in DEMO_ROWS:
         preset = get_preset(preset_name)
+        image, speech, _ = reference_inputs(preset)
+        chunks, n_frames = split_chunks(speech)  # (K, 7680), frames that cover the speech
         ckpt = None if "random" in name else shipped_checkpoint(preset_name)
-        nets = build_networks(preset, seed=seed) if ckpt is None else build_networks(preset, checkpoint=ckpt)
-        session = StreamSession(preset, Runners.from_networks(nets))
-        session.start(load_image(REFERENCE_IMAGE, preset.height, preset.width), seed=seed)
+        engine = StreamEngine(preset, build_runners(RuntimeKind.TORCH, preset, ckpt))
+        state = engine.start(image, seed=seed)
         t = time.perf_counter()
-        frames = np.concatenate([session.step(c) for c in chunks])[:n_frames]
+        frames = np.concatenate([engine.step([state], [c])[0] for c in chunks])[:n_frames]  # (F, H, W, 3)
         rows[name] = {"preset": preset_name, "lip_sync": lip_sync(frames, speech), "frames": int(len(frames)),
                       "checkpoint": None if ckpt is None else f"checkpoints/{ckpt.name}",
                       "seconds": time.perf_counter() - t}
@@ -220,7 +216,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", default=None, help="comma-separated row names to run")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="torch device the networks run on (cpu, cuda)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the streams' noise seeds")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -250,9 +246,9 @@ def main(argv=None) -> int:
     for name, ckpt, changes in configurations(preset, Path(args.checkpoints)):
         if wanted and name not in wanted:
             continue
-        nets = build_networks(preset, seed=args.seed) if ckpt is None else build_networks(preset, checkpoint=ckpt)
+        runners = build_runners(RuntimeKind.TORCH, preset, ckpt, args.device, torch.float32)  # ckpt None: seeded random
         variant = preset.with_(**changes)
-        meters, seconds = stream_meters(variant, nets, avatars, args.seed, name, args.device)
+        meters, seconds = stream_meters(variant, runners, avatars, args.seed, name, args.device)
         rows[name] = summarise(meters, avatars)
         rows[name]["seconds_per_chunk"] = seconds / chunks  # all avatars batched; not a speed benchmark
         rows[name]["checkpoint"] = None if ckpt is None else str(ckpt.relative_to(REPO) if ckpt.is_relative_to(REPO) else ckpt)

@@ -27,13 +27,14 @@ from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.processors.frame_processor import FrameProcessor
 from pipecat.workers.runner import WorkerRunner
 
+from flowact.benchmarks.kit import RESULTS, reference_inputs
 from flowact.contract import AGENT_JITTER_BUFFER_S
 from flowact.integrations.pipecat import FlowActVideoService
-from flowact.media import REFERENCE_IMAGE, SPEECH_WAV, load_audio, load_image, resample
+from flowact.media import resample
 from flowact.presets import SAMPLE_RATE, get_preset
 from flowact.stats import percentile
 
-RESULTS = Path(__file__).resolve().parent / "results" / "voice_agents.json"
+OUT = RESULTS / "voice_agents.json"
 TTS_RATE = 24_000
 TTS_FRAME = TTS_RATE // 25  # 40 ms
 
@@ -85,7 +86,7 @@ async def run_once(url: str, image: np.ndarray, speech: np.ndarray, jitter_buffe
 
 def edge_n1(preset: str) -> dict | None:
     """The WebRTC edge's N=1 point from its own benchmark's results, where there is one."""
-    path = RESULTS.parent / f"web_{preset}.json"
+    path = RESULTS / f"web_{preset}.json"
     if not path.exists():
         return None
     point = next((p for p in json.loads(path.read_text())["points"] if p["sessions"] == 1), None)
@@ -101,17 +102,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--jitter-buffer", type=float, default=AGENT_JITTER_BUFFER_S, help="seconds (default: the service's)")
     args = p.parse_args(argv)
     preset = get_preset(args.preset)
-    image = load_image(REFERENCE_IMAGE, preset.height, preset.width)
-    speech = load_audio(SPEECH_WAV)
+    image, speech, _ = reference_inputs(preset)
     load = os.getloadavg()[0]
     runs = [asyncio.run(run_once(args.url, image, speech, args.jitter_buffer)) for _ in range(args.repeat)]
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results = json.loads(OUT.read_text()) if OUT.exists() else {}
     key = args.preset if args.jitter_buffer == AGENT_JITTER_BUFFER_S else f"{args.preset}_jitter_{args.jitter_buffer:g}s"
     results[key] = {"jitter_buffer_s": args.jitter_buffer, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpus": os.cpu_count(),
                             "loadavg_at_start": round(load, 2), "streams": 1, "pipecat": runs,
                             "edge_n1": edge_n1(args.preset)}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results[key], indent=2))
 
 

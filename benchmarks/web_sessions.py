@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 from flowact.media import SPEECH_WAV
-from flowact.serving.cli import metric_value
+from flowact.serving.health import metric_value
 from flowact.stats import percentile
 
 MIN_FPS = 24.0

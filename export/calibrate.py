@@ -1,8 +1,8 @@
 """Calibration and evaluation data that look like real streams.
 
-`record_streams` runs real `StreamSession`s (the shipped reference image and speech, varied by
-stream: crops, flips, gains, offsets, behaviour prompts) through the PyTorch networks, exactly as
-the engine calls them: memory banks that fill up over the chunks, the NFE timesteps of the
+`record_streams` runs real streams of a `StreamEngine` (the shipped reference image and speech,
+varied by stream: crops, flips, gains, offsets, behaviour prompts) through the PyTorch networks,
+exactly as the engine calls them: memory banks that fill up over the chunks, the NFE timesteps of the
 schedule, refinement passes, batched streams. While it runs it records
 - `amax[network][module path]`: max |input| of every nn.Linear, per network (the denoiser's weights
   serve both `denoiser_memory` and `denoiser`, which see different activations); the FP8 inserter
@@ -15,17 +15,16 @@ FP8 scales are calibrated on one seed's recording and errors are measured on ano
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from importlib import resources
 
 import numpy as np
 import torch
 from torch import nn
 
-from flowact.runtime import Runners, full_valid
-from flowact.session import StreamSession, step_batch
-from flowact.media import load_audio, load_image, split_chunks
+from flowact.engine import StreamEngine
+from flowact.media import REFERENCE_IMAGE, SPEECH_WAV, load_audio, load_image, split_chunks
 from flowact.networks import Networks
 from flowact.presets import BEHAVIOURS, SAMPLES_PER_CHUNK, Preset
+from flowact.runtime import Runners, full_valid
 from flowact.specs import NETWORK_NAMES, network_specs
 
 PROMPTS = (*BEHAVIOURS, "nod and smile", "raise the left hand")
@@ -76,17 +75,11 @@ def _amax_hooks(nets: Networks, rec: Recording, state: dict) -> list:
     return handles
 
 
-def sample_media(preset: Preset) -> tuple[np.ndarray, np.ndarray]:
-    """The shipped reference image (H, W, 3) uint8 and speech (S,) float32 16 kHz."""
-    samples = resources.files("flowact") / "samples"
-    with resources.as_file(samples / "reference.png") as png, resources.as_file(samples / "speech.wav") as wav:
-        return load_image(png, preset.height, preset.width), load_audio(wav)
-
-
 def stream_media(preset: Preset, streams: int, chunks: int, seed: int) -> tuple[list, list, list]:
     """Per stream: a varied reference image, `chunks` audio chunks and a prompt."""
     rng = np.random.default_rng(seed)
-    image, speech = sample_media(preset)
+    image = load_image(REFERENCE_IMAGE, preset.height, preset.width)  # (H, W, 3) uint8, the shipped reference
+    speech = load_audio(SPEECH_WAV)  # (S,) float32 16 kHz, the shipped speech
     images, audios, prompts = [], [], []
     for s in range(streams):
         img = image.astype(np.float32)
@@ -107,7 +100,7 @@ def stream_media(preset: Preset, streams: int, chunks: int, seed: int) -> tuple[
 
 def record_streams(preset: Preset, nets: Networks, streams: int = 4, chunks: int = 6, seed: int = 0,
                    keep: int | None = None, device: str | torch.device = "cpu") -> Recording:
-    """Run `streams` batched sessions for `chunks` chunks on the PyTorch networks (on `device`),
+    """Run `streams` batched streams for `chunks` chunks on the PyTorch networks (on `device`),
     recording linear-input amax per network and the first `keep` calls of each network (all if None)."""
     rec = Recording()
     state: dict = {"network": None}
@@ -121,15 +114,13 @@ def record_streams(preset: Preset, nets: Networks, streams: int = 4, chunks: int
     handles = _amax_hooks(nets, rec, state)
     try:
         images, audios, prompts = stream_media(preset, streams, chunks, seed)
-        sessions = [StreamSession(preset, runners, device=device) for _ in range(streams)]
-        for i, s in enumerate(sessions):
-            s.start(images[i], seed=seed * 1000 + i, prompt=prompts[i])
-        with torch.inference_mode():
-            for k in range(chunks):
-                # every few chunks one stream switches behaviour (prompt tokens vary within a stream)
-                step_prompts = [PROMPTS[(k + i) % len(PROMPTS)] if k % 3 == 2 and i == 0 else None
-                                for i in range(streams)]
-                step_batch(sessions, [a[k] for a in audios], step_prompts)
+        engine = StreamEngine(preset, runners, device, torch.float32, capacity=streams)  # the networks' dtype
+        states = [engine.start(images[i], seed=seed * 1000 + i, prompt=prompts[i]) for i in range(streams)]
+        for k in range(chunks):
+            # every few chunks one stream switches behaviour (prompt tokens vary within a stream)
+            step_prompts = [PROMPTS[(k + i) % len(PROMPTS)] if k % 3 == 2 and i == 0 else None
+                            for i in range(streams)]
+            engine.step(states, [a[k] for a in audios], step_prompts)
     finally:
         for h in handles:
             h.remove()

@@ -9,7 +9,8 @@ import pytest
 from flowact.benchmarks import report
 from flowact.benchmarks.loadgen import (ClientMetrics, LoadSpec, StreamTiming, playback_deadline, realtime_capacity,
                                         run_point, summarise)
-from flowact.benchmarks.serve_bench import main, soak_verdict
+from flowact.benchmarks.serve_bench import main
+from flowact.benchmarks.serve_modes import soak_verdict
 from flowact.presets import CHUNK_SECONDS
 from flowact.stats import count_stalls, percentile
 
@@ -213,16 +214,16 @@ def test_add_parser_plugs_into_the_flowact_cli(monkeypatch, capsys):
 
 
 def test_baseline_tries_both_thread_counts_and_keeps_the_better(monkeypatch):
-    from flowact.benchmarks import serve_bench
+    from flowact.benchmarks import serve_baseline
 
-    monkeypatch.setattr(serve_bench.os, "cpu_count", lambda: 2)
-    assert serve_bench.baseline_threads(1) == [2, 1]
-    assert serve_bench.baseline_threads(2) == serve_bench.baseline_threads(4) == [1]
-    assert serve_bench.baseline_threads(1, fixed=3) == [3]
+    monkeypatch.setattr(serve_baseline.os, "cpu_count", lambda: 2)
+    assert serve_baseline.baseline_threads(1) == [2, 1]
+    assert serve_baseline.baseline_threads(2) == serve_baseline.baseline_threads(4) == [1]
+    assert serve_baseline.baseline_threads(1, fixed=3) == [3]
     fast, slow = point(1, chunk_latency_p99_s=0.2), point(1, chunk_latency_p99_s=0.3)
-    assert serve_bench.better(slow, fast) is fast and serve_bench.better(fast, slow) is fast
+    assert serve_baseline.better(slow, fast) is fast and serve_baseline.better(fast, slow) is fast
     failing = point(1, False)
-    assert serve_bench.better(failing, slow) is slow
+    assert serve_baseline.better(failing, slow) is slow
 
 
 def test_a_later_run_keeps_earlier_sections_and_their_run_facts(tmp_path):
@@ -239,7 +240,7 @@ def test_a_later_run_keeps_earlier_sections_and_their_run_facts(tmp_path):
 
 
 def test_best_of_repeats_keeps_every_attempt():
-    from flowact.benchmarks.serve_bench import best_of
+    from flowact.benchmarks.serve_baseline import best_of
 
     noisy, clean = point(2, False, loadavg_at_start=6.0), point(2, loadavg_at_start=1.0)
     best = best_of([noisy, clean])
@@ -250,6 +251,7 @@ def test_best_of_repeats_keeps_every_attempt():
 
 def test_results_written_meanwhile_by_another_run_are_kept(tmp_path, monkeypatch):
     from flowact.benchmarks import serve_bench
+    from flowact.benchmarks.serve_config import BenchConfig
 
     out = tmp_path / "serve_tiny.json"
 
@@ -260,14 +262,14 @@ def test_results_written_meanwhile_by_another_run_are_kept(tmp_path, monkeypatch
 
     monkeypatch.setattr(serve_bench, "run_sweep", fake_sweep)
     monkeypatch.setattr(serve_bench, "load_snapshot", lambda exclude=None: {})
-    cfg = serve_bench.BenchConfig("tiny", [1], 1.0, ["baseline"], out=out)
+    cfg = BenchConfig("tiny", [1], 1.0, ["baseline"], out=out)
     result = serve_bench.run(cfg)
     assert result["soak"]["run_id"] == "other" and set(result["runs"]) == {"other", result["baseline"]["run_id"]}
     assert json.loads(out.read_text())["soak"]["minutes"] == 30
 
 
 def test_server_crashes_in_the_log_are_reported(tmp_path):
-    from flowact.benchmarks.serve_bench import log_faults
+    from flowact.benchmarks.serve_server import log_faults
 
     log = tmp_path / "tritonserver.log"
     log.write_text("I1122 started\nSignal (11) received.\n 0# 0x1 in tritonserver\nmalloc(): invalid size (unsorted)\n")

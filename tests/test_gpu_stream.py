@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flowact.benchmarks import gpu_stream
+from flowact.benchmarks import gpu_point, gpu_probes, gpu_stream, gpu_tables, kit
 from flowact.benchmarks.flops import count_flops
+from flowact.runtime import RuntimeKind, build_runners
 
 FAST = ["--warmup", "1", "--serial", "1", "--chunks", "3", "--ttff-reps", "1", "--no-profile"]
 
@@ -43,7 +44,7 @@ def smoke(tmp_path_factory):
 
 def test_smoke_run_on_cpu_reports_every_field(smoke):
     r = smoke
-    assert r["preset"] == "tiny" and r["engine"] == "torch" and r["dtype"] == "float32"
+    assert r["preset"] == "tiny" and r["runtime"] == "torch" and r["dtype"] == "float32"
     assert r["matmul"]["tflops"] > 0 and r["flops_error"] is None and r["partial"] is False
     assert [p["streams"] for p in r["points"]] == [1, 2]
     for p in r["points"]:
@@ -55,7 +56,7 @@ def test_smoke_run_on_cpu_reports_every_field(smoke):
         assert p["ttff_parts_ms"]["vae_encoder"] > 0
         assert p["memory"] is None  # CPU: no device allocator to read
         for parts in (p["parts"], p["parts_serial"]):
-            assert set(parts) == set(gpu_stream.PARTS)
+            assert set(parts) == set(gpu_probes.PARTS)
             for part, s in parts.items():
                 assert s["ms_per_call_p50"] > 0 and s["tflop_per_call"] > 0 and s["tflops"] > 0, (part, s)
         # memory refinement every 4 chunks: the memory pass runs once per chunk, or twice
@@ -94,29 +95,29 @@ def test_an_out_of_memory_n_is_recorded_and_the_others_still_run(tmp_path, monke
     r = json.loads(out.read_text())
     assert [(p["streams"], p["status"]) for p in r["points"]] == [(2, "oom"), (1, "ok")]
     assert "80.00 GiB" in r["points"][0]["error"] and "CUDA OUT OF MEMORY" in capsys.readouterr().out
-    assert "**oom**" in gpu_stream.points_table(r)
+    assert "**oom**" in gpu_tables.points_table(r)
 
 
 def test_readme_table_is_generated_from_the_results(smoke, tmp_path):
-    block = gpu_stream.render_readme_block([smoke])
-    assert block.startswith(gpu_stream.BEGIN) and block.endswith(gpu_stream.END)
+    block = gpu_tables.render_readme_block([smoke])
+    assert block.startswith(gpu_tables.BEGIN) and block.endswith(gpu_tables.END)
     assert "| 1 |" in block and "| 2 |" in block and "denoiser (one NFE)" in block
     # publishing rewrites only the generated block
     readme = tmp_path / "README.md"
-    readme.write_text(f"# B\n\nbefore\n\n{gpu_stream.BEGIN}\nstale\n{gpu_stream.END}\n\nafter\n")
+    readme.write_text(f"# B\n\nbefore\n\n{gpu_tables.BEGIN}\nstale\n{gpu_tables.END}\n\nafter\n")
     results = tmp_path / "results"
     results.mkdir()
     (results / "gpu_stream_tiny.json").write_text(json.dumps(smoke))
-    gpu_stream.update_readme(readme, results)
+    gpu_tables.update_readme(readme, results)
     text = readme.read_text()
     assert "stale" not in text and "before" in text and "after" in text and block in text
 
 
 def test_shipped_readme_matches_shipped_results(tmp_path):
     readme = tmp_path / "README.md"
-    shutil.copyfile(gpu_stream.README, readme)
-    gpu_stream.update_readme(readme, gpu_stream.RESULTS)
-    assert readme.read_text() == gpu_stream.README.read_text(), \
+    shutil.copyfile(gpu_tables.README, readme)
+    gpu_tables.update_readme(readme, gpu_tables.RESULTS)
+    assert readme.read_text() == gpu_tables.README.read_text(), \
         "benchmarks/README.md is stale: run `python -m flowact.benchmarks.gpu_stream --readme`"
 
 
@@ -129,23 +130,23 @@ def test_inputs_without_pyav_or_soundfile_match_flowact_media(monkeypatch):
     from flowact.presets import get_preset
 
     tiny = get_preset("tiny")
-    image, speech, how = gpu_stream.load_inputs(tiny)
+    image, speech, how = kit.reference_inputs(tiny)
     assert how == "flowact.media"
     monkeypatch.setitem(sys.modules, "av", None)
     monkeypatch.setitem(sys.modules, "soundfile", None)
     monkeypatch.delitem(sys.modules, "flowact.media")
-    image2, speech2, how2 = gpu_stream.load_inputs(tiny)
+    image2, speech2, how2 = kit.reference_inputs(tiny)
     assert how2 == "wave+PIL" and np.array_equal(image, image2) and np.array_equal(speech, speech2)
 
 
 def test_trt_engine_needs_a_gpu_and_plans(capsys):
-    assert gpu_stream.main(["--engine", "trt", "--device", "cpu", "--preset", "tiny"]) == gpu_stream.EXIT_UNAVAILABLE
-    assert "--engine trt needs" in capsys.readouterr().err
+    assert gpu_stream.main(["--runtime", "trt", "--device", "cpu", "--preset", "tiny"]) == gpu_stream.EXIT_UNAVAILABLE
+    assert "--runtime trt needs" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(gpu_stream.tensorrt_missing() is None, reason="TensorRT is installed")
 def test_trt_engine_without_tensorrt_exits_2(tmp_path, capsys):
-    argv = ["--engine", "trt", "--plans", str(tmp_path), "--preset", "tiny", "--streams", "1"]
+    argv = ["--runtime", "trt", "--source", str(tmp_path), "--preset", "tiny", "--streams", "1"]
     assert gpu_stream.main(argv) == gpu_stream.EXIT_UNAVAILABLE
     assert "TensorRT is not installed" in capsys.readouterr().err
 
@@ -167,7 +168,7 @@ def test_tiny_cuda_pass(tmp_path):
         assert p["status"] == "ok" and p["chunk_ms"]["p50"] > 0
         assert p["overlap"]["mode"].startswith("cuda side stream") and p["overlap"]["overlapped_pairs"] >= 1
         assert p["memory"]["per_stream_peak_gib"] > 0
-        assert set(p["parts"]) == set(gpu_stream.PARTS)
+        assert set(p["parts"]) == set(gpu_probes.PARTS)
     assert isinstance(r["points"][0].get("attention_kernels"), dict)
 
 
@@ -177,17 +178,18 @@ def test_streams_are_staggered_over_the_refinement_period():
 
     preset = get_preset("tiny")
     device = torch.device("cpu")
-    runners, _, _ = gpu_stream.build_torch_runners(preset, device, torch.float32, seed=0, compile_=False)
-    image, speech, _ = gpu_stream.load_inputs(preset)
-    ctx = gpu_stream.Context(preset, device, torch.float32, runners, gpu_stream.Recorder(), image, speech, None, "torch")
-    point = gpu_stream.Point(6, ctx)
+    runners = build_runners(RuntimeKind.TORCH, preset, device=device)
+    image, speech, _ = kit.reference_inputs(preset)
+    ctx = gpu_point.Context(preset, device, torch.float32, runners, gpu_probes.Recorder(), image,
+                            kit.whole_chunks(speech), None, "torch")
+    point = gpu_point.Point(6, ctx)
     point.start()
     point.denoise()
     point.stagger()
     k = preset.refine_every
-    assert [s.state.chunk_index for s in point.sessions] == [1 + i % k for i in range(6)]
+    assert [s.chunk_index for s in point.states] == [1 + i % k for i in range(6)]
     for _ in range(2 * k):
-        assert sum(s.state.refinement_due() for s in point.sessions) <= -(-6 // k)
+        assert sum(s.refinement_due() for s in point.states) <= -(-6 // k)
         point.denoise()
 
 
@@ -200,5 +202,5 @@ def test_timing_probes_wrap_the_networks_only(tiny):
     from flowact.runtime import Runners
 
     runners = dataclasses.replace(Runners.from_networks(build_networks(tiny)), memory_subsets=False)
-    timed = gpu_stream.timed_runners(runners, runners, gpu_stream.Recorder())
-    assert timed.memory_subsets is False and isinstance(timed.denoiser, gpu_stream.Timed)
+    timed = gpu_probes.timed_runners(runners, runners, gpu_probes.Recorder())
+    assert timed.memory_subsets is False and isinstance(timed.denoiser, gpu_probes.Timed)
