@@ -41,7 +41,7 @@ class EdgeProcess:
     """`flowact web` as a process on a free loopback port, with its log in a file."""
 
     def __init__(self, server_url: str, log_path: Path, *args: str, wait_s: float = 60.0):
-        from flowact.serving.server import free_ports
+        from flowact.serving.processes import free_ports
 
         (self.port,) = free_ports(1)
         self.base = f"http://127.0.0.1:{self.port}"
@@ -242,7 +242,8 @@ def burst(edge: EdgeProcess, requests: list, label: str, watch: Watch | None = N
 
 def main(argv: list[str] | None = None) -> int:
     from flowact.serving.repository import RepositoryOptions, build_embedded_repository
-    from flowact.serving.server import TritonServer, free_ports
+    from flowact.serving.processes import free_ports
+    from flowact.serving.server import TritonServer
     from flowact.web.viewer import Viewer
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

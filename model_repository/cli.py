@@ -16,7 +16,8 @@ from flowact.contract import (ACTIVE_STREAMS, ADMIN_KEY_ENV, ARTIFACTS_DIR, DEFA
                               TRITONSERVER_ENV)
 from flowact.serving.drain import drain_file, drain_file_of, read_state, write_state
 from flowact.serving.health import HealthServer, metric_value, readiness, scrape
-from flowact.serving.server import StartupError, TritonServer
+from flowact.serving.server import TritonServer
+from flowact.serving.startup import StartupError
 
 # This module stays free of torch at import time: `probe` and `drain` run as Kubernetes probes.
 PIPELINES = ("overlap", "serial")
@@ -77,7 +78,7 @@ def add_parser(sub) -> None:
 
 def admin_key(key_file: Path | None) -> tuple[str | None, str]:
     """The operator's admin key (--admin-key-file, else $FLOWACT_ADMIN_KEY, else None: random) and where it came from."""
-    from flowact.serving.server import check_admin_key
+    from flowact.serving.startup import check_admin_key
 
     if key_file is not None:
         try:

@@ -1,11 +1,8 @@
-"""Launch and stop the tritonserver binary that the nvidia-pytriton wheel ships (the embedded server).
+"""Launch, watch and stop tritonserver: the binary that the nvidia-pytriton wheel ships (the embedded
+server; its backend folder and environment: flowact.serving.backend) or another one.
 
-Gotchas of the nvidia-pytriton 0.7.0 wheel handled here (measured): its python backend folder
-has no stub, so a backend directory is assembled with the 3.11 stub beside libtriton_python.so;
-the stub finds its environment through `python3` on PATH and needs libpython on
-LD_LIBRARY_PATH (without it the server hangs in "loading" forever, hence the readiness timeout);
-the server runs in its own process group and is stopped with SIGTERM, waiting for the whole group,
-so no stub process or /dev/shm region is left behind.
+The server runs in its own process group and is stopped with SIGTERM, waiting for the whole group
+(flowact.serving.processes), so no stub process or /dev/shm region is left behind.
 
 Stub watchdog. Measured on Triton 2.51: when a python stub process dies (OOM kill, crash), Triton
 does not restart it; server and model readiness stay 200 while every request to that model fails
@@ -18,22 +15,18 @@ Launcher death. tritonserver runs under a guard process (guard.py), the leader o
 which takes the group down when the launcher dies by any signal (even SIGKILL of the launcher's
 group, which does not reach the server's own session).
 
-Startup failures name their cause first: the configuration is checked before launching (ports free,
-snapshot key long enough, libpython findable) and a server that exits or stalls has the error lines
-of its log pulled to the top of the exception.
+Startup failures name their cause first (flowact.serving.startup): the configuration is checked
+before launching (ports free, snapshot key long enough, libpython findable) and a server that exits
+or stalls has the error lines of its log pulled to the top of the exception.
 """
 
 from __future__ import annotations
 
 import collections
-import glob
 import json
 import os
-import re
 import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -42,12 +35,12 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flowact.contract import (ADMIN_KEY_ALPHABET, ADMIN_KEY_ENV, ADMIN_KEY_MIN_CHARS, ADMIN_KEY_NAME, ARTIFACTS_DIR,
-                              DEFAULT_GRPC_PORT, DEFAULT_HOST, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, LAUNCHER_GUARD_KILL_S,
-                              SNAPSHOT_KEY_ENV)
+from flowact.contract import (ADMIN_KEY_ENV, ADMIN_KEY_NAME, ARTIFACTS_DIR, DEFAULT_GRPC_PORT, DEFAULT_HOST,
+                              DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, LAUNCHER_GUARD_KILL_S)
+from flowact.serving.backend import backend_directory, pytriton_dir, server_env
+from flowact.serving.processes import Stub, find_stubs, group_alive, group_processes
+from flowact.serving.startup import FATAL_LINE, StartupError, cause_lines, preflight
 
-SHM_PREFIX = "triton_python_backend_shm_region"
-STUB_BINARY = "triton_python_backend_stub"
 STUB_EXIT_POLICIES = ("stop", "restart", "ignore")
 SERVER_LINGER_S = 3.0  # how long a stopping tritonserver may outlive its stubs before SIGKILL
 # Protocols no client needs: restricted behind a key only the operator knows.
@@ -55,102 +48,7 @@ RESTRICTED_PROTOCOLS = "model-repository,model-config,shared-memory,logging,trac
 REDACTED = "<admin-key>"
 
 
-def check_admin_key(key: str) -> str:
-    """An operator's admin key, validated (the error never contains the key)."""
-    if len(key) < ADMIN_KEY_MIN_CHARS:
-        raise ValueError(f"the admin key must have at least {ADMIN_KEY_MIN_CHARS} characters (got {len(key)})")
-    bad = sorted({c for c in key if c not in ADMIN_KEY_ALPHABET})
-    if bad:
-        raise ValueError(f"the admin key may hold only letters, digits and {ADMIN_KEY_ALPHABET[62:]} "
-                         f"({len(bad)} other character(s) found)")
-    return key
-
-
 GUARD = Path(__file__).with_name("guard.py")
-# Log lines that state why a server failed (Triton's error lines start with E and the date: E1201 ...).
-CAUSE_LINE = re.compile(r"^E\d{4} |error|failed|unavailable|cannot open shared object|exception", re.IGNORECASE)
-NOISE_LINE = re.compile(r"cuda|nvml|dcgm|gpu metrics|pinned memory|cupti", re.IGNORECASE)  # harmless on CPU
-MODEL_LOAD_LINE = re.compile(r"failed to load '")
-# A stalled load that never ends by itself (e.g. the stub cannot load libpython: Triton waits forever).
-FATAL_LINE = re.compile(r"error while loading shared libraries|cannot open shared object file")
-
-
-class StartupError(RuntimeError):
-    """The server did not start; the message begins with the cause."""
-
-
-def cause_lines(lines, limit: int = 8) -> list[str]:
-    """The lines of a server log that state an error, in order, without repeats or CPU noise."""
-    found = []
-    for line in lines:
-        line = line.strip()
-        noise = NOISE_LINE.search(line) and not MODEL_LOAD_LINE.search(line)  # "unsupported gpu id" is a cause
-        if CAUSE_LINE.search(line) and not noise and line not in found:
-            found.append(line)
-    return found[-limit:]
-
-
-def port_in_use(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a listener blocks the bind; TIME_WAIT does not
-        try:
-            s.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
-def libpython_dirs(env: dict[str, str]) -> list[str]:
-    """Where the stub's loader looks for libpython: LD_LIBRARY_PATH, then the system folders."""
-    extra = [d for d in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if d]
-    return extra + ["/lib", "/usr/lib", "/lib64", "/usr/lib64", "/usr/local/lib", "/lib/x86_64-linux-gnu",
-                    "/usr/lib/x86_64-linux-gnu", "/lib/aarch64-linux-gnu", "/usr/lib/aarch64-linux-gnu"]
-
-
-def find_libpython(env: dict[str, str], version: str | None = None) -> str | None:
-    version = version or f"{sys.version_info.major}.{sys.version_info.minor}"
-    for d in libpython_dirs(env):
-        hits = sorted(glob.glob(os.path.join(d, f"libpython{version}.so*")))
-        if hits:
-            return hits[0]
-    return None
-
-
-def pytriton_dir() -> Path:
-    import pytriton
-
-    return Path(pytriton.__file__).parent / "tritonserver"
-
-
-def backend_directory(cache: Path) -> Path:
-    """A backends/ folder whose python backend has the stub for this interpreter beside it."""
-    src = pytriton_dir()
-    py = f"{sys.version_info.major}.{sys.version_info.minor}"
-    stub = src / "python_backend_stubs" / py / "triton_python_backend_stub"
-    if not stub.exists():
-        raise RuntimeError(f"the nvidia-pytriton wheel has no python backend stub for Python {py}")
-    target = cache / "backends" / "python"
-    target.mkdir(parents=True, exist_ok=True)
-    for f in (src / "backends" / "python").iterdir():
-        if f.is_file() and not (target / f.name).exists():
-            shutil.copy2(f, target / f.name)
-    if not (target / stub.name).exists():
-        shutil.copy2(stub, target / stub.name)
-    return target.parent
-
-
-def server_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the stub's python3
-    libpython = str(Path(sys.base_prefix) / "lib")
-    wheel_libs = str(pytriton_dir().parent.parent / "nvidia_pytriton.libs")  # the copied stub's libcudart
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libpython, wheel_libs, env.get("LD_LIBRARY_PATH")) if p)
-    return env
-
-
-def shm_regions() -> set[str]:
-    shm = Path("/dev/shm")
-    return {p.name for p in shm.glob(f"{SHM_PREFIX}*")} if shm.exists() else set()
 
 
 @dataclass
@@ -219,35 +117,6 @@ class TritonServer:
             self._start(timeout_s)
         return self
 
-    def preflight(self, env: dict[str, str]) -> None:
-        """Refuse a launch that cannot work, naming why, before tritonserver runs."""
-        for what, port, flag in (("gRPC", self.grpc_port, "--grpc-port"), ("HTTP", self.http_port, "--http-port"),
-                                 ("metrics", self.metrics_port, "--metrics-port")):
-            if port_in_use(self.host, port):
-                raise StartupError(f"{what} port {port} on {self.host} is already in use: stop what listens there "
-                                   f"or choose another {flag}")
-        if env.get(SNAPSHOT_KEY_ENV):
-            from flowact.snapshot import key_from_env
-
-            try:
-                key_from_env(env)
-            except ValueError as e:
-                raise StartupError(str(e)) from None
-        device = self.rendered().get("device") or "cpu"
-        if device.startswith("cuda"):  # the stream model's device must exist here, or every model fails to load
-            import torch
-
-            if torch.cuda.device_count() <= (torch.device(device).index or 0):
-                seen = (f"{torch.cuda.device_count()} CUDA device(s) visible" if torch.version.cuda
-                        else f"torch {torch.__version__} is built without CUDA")
-                raise StartupError(f"the repository's models run on {device}, but {seen} here: serve it on a GPU "
-                                   f"machine, or render it with --device cpu (target torch)")
-        if self.binary is None and find_libpython(env) is None:
-            py = f"{sys.version_info.major}.{sys.version_info.minor}"
-            raise StartupError(f"libpython{py}.so not found in LD_LIBRARY_PATH or the system library folders: the "
-                               f"python backend stub needs it (install this interpreter's shared library, or put its "
-                               f"folder on LD_LIBRARY_PATH)")
-
     def failure(self, what: str) -> str:
         """`what` happened: the log's error lines first, then the log tail."""
         if self._log_reader is not None:
@@ -260,7 +129,9 @@ class TritonServer:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         env = server_env() | self.extra_env
         env.pop(ADMIN_KEY_ENV, None)  # the server and its python stubs have no use for the key
-        self.preflight(env)
+        preflight(env, self.host, [("gRPC", self.grpc_port, "--grpc-port"), ("HTTP", self.http_port, "--http-port"),
+                                   ("metrics", self.metrics_port, "--metrics-port")],
+                  self.rendered().get("device") or "cpu", embedded=self.binary is None)
         read_fd, self._guard_fd = os.pipe()
         guard = [sys.executable, "-I", str(GUARD), str(read_fd), str(LAUNCHER_GUARD_KILL_S), "--", *self.command()]
         try:
@@ -398,92 +269,3 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-@dataclass(frozen=True)
-class Stub:
-    """One python backend stub process (one per python model instance)."""
-
-    model: str
-    shm_region: str
-    process: object  # psutil.Process: its identity (pid, start ticks since boot) ignores wall-clock steps
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def alive(self) -> bool:
-        """Not a creation time compared in wall-clock seconds: that moves when the clock is stepped
-        (/proc/stat btime), and CI once saw every stub of two servers 'die' at the same instant."""
-        import psutil
-
-        try:
-            return self.process.is_running() and self.process.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-
-
-def find_stubs(pgid: int) -> dict[int, Stub]:
-    """The python stubs in a server's process group: pid -> Stub (model name from the model.py path)."""
-    import psutil
-
-    stubs = {}
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmd = proc.info["cmdline"] or []
-        try:
-            if len(cmd) >= 3 and cmd[0].endswith(STUB_BINARY) and os.getpgid(proc.pid) == pgid:
-                model = Path(cmd[1]).parent.parent.name  # <repo>/<model>/<version>/model.py
-                stubs[proc.pid] = Stub(model, Path(cmd[2]).name, proc)
-        except (ProcessLookupError, PermissionError):
-            continue
-    return stubs
-
-
-def group_processes(pgid: int) -> list:
-    """psutil.Process of every live member of a process group (the server and its stubs)."""
-    import psutil
-
-    members = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if os.getpgid(proc.pid) == pgid:
-                members.append(proc)
-        except (ProcessLookupError, PermissionError):
-            continue
-    return members
-
-
-def group_rss(pgid: int, proportional: bool = False) -> int:
-    """Resident memory of a process group in bytes (tritonserver and its stubs).
-
-    RSS counts pages shared between processes once per process: the python backend's shared
-    memory regions (mapped by the server and by a stub) count twice. `proportional=True` sums PSS
-    instead (shared pages split among their users): the group's real footprint."""
-    import psutil
-
-    total = 0
-    for proc in group_processes(pgid):
-        try:
-            total += proc.memory_full_info().pss if proportional else proc.memory_info().rss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return total
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
-def free_ports(n: int) -> list[int]:
-    """n TCP ports free on loopback right now (tests and benchmarks start servers side by side)."""
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports

@@ -63,7 +63,8 @@ def start_server(tmp, onnx_dir, capacity: int = 12, idle_ttl_s: float = 3.0, ext
     the one `flowact serve` gives it, named by its metrics port, flowact.serving.drain)."""
     from flowact.serving.drain import drain_file
     from flowact.serving.repository import RepositoryOptions, build_embedded_repository
-    from flowact.serving.server import TritonServer, free_ports
+    from flowact.serving.processes import free_ports
+    from flowact.serving.server import TritonServer
 
     repo = build_embedded_repository("tiny", tmp / "repo", opts=RepositoryOptions(capacity=capacity, idle_ttl_s=idle_ttl_s),
                                      onnx_dir=onnx_dir)

@@ -20,7 +20,8 @@ from flowact.benchmarks.edge_hostile import (EdgeProcess, big_jpeg, big_png, bom
                                              raw_post)
 from flowact.contract import (ADMIN_KEY_HTTP_HEADER, WEB_BODY_TIMEOUT_S, WEB_MAX_CHANNELS, WEB_MAX_CONTROL_BYTES,
                               WEB_MAX_SDP_MEDIA, WEB_SESSIONS_PATH)
-from flowact.serving.server import TritonServer, free_ports
+from flowact.serving.processes import free_ports
+from flowact.serving.server import TritonServer
 
 MAX_SESSIONS = 3
 CONNECT_TIMEOUT_S = 3.0

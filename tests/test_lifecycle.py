@@ -22,7 +22,9 @@ from conftest import ref_image, speech_chunks, start_server, url
 from flowact.client.stream import AvatarStream, StreamError
 from flowact.contract import SNAPSHOT_KEY_ENV
 from flowact.presets import get_preset
-from flowact.serving.server import StartupError, Stub, TritonServer, free_ports, shm_regions
+from flowact.serving.processes import Stub, free_ports, shm_regions
+from flowact.serving.server import TritonServer
+from flowact.serving.startup import StartupError
 
 TINY = get_preset("tiny")
 KEY = "test-snapshot-key-0123456789abcdef"
@@ -195,9 +197,9 @@ def test_a_model_that_fails_to_load_is_named(repository, tmp_path):
 
 
 def test_a_missing_libpython_is_named_before_launch(tmp_path, monkeypatch):
-    from flowact.serving import server as server_module
+    from flowact.serving import startup
 
-    monkeypatch.setattr(server_module, "find_libpython", lambda env, version=None: None)
+    monkeypatch.setattr(startup, "find_libpython", lambda env, version=None: None)
     http, grpc, metrics_port = free_ports(3)
     with pytest.raises(StartupError, match=r"^libpython3\.\d+\.so not found"):
         TritonServer(tmp_path, grpc, http, metrics_port, work_dir=tmp_path / "triton").start(timeout_s=5)
@@ -216,7 +218,7 @@ def test_a_gpu_repository_without_a_gpu_is_named_before_launch(tmp_path):
 
 def test_gpu_load_failures_are_causes_not_cpu_noise():
     """CUDA lines are noise on a CPU machine, except where a model failed to load because of them."""
-    from flowact.serving.server import cause_lines
+    from flowact.serving.startup import cause_lines
 
     log = ['W1202 07:04:09.0 1 pinned_memory_manager.cc:273] "Unable to allocate pinned system memory, CUDA error"',
            'E1202 07:04:09.1 1 server.cc:241] "CudaDriverHelper has not been initialized."',

@@ -209,7 +209,7 @@ def test_avatar_token():
 def test_server_gone_ends_the_generator():
     """No flowact server at the address (and failover off: with it the avatar would retry for 30 s): the
     generator's frames end and the avatar names the cause."""
-    from flowact.serving.server import free_ports
+    from flowact.serving.processes import free_ports
 
     (port,) = free_ports(1)
     generator = FlowActVideoGenerator(AgentAvatar(f"127.0.0.1:{port}", ref_image(get_preset("tiny")), failover=None))

@@ -59,7 +59,7 @@ class Served:
 def served(tmp_path_factory, onnx_dir):
     """`flowact serve --preset tiny` (the tiny repository, seed-0 weights) with FLOWACT_ADMIN_KEY set."""
     from flowact.serving.repository import RepositoryOptions, build_embedded_repository
-    from flowact.serving.server import free_ports
+    from flowact.serving.processes import free_ports
 
     tmp = tmp_path_factory.mktemp("operators")
     repo = build_embedded_repository("tiny", tmp / "repo", opts=RepositoryOptions(capacity=8, idle_ttl_s=10.0),

@@ -82,7 +82,7 @@ def test_wheel_carries_every_runtime_file(installed):
 
 
 def test_demo_runs_from_the_installed_wheel_in_any_directory(installed, tmp_path):
-    from flowact.serving.server import free_ports
+    from flowact.serving.processes import free_ports
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLOWACT_", "PYTHON"))}
     env["FLOWACT_DRAIN_FILE"] = str(tmp_path / "draining")

@@ -32,7 +32,8 @@ from flowact.contract import MAX_PROMPT_BYTES, SNAPSHOT_KEY_ENV
 from flowact.validate import InputError
 from flowact.presets import BEHAVIOURS, SAMPLES_PER_CHUNK, get_preset
 from flowact.serving.cli import metric_value
-from flowact.serving.server import TritonServer, free_ports, group_alive, group_rss, shm_regions
+from flowact.serving.processes import free_ports, group_alive, group_rss, shm_regions
+from flowact.serving.server import TritonServer
 from flowact.serving.streams import ResumeRequest, StartRequest, parse_request
 from flowact.snapshot import SnapshotCodec, SnapshotError, key_from_env, max_snapshot_bytes, padded
 

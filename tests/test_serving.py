@@ -13,7 +13,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from conftest import metrics, ref_image, run_stream, speech_chunks, start_server, url
 from flowact.client.stream import AvatarStream
 from flowact.serving.cli import metric_value
-from flowact.serving.server import group_alive, shm_regions
+from flowact.serving.processes import group_alive, shm_regions
 
 IDLE_TTL_S = 3.0
 

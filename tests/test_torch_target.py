@@ -10,7 +10,8 @@ import pytest
 from conftest import ref_image, run_stream, speech_chunks, url
 from flowact.client.stream import AvatarStream
 from flowact.serving.repository import RepositoryOptions, Target, render_repository
-from flowact.serving.server import TritonServer, free_ports
+from flowact.serving.processes import free_ports
+from flowact.serving.server import TritonServer
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from flowact.contract import (ACTIVE_STREAMS, WEB_IDLE_AFTER_CHUNKS, WEB_MAX_IMA
 from flowact.media import REFERENCE_IMAGE, SPEECH_WAV
 from flowact.presets import CHUNK_SECONDS, SAMPLE_RATE, SAMPLES_PER_CHUNK
 from flowact.serving.cli import metric_value
-from flowact.serving.server import free_ports
+from flowact.serving.processes import free_ports
 from flowact.web.app import Refused, decode_image
 from flowact.web.timeline import ChunkAssembler, Conditioning, ControlError, JitterSizer
 
