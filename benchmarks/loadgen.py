@@ -17,14 +17,13 @@ same `StreamTiming` and are judged by the same rules.
 from __future__ import annotations
 
 import itertools
-import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 import numpy as np
 
-from flowact.client.stream import AvatarStream, FailoverPolicy, StreamError
-from flowact.contract import ENSEMBLE_MODEL, STREAM_ID_BYTES
+from flowact.client.stream import AvatarStream, FailoverPolicy, StreamError, new_stream_id
+from flowact.contract import ENSEMBLE_MODEL
 from flowact.presets import CHUNK_SECONDS, FRAMES_PER_CHUNK, SAMPLES_PER_CHUNK
 from flowact.stats import count_stalls, percentile
 
@@ -152,11 +151,6 @@ class AudioLoop:
 
 def stream_audio(audio: np.ndarray, index: int) -> AudioLoop:
     return AudioLoop(audio, offset_samples=int(index * 1.37 * 16_000))
-
-
-def new_stream_id() -> str:
-    """Unguessable (128 random bits), like the shipped client's: accepted by servers that require random ids."""
-    return secrets.token_hex(STREAM_ID_BYTES)
 
 
 # --- client-side Prometheus view -----------------------------------------------------------------

@@ -29,11 +29,13 @@ import tritonclient.grpc.aio as aioclient
 
 from flowact.client.stream import (Failover, FailoverPolicy, Outage, ReplicaGone, StreamError, make_inputs,
                                    new_stream_id, refusal_cause)
-from flowact.contract import (ENSEMBLE_MODEL, FAILOVER_CONNECTION_LOST, FAILOVER_NO_ANSWER, FRAMES, MAX_SEED,
-                              RECONNECT_BACKOFF_MAX_S, SNAPSHOT, SNAPSHOTS_DISABLED, LIVE_MAX_REPLAY_CHUNKS,
-                              LIVE_UPSTREAM_TIMEOUT_S)
+from flowact.contract import (ENSEMBLE_MODEL, FAILOVER_CONNECTION_LOST, FRAMES, LIVE_UPSTREAM_TIMEOUT_S, MAX_SEED,
+                              SNAPSHOT, SNAPSHOTS_DISABLED)
 
 POLL_S = 0.04  # how often a wait for an answer looks at the oldest unanswered chunk
+RECONNECT_BACKOFF_MAX_S = 1.0  # the gRPC reconnect backoff never grows past this
+MAX_REPLAY_CHUNKS = 250  # without snapshots (a server with no key) a stream keeps this much audio (2 min) to fail over
+FAILOVER_NO_ANSWER = "no answer"  # the failover cause of a chunk unanswered for upstream_timeout_s (a hung replica)
 
 
 def upstream_client(url: str) -> aioclient.InferenceServerClient:
@@ -67,7 +69,7 @@ class LiveStream:
         self.chunks_sent = 0  # chunks sent at least once
         self.attempting = False  # a gRPC stream is open: END can go out on it
         # chunk -> (audio, behaviour, prompt), kept until a snapshot covers it (without snapshots, for a
-        # replay from chunk 0: at most LIVE_MAX_REPLAY_CHUNKS)
+        # replay from chunk 0: at most MAX_REPLAY_CHUNKS)
         self._kept: dict[int, tuple] = {}
         self._made = asyncio.Event()  # a chunk was put, or END: the requests go on
         self._end_audio: np.ndarray | None = None  # set by end(): the END request's (7680,) audio
@@ -180,7 +182,7 @@ class LiveStream:
     def _deliver(self, n: int, frames: np.ndarray, now: float) -> None:
         self._delivered += 1
         self._last_delivery = now
-        if self._snapshot is None and len(self._kept) > LIVE_MAX_REPLAY_CHUNKS:  # no snapshot to resume from
+        if self._snapshot is None and len(self._kept) > MAX_REPLAY_CHUNKS:  # no snapshot to resume from
             self._kept.pop(min(self._kept))
             self._replayable = False
         if self._outage is not None:  # the first new chunk after a failover: what it cost
@@ -214,7 +216,7 @@ class LiveStream:
                     raise StreamError(f"{e} (failover is off)") from None
                 if self._snapshot is None and not self._replayable:
                     raise StreamError(f"{e} (no snapshot to resume from: the server has no snapshot key, and more than "
-                                      f"{LIVE_MAX_REPLAY_CHUNKS} chunks passed)") from None
+                                      f"{MAX_REPLAY_CHUNKS} chunks passed)") from None
                 if outage.attempts > self.failover.max_attempts or now - outage.started > self.failover.max_seconds:
                     raise StreamError(f"{e} (failover gave up after {outage.attempts} attempts, "
                                       f"{now - outage.started:.0f} s)") from None

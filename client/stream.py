@@ -49,8 +49,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from flowact.contract import (AUDIO, BEHAVIOUR, ENSEMBLE_MODEL, FAILOVER_BACKOFF_S, FAILOVER_CONNECTION_LOST,
-                              FAILOVER_MAX_ATTEMPTS, FAILOVER_MAX_BACKOFF_S, FAILOVER_MAX_SECONDS, FAILOVER_REFUSALS,
+from flowact.contract import (AUDIO, BEHAVIOUR, ENSEMBLE_MODEL, FAILOVER_CONNECTION_LOST, FAILOVER_REFUSALS,
                               FAILOVER_SNAPSHOT_EVERY, FRAMES, PROMPT, REF_IMAGE, RESUME, SEED, SNAPSHOT,
                               SNAPSHOTS_DISABLED, STREAM_ID_BYTES, WANT_SNAPSHOT, WIRE_DTYPES)
 from flowact.presets import CHUNK_SECONDS
@@ -83,13 +82,13 @@ class ReplicaGone(StreamError):
 
 @dataclass(frozen=True)
 class FailoverPolicy:
-    """How a stream continues after its replica went away (defaults: flowact.contract)."""
+    """How a stream continues after its replica went away."""
 
     snapshot_every: int = FAILOVER_SNAPSHOT_EVERY  # ask for a snapshot on chunks 0, K, 2K, ... (0: never; replay from 0)
-    max_attempts: int = FAILOVER_MAX_ATTEMPTS  # STARTs tried per failover
-    max_seconds: float = FAILOVER_MAX_SECONDS  # seconds per failover, from the failure
-    backoff_s: float = FAILOVER_BACKOFF_S
-    max_backoff_s: float = FAILOVER_MAX_BACKOFF_S
+    max_attempts: int = 20  # STARTs tried per failover before StreamError: ~16 s of backoff on average
+    max_seconds: float = 30.0  # ... or seconds since the failure, whichever comes first
+    backoff_s: float = 0.05  # retry n waits uniform(0, min(max_backoff_s, backoff_s * 2**n)) s: full jitter
+    max_backoff_s: float = 2.0
 
     def delay(self, retry: int) -> float:
         """Seconds to wait before retry `retry` (0, 1, ...): exponential backoff with full jitter."""

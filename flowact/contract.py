@@ -94,7 +94,7 @@ METRICS = {
     TTFF_SECONDS_COUNT: ("COUNTER", "streams timed"),
 }
 
-# --- operator access: the admin key (issue 12) -------------------------------------------------------
+# --- operator access: the admin key --------------------------------------------------------------
 # `flowact serve` restricts the admin protocols (model-repository, model-config, shared-memory,
 # logging, trace, statistics) behind this key: from $FLOWACT_ADMIN_KEY or --admin-key-file, else a
 # random key per start that nobody holds. Triton's restricted-key name is ADMIN_KEY_NAME; the
@@ -109,45 +109,27 @@ ADMIN_KEY_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012345
 # --- the WebRTC edge (`flowact web`, package flowact.web) -----------------------------------------
 # Signaling (WHIP/WHEP style): POST WEB_SESSIONS_PATH with an SDP offer (application/sdp) -> 201, the
 # SDP answer and Location: WEB_SESSIONS_PATH/<id>; DELETE that location ends the session.
-WEB_DEFAULT_PORT = 8080
-WEB_DEFAULT_MAX_SESSIONS = 4  # viewer sessions the edge admits at once (one gRPC stream each)
 WEB_SESSIONS_PATH = "/v1/sessions"
-WEB_IMAGES_PATH = "/v1/images"  # POST an image (its Content-Type) -> 201 {"id": ...}; sessions name it ?image=<id>
 WEB_SDP_TYPE = "application/sdp"
-WEB_IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}  # declared type -> PIL format
-WEB_MAX_IMAGE_BYTES = 8 * 1024 * 1024  # an uploaded reference image, encoded
-WEB_MAX_IMAGE_PIXELS = 40_000_000  # in the header (decompression bombs are refused before decoding)
-WEB_MIN_IMAGE_SIDE = 32  # pixels
-WEB_MAX_IMAGES = 64  # uploaded images the edge keeps (least recently used dropped)
-WEB_MAX_DECODE_PIXELS = 4096 * 4096  # pixels actually decoded: a JPEG at its reduced (draft) scale, PNG / WebP in full
-WEB_DECODE_CONCURRENCY = 2  # images decoded at once (off the event loop); more uploads wait their turn
-WEB_DECODE_QUEUE = 16  # uploads waiting to decode; beyond it 503
-WEB_MAX_SDP_BYTES = 64 * 1024  # an SDP offer (a browser's is 3-6 kB)
-WEB_MAX_SDP_MEDIA = 8  # m-lines in an offer (the page sends 3: audio, video, data)
-WEB_BODY_TIMEOUT_S = 10.0  # a request body must arrive whole within this, or 408
-WEB_MAX_CONTROL_BYTES = 4096  # a data-channel control message (JSON); longer ones are refused unparsed
-WEB_MAX_CHANNELS = 4  # data channels per session; more are closed
+WEB_BEHAVIOUR_AUTO = "auto"  # ?behaviour= and the data channel: speaking while the voice is active, idle after a silence
 LIVE_UPSTREAM_TIMEOUT_S = 3.0  # a live stream's chunk unanswered this long (~6 chunks): its replica hangs (flowact.client.live)
 WEB_CONNECT_TIMEOUT_S = 20.0  # a session whose viewer has not connected (ICE + DTLS) by then is ended
-LIVE_MAX_REPLAY_CHUNKS = 250  # without snapshots (a server with no key) a live stream keeps this much audio (2 min) to fail over
-WEB_UPSTREAM_CHECK_S = 2.0  # POST /v1/sessions asks the server whether it is ready within this, else 503
-RECONNECT_BACKOFF_MAX_S = 1.0  # a live stream's gRPC reconnect backoff (the edge, the voice-agent avatar) never grows past this
-WEB_SESSION_SECRET_BYTES = 32  # a session's capability (its Location): 256 random bits
-WEB_TOKEN_MIN_CHARS = 16  # bearer tokens of --token-file
-WEB_BEHAVIOUR_AUTO = "auto"  # data channel: speaking while the voice is active, idle after a silence
-WEB_SILENCE_RMS = 0.003  # a chunk whose RMS is below this (about -50 dBFS) is silent
-WEB_IDLE_AFTER_CHUNKS = 2  # silent chunks (0.96 s) before auto switches to idle
-WEB_INPUT_SLACK_S = 0.12  # input audio later than this is replaced by silence (the avatar never waits)
 # Jitter buffer: chunk k's first frame plays when chunk 0's audio was complete + 0.48 s k + this delay.
 # Default: the measured p99 lateness of a chunk's frames on that clock (server round trip + input
 # jitter; tiny, 1-2 sessions, the shared 2-core machine at load average ~10: p50 35 ms, p99 184 ms)
 # plus one frame. Once the edge has seen 50 chunks, each new session takes the p99 of the edge's
-# recent 600 chunks plus one frame, clamped to [MIN, MAX] (web.timeline.JitterSizer).
+# recent 600 chunks plus one frame, clamped (flowact.web.timeline.JitterSizer).
 WEB_JITTER_BUFFER_S = 0.22
-WEB_MIN_JITTER_BUFFER_S = 0.12  # a window measured at lighter load under-predicts (4 sessions after 1-2: 1.8 % late at 80 ms)
-WEB_MAX_JITTER_BUFFER_S = 1.0
 
+# the edge's own /metrics (prometheus-client; histograms add _bucket/_sum/_count)
 WEB_SESSIONS_ACTIVE = "flowact_web_sessions_active"
+WEB_SESSIONS_STARTED = "flowact_web_sessions_started_total"
+WEB_SESSIONS_REJECTED = "flowact_web_sessions_rejected_total"
+WEB_SESSIONS_FAILED = "flowact_web_sessions_failed_total"
+WEB_FAILOVERS = "flowact_web_failovers_total"
+WEB_FRAMES_SENT = "flowact_web_frames_sent_total"
+WEB_FRAMES_LATE = "flowact_web_frames_late_total"
+WEB_SILENCE_FILLED = "flowact_web_silence_filled_seconds_total"
 WEB_TTFF = "flowact_web_ttff_seconds"
 WEB_MOUTH_LATENCY = "flowact_web_mouth_latency_seconds"
 WEB_AUDIO_DELAY = "flowact_web_audio_delay_seconds"
@@ -155,15 +137,15 @@ WEB_CHUNK_READY = "flowact_web_chunk_ready_seconds"
 WEB_AV_OFFSET = "flowact_web_av_offset_seconds"
 WEB_JITTER_BUFFER = "flowact_web_jitter_buffer_seconds"
 
-WEB_METRICS = {  # the edge's own /metrics (prometheus-client; histograms add _bucket/_sum/_count)
+WEB_METRICS = {  # name -> (kind, help)
     WEB_SESSIONS_ACTIVE: ("GAUGE", "viewer sessions open on this edge"),
-    "flowact_web_sessions_started_total": ("COUNTER", "viewer sessions admitted"),
-    "flowact_web_sessions_rejected_total": ("COUNTER", "session offers refused (edge at --max-sessions, bad offer)"),
-    "flowact_web_sessions_failed_total": ("COUNTER", "sessions ended by an error (server refused or gone, ICE failed)"),
-    "flowact_web_failovers_total": ("COUNTER", "sessions moved to another replica (resumed from their last snapshot)"),
-    "flowact_web_frames_sent_total": ("COUNTER", "video frames handed to the WebRTC encoder"),
-    "flowact_web_frames_late_total": ("COUNTER", "frames not there when due (the previous frame was repeated)"),
-    "flowact_web_silence_filled_seconds_total": ("COUNTER", "input audio replaced by silence (late or absent)"),
+    WEB_SESSIONS_STARTED: ("COUNTER", "viewer sessions admitted"),
+    WEB_SESSIONS_REJECTED: ("COUNTER", "session offers refused (edge at --max-sessions, bad offer)"),
+    WEB_SESSIONS_FAILED: ("COUNTER", "sessions ended by an error (server refused or gone, ICE failed)"),
+    WEB_FAILOVERS: ("COUNTER", "sessions moved to another replica (resumed from their last snapshot)"),
+    WEB_FRAMES_SENT: ("COUNTER", "video frames handed to the WebRTC encoder"),
+    WEB_FRAMES_LATE: ("COUNTER", "frames not there when due (the previous frame was repeated)"),
+    WEB_SILENCE_FILLED: ("COUNTER", "input audio replaced by silence (late or absent)"),
     WEB_TTFF: ("HISTOGRAM", "session offer received -> first video frame leaves the edge"),
     WEB_MOUTH_LATENCY: ("HISTOGRAM", "a chunk's audio complete at the edge -> its first frame leaves the edge"),
     WEB_AUDIO_DELAY: ("HISTOGRAM", "delay applied to the returned speech so that lips and sound match (per session)"),
@@ -202,15 +184,10 @@ LAUNCHER_GUARD_KILL_S = 3.0  # launcher gone: the guard SIGTERMs the server grou
 # fixed size per preset (tiny 108,529 bytes, cpu 211,441, r1-480p 3,330,545) against 12 frames of
 # 147,456 / 589,824 / 14,376,960 bytes a chunk, so K = 4 adds 18 % / 9 % / 5.8 % to what a stream
 # receives, and a failover re-sends at most K chunks plus those in flight.
-FAILOVER_SNAPSHOT_EVERY = 4
-FAILOVER_MAX_ATTEMPTS = 20  # STARTs tried for one failover before the client gives up (StreamError): ~16 s of backoff on average
-FAILOVER_MAX_SECONDS = 30.0  # ... or seconds since the failure, whichever comes first
-FAILOVER_BACKOFF_S = 0.05  # retry n waits uniform(0, min(MAX, BACKOFF * 2**n)) s: full jitter
-FAILOVER_MAX_BACKOFF_S = 2.0
+FAILOVER_SNAPSHOT_EVERY = 4  # the other limits of a failover: flowact.client.stream.FailoverPolicy
 # What makes a client fail over: the gRPC stream broke (any gRPC status), or the server's answer
 # contains a refusal below, in any case (texts of flowact.serving.streams, the stream model and Triton).
 FAILOVER_CONNECTION_LOST = "connection lost"
-FAILOVER_NO_ANSWER = "no answer"  # the edge: a chunk unanswered for --upstream-timeout (a hung replica)
 FAILOVER_REFUSALS = {  # lower-case text in the server's message -> cause
     "server is stopping": "stopping",  # also Triton's own "Server is stopping, scheduler ... stopped accepting"
     "server is draining": "draining",
@@ -223,8 +200,6 @@ SNAPSHOTS_DISABLED = "snapshots are disabled"  # a server without FLOWACT_SNAPSH
 # The agent's speech is put on the stream's timeline at real time (its TTS may run ahead); chunk k's
 # frames and speech leave at chunk 0 complete + 0.48 s k + the jitter buffer, as on the edge.
 AGENT_JITTER_BUFFER_S = WEB_JITTER_BUFFER_S
-AGENT_TICK_S = 0.02  # how often the speech clock moves the agent's pending speech onto the timeline
-AGENT_END_TIMEOUT_S = 5.0  # wait this long for the server's answer to END
-AGENT_AVATAR_IDENTITY = "flowact-avatar"  # the LiveKit participant the avatar joins a room as
-AGENT_FRAME_KEY = "flowact_frame"  # Pipecat: an OutputImageRawFrame's metadata: frame n of the stream (plays at origin + n / 25)
-AGENT_SAMPLE_KEY = "flowact_sample"  # ... a speech frame's: its first sample on the same timeline (plays at origin + s / 16000)
+# A speech frame's metadata (Pipecat) or user data (LiveKit): its first sample on the stream's timeline (plays
+# at origin + s / 16000).
+AGENT_SAMPLE_KEY = "flowact_sample"

@@ -1,7 +1,7 @@
 """A voice agent's avatar, framework-free: the agent's speech in, frames and re-timed speech out.
 
 The agent's TTS pushes 16 kHz mono speech whenever it has some (usually faster than real time). A
-clock (every AGENT_TICK_S) moves that speech onto the stream's timeline at real time, silence where
+clock (every TICK_S) moves that speech onto the stream's timeline at real time, silence where
 none is pending, so the avatar stays alive between utterances and an interruption drops only what
 is not yet on the timeline. The edge's pieces do the rest: `ChunkAssembler` cuts the timeline into
 0.48 s chunks, `Conditioning` picks each chunk's behaviour (speaking while the voice is active), and
@@ -31,12 +31,14 @@ import numpy as np
 
 from flowact.client.live import LiveStream
 from flowact.client.stream import FailoverPolicy, StreamError
-from flowact.contract import AGENT_END_TIMEOUT_S, AGENT_JITTER_BUFFER_S, AGENT_TICK_S, ENSEMBLE_MODEL, MAX_SEED
+from flowact.contract import AGENT_JITTER_BUFFER_S, ENSEMBLE_MODEL, MAX_SEED
 from flowact.presets import CHUNK_SECONDS, FRAMES_PER_CHUNK, SAMPLE_RATE, SAMPLES_PER_CHUNK
 from flowact.web.timeline import Chunk, ChunkAssembler, Conditioning
 from flowact.web.tracks import AUDIO_FRAME, AvatarVideoTrack, Playout, SpeechTrack
 
 log = logging.getLogger("flowact.integrations")
+TICK_S = 0.02  # how often the speech clock moves the agent's pending speech onto the timeline
+END_TIMEOUT_S = 5.0  # wait this long for the server's answer to END
 
 
 @dataclass
@@ -176,7 +178,7 @@ class AgentAvatar:
             due = int((now - self.assembler.origin) * SAMPLE_RATE) - self.assembler.written
             if due > 0:
                 self._make(self.assembler.push(self._take(due), now))
-            await asyncio.sleep(AGENT_TICK_S)
+            await asyncio.sleep(TICK_S)
 
     def _take(self, n: int) -> np.ndarray:
         """n samples off the pending speech, zero-padded where it runs out."""
@@ -244,13 +246,13 @@ class AgentAvatar:
     # --- the end ---------------------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """END the stream (waiting up to AGENT_END_TIMEOUT_S for its answer), stop the clock and the tracks."""
+        """END the stream (waiting up to END_TIMEOUT_S for its answer), stop the clock and the tracks."""
         self._clock.cancel()
         self.upstream.end(np.zeros(SAMPLES_PER_CHUNK, dtype=np.float32))  # (7680,): after the chunks made so far
         try:
-            await asyncio.wait_for(asyncio.shield(self._stream), AGENT_END_TIMEOUT_S)
+            await asyncio.wait_for(asyncio.shield(self._stream), END_TIMEOUT_S)
         except asyncio.TimeoutError:
-            log.warning("avatar: no answer to END within %.0f s", AGENT_END_TIMEOUT_S)
+            log.warning("avatar: no answer to END within %.0f s", END_TIMEOUT_S)
             self._stream.cancel()
         await asyncio.gather(self._clock, self._stream, return_exceptions=True)
         self._stop_output()

@@ -28,10 +28,12 @@ from livekit.agents.voice.avatar import (AudioSegmentEnd, AvatarOptions, AvatarR
 from livekit.agents.voice.avatar import AvatarSession as BaseAvatarSession
 
 from flowact.client.stream import FailoverPolicy
-from flowact.contract import AGENT_AVATAR_IDENTITY, AGENT_JITTER_BUFFER_S, AGENT_SAMPLE_KEY, DEFAULT_URL, ENSEMBLE_MODEL
+from flowact.contract import AGENT_JITTER_BUFFER_S, AGENT_SAMPLE_KEY, DEFAULT_URL, ENSEMBLE_MODEL
 from flowact.integrations.avatar import AgentAvatar
 from flowact.presets import FPS, SAMPLE_RATE
 from flowact.web.tracks import AUDIO_FRAME
+
+AVATAR_IDENTITY = "flowact-avatar"  # the participant the avatar joins a room as
 
 
 class FlowActVideoGenerator(VideoGenerator):
@@ -130,7 +132,7 @@ async def join_as_avatar(livekit_url: str, token: str, flowact_url: str, image: 
 
 
 def avatar_token(api_key: str, api_secret: str, room: str, agent_identity: str,
-                 identity: str = AGENT_AVATAR_IDENTITY) -> str:
+                 identity: str = AVATAR_IDENTITY) -> str:
     """A token for the avatar participant: joins `room`, publishes on behalf of the agent (as the
     framework's plugins' avatars do, so clients show its tracks as the agent's)."""
     return (api.AccessToken(api_key, api_secret).with_identity(identity).with_name("flowact avatar")
@@ -143,7 +145,7 @@ class AvatarSession(BaseAvatarSession):
     The avatar participant runs in this process (a task); LIVEKIT_URL / LIVEKIT_API_KEY / LIVEKIT_API_SECRET
     as for the agent itself unless given."""
 
-    def __init__(self, *, image: np.ndarray, flowact_url: str = DEFAULT_URL, identity: str = AGENT_AVATAR_IDENTITY,
+    def __init__(self, *, image: np.ndarray, flowact_url: str = DEFAULT_URL, identity: str = AVATAR_IDENTITY,
                  livekit_url: str | None = None, api_key: str | None = None, api_secret: str | None = None):
         super().__init__()
         self.image, self.flowact_url, self._identity = image, flowact_url, identity

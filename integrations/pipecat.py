@@ -25,10 +25,12 @@ from pipecat.services.ai_service import AIService
 from pipecat.services.settings import ServiceSettings
 
 from flowact.client.stream import FailoverPolicy
-from flowact.contract import AGENT_FRAME_KEY, AGENT_JITTER_BUFFER_S, AGENT_SAMPLE_KEY, ENSEMBLE_MODEL
+from flowact.contract import AGENT_JITTER_BUFFER_S, AGENT_SAMPLE_KEY, ENSEMBLE_MODEL
 from flowact.integrations.avatar import AgentAvatar
 from flowact.presets import FPS, SAMPLE_RATE
 from flowact.web.tracks import AUDIO_FRAME, VIDEO_CLOCK
+
+FRAME_KEY = "flowact_frame"  # an OutputImageRawFrame's metadata: frame n of the stream (plays at origin + n / 25)
 
 
 class FlowActVideoService(AIService):
@@ -98,7 +100,7 @@ class FlowActVideoService(AIService):
                     await self.stop_ttfb_metrics()
                 image = OutputImageRawFrame(image=frame.to_ndarray(format="rgb24").tobytes(),  # (H, W, 3)
                                             size=(frame.width, frame.height), format="RGB")
-                image.metadata[AGENT_FRAME_KEY] = frame.pts * FPS // VIDEO_CLOCK  # n: frame n plays at origin + n / 25
+                image.metadata[FRAME_KEY] = frame.pts * FPS // VIDEO_CLOCK  # n: frame n plays at origin + n / 25
                 await self.push_frame(image)
                 latencies = avatar.stats.mouth_latency_s
                 if len(latencies) > reported and self.metrics_enabled:

@@ -18,10 +18,11 @@ import pytest
 from conftest import url, wait_for
 from flowact.benchmarks.edge_hostile import (EdgeProcess, big_jpeg, big_png, bomb_png, burst, make_offer, offer_with,
                                              raw_post)
-from flowact.contract import (ADMIN_KEY_HTTP_HEADER, WEB_BODY_TIMEOUT_S, WEB_MAX_CHANNELS, WEB_MAX_CONTROL_BYTES,
-                              WEB_MAX_SDP_MEDIA, WEB_SESSIONS_PATH)
+from flowact.contract import ADMIN_KEY_HTTP_HEADER, WEB_SESSIONS_PATH
 from flowact.serving.processes import free_ports
 from flowact.serving.server import TritonServer
+from flowact.web.app import BODY_TIMEOUT_S, MAX_SDP_MEDIA
+from flowact.web.session import MAX_CHANNELS, MAX_CONTROL_BYTES
 
 MAX_SESSIONS = 3
 CONNECT_TIMEOUT_S = 3.0
@@ -95,7 +96,7 @@ def test_hostile_offers_never_keep_a_slot(edge):
         (offer_with(good, duplicate_mid=True), "", {}, 400, "SDP offer"),
         (offer_with(good, video="inactive"), "", {}, 400, "does not receive video"),
         (offer_with(good, video="sendonly"), "", {}, 400, "does not receive video"),
-        (offer_with(good, extra_media=4000), "", {}, 400, f"at most {WEB_MAX_SDP_MEDIA}"),
+        (offer_with(good, extra_media=4000), "", {}, 400, f"at most {MAX_SDP_MEDIA}"),
         (good, "?behaviour=dancing", {}, 400, "unknown behaviour"),
     ]
     for sdp, query, headers, status, text in cases:
@@ -104,8 +105,8 @@ def test_hostile_offers_never_keep_a_slot(edge):
     # a client that leaves in the middle of its body
     raw_post(edge.port, WEB_SESSIONS_PATH, good.encode()[:100], "application/sdp", auth(), declared=len(good), leave=True)
     assert sessions_open(edge) == 0
-    thread.join(WEB_BODY_TIMEOUT_S + 10)
-    assert slow["status"] == 408 and slow["seconds"] < WEB_BODY_TIMEOUT_S + 3, slow
+    thread.join(BODY_TIMEOUT_S + 10)
+    assert slow["status"] == 408 and slow["seconds"] < BODY_TIMEOUT_S + 3, slow
     # after all that, --max-sessions valid offers are admitted; they never connect, and come back on their own
     made = [post_offer(edge, make_offer()) for _ in range(MAX_SESSIONS)]
     assert [m[0] for m in made] == [201] * MAX_SESSIONS, [m[2][:200] for m in made]
@@ -185,10 +186,10 @@ def test_data_channel_messages_and_channels_are_bounded(edge):
 
     async def run() -> dict:
         calm = await Viewer(edge.base, None, token=TOKEN).connect()
-        hostile = await Viewer(edge.base, None, token=TOKEN, channels=WEB_MAX_CHANNELS + 3).connect()
+        hostile = await Viewer(edge.base, None, token=TOKEN, channels=MAX_CHANNELS + 3).connect()
         await asyncio.sleep(1.5)
         seen = {"open": sum(c.readyState == "open" for c in hostile.channels)}
-        hostile.channel.send("{" + " " * WEB_MAX_CONTROL_BYTES + "}")
+        hostile.channel.send("{" + " " * MAX_CONTROL_BYTES + "}")
         await asyncio.sleep(0.5)
         seen["errors"] = [m["message"] for m in hostile.messages if m.get("type") == "error"]
         before = len(calm.video)
@@ -206,7 +207,7 @@ def test_data_channel_messages_and_channels_are_bounded(edge):
         return seen
 
     seen = asyncio.run(run())
-    assert seen["open"] <= WEB_MAX_CHANNELS, seen
+    assert seen["open"] <= MAX_CHANNELS, seen
     assert any("control message refused" in m for m in seen["errors"]), seen["errors"]
     assert seen["sessions"] == 1 and seen["ended_after"] < 10, seen  # the hostile session ended, the calm one lives
     assert seen["calm_frames"] > 25, seen

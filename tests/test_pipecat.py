@@ -20,8 +20,8 @@ from pipecat.workers.runner import WorkerRunner  # noqa: E402
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor  # noqa: E402
 
 from conftest import metrics, ref_image, start_server, url  # noqa: E402
-from flowact.contract import ACTIVE_STREAMS, AGENT_FRAME_KEY, AGENT_SAMPLE_KEY  # noqa: E402
-from flowact.integrations.pipecat import FlowActVideoService  # noqa: E402
+from flowact.contract import ACTIVE_STREAMS, AGENT_SAMPLE_KEY  # noqa: E402
+from flowact.integrations.pipecat import FRAME_KEY, FlowActVideoService  # noqa: E402
 from flowact.media import load_audio, resample  # noqa: E402
 from flowact.presets import CHUNK_SECONDS, FPS, SAMPLE_RATE, SAMPLES_PER_CHUNK, get_preset  # noqa: E402
 
@@ -119,7 +119,7 @@ def test_pipecat_pipeline(server):
         assert pixels.std() > 5, "a blank frame"
     idle = [image.image for t, image in sink.images if marks["second"] - 1.0 < t < marks["second"]]  # between utterances
     assert len(idle) > 10 and len(set(idle)) > len(idle) // 2, "a frozen avatar while idle"
-    numbers = [image.metadata[AGENT_FRAME_KEY] for _, image in sink.images]
+    numbers = [image.metadata[FRAME_KEY] for _, image in sink.images]
     assert numbers == list(range(len(numbers)))  # every frame once, in order
     origin = avatar.playout.origin
     video_at = {n: t for (t, _), n in zip(sink.images, numbers)}

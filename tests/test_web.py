@@ -21,14 +21,15 @@ import pytest
 from PIL import Image
 
 from conftest import metrics, url, wait_for
-from flowact.contract import (ACTIVE_STREAMS, WEB_IDLE_AFTER_CHUNKS, WEB_MAX_IMAGE_BYTES, WEB_SESSIONS_PATH,
-                              WEB_MIN_JITTER_BUFFER_S)
+from flowact.contract import (ACTIVE_STREAMS, WEB_AUDIO_DELAY, WEB_METRICS, WEB_MOUTH_LATENCY, WEB_SESSIONS_ACTIVE,
+                              WEB_SESSIONS_PATH, WEB_TTFF)
 from flowact.media import REFERENCE_IMAGE, SPEECH_WAV
 from flowact.presets import CHUNK_SECONDS, SAMPLE_RATE, SAMPLES_PER_CHUNK
 from flowact.serving.cli import metric_value
 from flowact.serving.processes import free_ports
-from flowact.web.app import Refused, decode_image
-from flowact.web.timeline import ChunkAssembler, Conditioning, ControlError, JitterSizer
+from flowact.web.app import MAX_IMAGE_BYTES, EdgeMetrics, Refused, decode_image
+from flowact.web.timeline import (IDLE_AFTER_CHUNKS, MIN_JITTER_BUFFER_S, ChunkAssembler, Conditioning, ControlError,
+                                  JitterSizer)
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 SCREENSHOT_ENV = "FLOWACT_WEB_SCREENSHOT"  # where the browser test saves its screenshot (the README's)
@@ -74,7 +75,7 @@ def test_conditioning_auto_goes_idle_after_silence_and_obeys_the_viewer():
     quiet = Chunk(0, np.zeros(SAMPLES_PER_CHUNK, np.float32), 0.0, 0)
     c = Conditioning()
     assert c.next(loud) == ("speaking", None)
-    said = [c.next(quiet) for _ in range(WEB_IDLE_AFTER_CHUNKS + 1)]
+    said = [c.next(quiet) for _ in range(IDLE_AFTER_CHUNKS + 1)]
     assert said[-1] == ("idle", None) and said[0] == ("speaking", None)  # a short pause is not idle
     assert c.next(loud) == ("speaking", None)
     c.apply({"behaviour": "listening"})
@@ -98,7 +99,7 @@ def test_jitter_buffer_is_sized_from_measured_lateness():
     s.recent.clear()
     for _ in range(60):
         s.add(0.001)
-    assert s.size() == WEB_MIN_JITTER_BUFFER_S
+    assert s.size() == MIN_JITTER_BUFFER_S
 
 
 def png(width: int, height: int) -> bytes:
@@ -115,7 +116,7 @@ def test_uploaded_images_are_validated_with_clear_errors():
              (png(100, 100), "image/jpeg", 415, "PNG, not image/jpeg"),
              (png(8, 100), "image/png", 422, "too small"),
              (png(100, 100)[:60], "image/png", 415, "not a readable"),
-             (b"\x89PNG" + bytes(WEB_MAX_IMAGE_BYTES), "image/png", 413, "larger than")]
+             (b"\x89PNG" + bytes(MAX_IMAGE_BYTES), "image/png", 413, "larger than")]
     for body, ctype, status, message in cases:
         with pytest.raises(Refused, match=message) as e:
             decode_image(body, ctype, 64, 64)
@@ -125,6 +126,12 @@ def test_uploaded_images_are_validated_with_clear_errors():
 # --- a real server and a real edge ----------------------------------------------------------------
 
 MAX_SESSIONS = 2
+
+
+def test_edge_metrics_publish_every_metric_the_contract_names():
+    page = EdgeMetrics().text().decode()
+    for name, (kind, _help) in WEB_METRICS.items():
+        assert metric_value(page, name + "_count" if kind == "HISTOGRAM" else name) == 0, name
 
 
 @pytest.fixture(scope="module")
@@ -240,10 +247,9 @@ def test_aiortc_client_follows_the_signaling_contract(server, edge):
     ended = "flowact_streams_ended_total"
     assert metric_value(after, ended) == metric_value(before, ended) + 1
     page = http("GET", edge + "/metrics")[2].decode()
-    for name in ("flowact_web_ttff_seconds_count", "flowact_web_mouth_latency_seconds_count",
-                 "flowact_web_audio_delay_seconds_count"):
-        assert metric_value(page, name) >= 1, name
-    assert metric_value(page, "flowact_web_sessions_active") == 0
+    for name in (WEB_TTFF, WEB_MOUTH_LATENCY, WEB_AUDIO_DELAY):
+        assert metric_value(page, name + "_count") >= 1, name
+    assert metric_value(page, WEB_SESSIONS_ACTIVE) == 0
 
 
 def test_a_viewer_that_just_closes_and_one_without_audio(server, edge):

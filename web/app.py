@@ -4,7 +4,7 @@
            -> 201, body: SDP answer (application/sdp), Location: /v1/sessions/<secret>
            -> 400 bad offer (not UTF-8, too many media sections, no video to receive) or parameter,
               401 no or wrong bearer token (--token-file), 404 unknown image, 408 body too slow,
-              413 offer over WEB_MAX_SDP_BYTES, 415 not application/sdp,
+              413 offer over MAX_SDP_BYTES, 415 not application/sdp,
               503 at --max-sessions or the server not ready (Retry-After)
     DELETE /v1/sessions/<secret>  -> 204 (END on the gRPC stream, then the peer connection closes); 404 unknown
     GET    /v1/sessions       -> the open sessions (no secrets, stream ids or prompts): admin key only
@@ -40,11 +40,11 @@ import numpy as np
 from aiohttp import ClientPayloadError, web
 from PIL import Image, UnidentifiedImageError
 
-from flowact.contract import (ADMIN_KEY_HTTP_HEADER, WEB_BODY_TIMEOUT_S, WEB_CONNECT_TIMEOUT_S, WEB_DECODE_CONCURRENCY, WEB_DECODE_QUEUE,
-                              WEB_IMAGE_TYPES, WEB_IMAGES_PATH, WEB_MAX_DECODE_PIXELS, WEB_MAX_IMAGE_BYTES,
-                              WEB_MAX_IMAGE_PIXELS, WEB_MAX_IMAGES, WEB_MAX_SDP_BYTES, WEB_MAX_SDP_MEDIA, WEB_METRICS,
-                              WEB_MIN_IMAGE_SIDE, WEB_SDP_TYPE, WEB_SESSIONS_PATH, WEB_TOKEN_MIN_CHARS,
-                              LIVE_UPSTREAM_TIMEOUT_S)
+from flowact.contract import (ADMIN_KEY_HTTP_HEADER, LIVE_UPSTREAM_TIMEOUT_S, WEB_AUDIO_DELAY, WEB_AV_OFFSET,
+                              WEB_BEHAVIOUR_AUTO, WEB_CHUNK_READY, WEB_CONNECT_TIMEOUT_S, WEB_FAILOVERS, WEB_FRAMES_LATE,
+                              WEB_FRAMES_SENT, WEB_JITTER_BUFFER, WEB_METRICS, WEB_MOUTH_LATENCY, WEB_SDP_TYPE,
+                              WEB_SESSIONS_ACTIVE, WEB_SESSIONS_FAILED, WEB_SESSIONS_PATH, WEB_SESSIONS_REJECTED,
+                              WEB_SESSIONS_STARTED, WEB_SILENCE_FILLED, WEB_TTFF)
 from flowact.client.stream import FailoverPolicy
 from flowact.media import REFERENCE_IMAGE, SPEECH_WAV, fit_image, load_image
 from flowact.stats import percentile
@@ -57,6 +57,20 @@ LATENCY_BUCKETS = (0.02, 0.05, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.
 OFFSET_BUCKETS = (-0.1, -0.04, -0.02, -0.01, 0.0, 0.01, 0.02, 0.04, 0.1)
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
 READ_BLOCK = 64 * 1024
+TOKEN_MIN_CHARS = 16  # bearer tokens of --token-file
+BODY_TIMEOUT_S = 10.0  # a request body must arrive whole within this, or 408
+MAX_SDP_BYTES = 64 * 1024  # an SDP offer (a browser's is 3-6 kB)
+MAX_SDP_MEDIA = 8  # m-lines in an offer (the page sends 3: audio, video, data)
+# Reference images: POST IMAGES_PATH (its Content-Type) -> 201 {"id": ...}; sessions name it ?image=<id>.
+IMAGES_PATH = "/v1/images"
+IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}  # declared type -> PIL format
+MAX_IMAGE_BYTES = 8 * 1024 * 1024  # an uploaded reference image, encoded
+MAX_IMAGE_PIXELS = 40_000_000  # in the header (decompression bombs are refused before decoding)
+MIN_IMAGE_SIDE = 32  # pixels
+MAX_DECODE_PIXELS = 4096 * 4096  # pixels actually decoded: a JPEG at its reduced (draft) scale, PNG / WebP in full
+MAX_IMAGES = 64  # uploaded images the edge keeps (least recently used dropped)
+DECODE_CONCURRENCY = 2  # images decoded at once (off the event loop); more uploads wait their turn
+DECODE_QUEUE = 16  # uploads waiting to decode; beyond it 503
 
 
 class Refused(ValueError):
@@ -69,7 +83,7 @@ class Refused(ValueError):
 
 async def read_body(request: web.Request, limit: int, what: str) -> bytes:
     """The whole body, however many TCP segments it comes in: 413 past `limit` bytes (declared or read),
-    408 unless all of it arrived within WEB_BODY_TIMEOUT_S."""
+    408 unless all of it arrived within BODY_TIMEOUT_S."""
     too_large = lambda n: Refused(413, f"{what} of {n} bytes is larger than {limit} bytes")  # noqa: E731
     if request.content_length is not None and request.content_length > limit:
         raise too_large(request.content_length)
@@ -84,15 +98,15 @@ async def read_body(request: web.Request, limit: int, what: str) -> bytes:
         return b"".join(parts)
 
     try:
-        return await asyncio.wait_for(read(), WEB_BODY_TIMEOUT_S)
+        return await asyncio.wait_for(read(), BODY_TIMEOUT_S)
     except asyncio.TimeoutError:
-        raise Refused(408, f"the {what} did not arrive within {WEB_BODY_TIMEOUT_S:.0f} s") from None
+        raise Refused(408, f"the {what} did not arrive within {BODY_TIMEOUT_S:.0f} s") from None
     except (ConnectionError, ClientPayloadError) as e:  # the client left mid-body: nobody reads this answer
         raise Refused(400, f"the {what} was cut short: {e}") from None
 
 
 def check_offer(body: bytes, charset: str | None) -> str:
-    """An SDP offer's bytes -> its text, or Refused: UTF-8 (RFC 8866), at most WEB_MAX_SDP_MEDIA media
+    """An SDP offer's bytes -> its text, or Refused: UTF-8 (RFC 8866), at most MAX_SDP_MEDIA media
     sections, and a video section the edge may send on (the viewer receives video). Cheap: no parsing
     beyond lines, so a hostile offer costs the event loop next to nothing before aiortc sees it."""
     if charset and charset.lower() not in ("utf-8", "utf8", "us-ascii"):
@@ -102,8 +116,8 @@ def check_offer(body: bytes, charset: str | None) -> str:
     except UnicodeDecodeError as e:
         raise Refused(400, f"the SDP offer is not UTF-8 text (byte {e.start})") from None
     sections = re.split(r"^(?=m=)", sdp, flags=re.MULTILINE)
-    if len(sections) - 1 > WEB_MAX_SDP_MEDIA:
-        raise Refused(400, f"the SDP offer has {len(sections) - 1} media sections: at most {WEB_MAX_SDP_MEDIA}")
+    if len(sections) - 1 > MAX_SDP_MEDIA:
+        raise Refused(400, f"the SDP offer has {len(sections) - 1} media sections: at most {MAX_SDP_MEDIA}")
     directions = ("sendrecv", "sendonly", "recvonly", "inactive")
     direction = lambda text, default: next((d for d in directions if f"a={d}" in text.splitlines()), default)  # noqa: E731
     default = direction(sections[0], "sendrecv")  # a session-level attribute applies to every section
@@ -117,8 +131,8 @@ def check_offer(body: bytes, charset: str | None) -> str:
 
 def check_image_type(content_type: str) -> str:
     """A declared image type -> the accepted types as text, or Refused (415)."""
-    accepted = ", ".join(WEB_IMAGE_TYPES)
-    if content_type not in WEB_IMAGE_TYPES:
+    accepted = ", ".join(IMAGE_TYPES)
+    if content_type not in IMAGE_TYPES:
         raise Refused(415, f"Content-Type {content_type or 'none'!r} is not accepted: send the image's bytes "
                            f"with one of {accepted}")
     return accepted
@@ -127,27 +141,27 @@ def check_image_type(content_type: str) -> str:
 def decode_image(body: bytes, content_type: str, height: int, width: int) -> np.ndarray:
     """An uploaded reference image -> (H, W, 3) uint8 at the server's geometry, or Refused.
 
-    The declared type must be one of WEB_IMAGE_TYPES and the bytes must be that format (sniffed by
+    The declared type must be one of IMAGE_TYPES and the bytes must be that format (sniffed by
     PIL, not trusted from the header). The pixels are bounded before anything is decoded: the header's
-    size (WEB_MAX_IMAGE_PIXELS), then what decoding would really produce (WEB_MAX_DECODE_PIXELS): a JPEG
+    size (MAX_IMAGE_PIXELS), then what decoding would really produce (MAX_DECODE_PIXELS): a JPEG
     decodes at the smallest DCT scale (1/2 .. 1/8) that still covers the avatar, PNG and WebP in full."""
     accepted = check_image_type(content_type)
-    if len(body) > WEB_MAX_IMAGE_BYTES:
-        raise Refused(413, f"image of {len(body)} bytes is larger than {WEB_MAX_IMAGE_BYTES} bytes")
+    if len(body) > MAX_IMAGE_BYTES:
+        raise Refused(413, f"image of {len(body)} bytes is larger than {MAX_IMAGE_BYTES} bytes")
     try:
         with Image.open(io.BytesIO(body)) as img:
             fmt, (w, h) = img.format, img.size
-            if fmt != WEB_IMAGE_TYPES[content_type]:
+            if fmt != IMAGE_TYPES[content_type]:
                 raise Refused(415, f"the bytes are {fmt or 'not an image'}, not {content_type}")
-            if w * h > WEB_MAX_IMAGE_PIXELS:
-                raise Refused(413, f"image of {w}x{h} pixels is larger than {WEB_MAX_IMAGE_PIXELS} pixels")
-            if min(w, h) < WEB_MIN_IMAGE_SIDE:
-                raise Refused(422, f"image of {w}x{h} pixels is too small: each side at least {WEB_MIN_IMAGE_SIDE} pixels")
+            if w * h > MAX_IMAGE_PIXELS:
+                raise Refused(413, f"image of {w}x{h} pixels is larger than {MAX_IMAGE_PIXELS} pixels")
+            if min(w, h) < MIN_IMAGE_SIDE:
+                raise Refused(422, f"image of {w}x{h} pixels is too small: each side at least {MIN_IMAGE_SIDE} pixels")
             side = max(height, width)  # either orientation (EXIF may turn it) still covers the avatar
             img.draft("RGB", (side, side))  # JPEG: decode reduced; other formats: no effect
             dw, dh = img.size
-            if dw * dh > WEB_MAX_DECODE_PIXELS:
-                raise Refused(413, f"a {fmt} of {w}x{h} pixels decodes in full: at most {WEB_MAX_DECODE_PIXELS} "
+            if dw * dh > MAX_DECODE_PIXELS:
+                raise Refused(413, f"a {fmt} of {w}x{h} pixels decodes in full: at most {MAX_DECODE_PIXELS} "
                                    f"pixels (send a JPEG, which decodes reduced, or a smaller image)")
             return fit_image(img, height, width)  # decodes: a truncated file fails here
     except Refused:
@@ -171,8 +185,8 @@ class Access:
         tokens = tuple(t for t in lines if t and not t.startswith("#"))
         if not tokens:
             raise ValueError(f"{path} holds no token")
-        if any(len(t) < WEB_TOKEN_MIN_CHARS or not t.isprintable() or " " in t for t in tokens):
-            raise ValueError(f"{path}: every token needs at least {WEB_TOKEN_MIN_CHARS} printable characters, no spaces")
+        if any(len(t) < TOKEN_MIN_CHARS or not t.isprintable() or " " in t for t in tokens):
+            raise ValueError(f"{path}: every token needs at least {TOKEN_MIN_CHARS} printable characters, no spaces")
         return tokens
 
     def check_host(self, request: web.Request) -> None:
@@ -203,22 +217,37 @@ class Access:
 
 
 class EdgeMetrics:
-    """The edge's Prometheus metrics (own registry), named and described in flowact.contract.WEB_METRICS."""
+    """The edge's Prometheus metrics, in a registry of their own; names, kinds and help in
+    flowact.contract.WEB_METRICS."""
 
     def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry
 
         self.registry = CollectorRegistry()
-        kinds = {"GAUGE": Gauge, "COUNTER": Counter, "HISTOGRAM": Histogram}
-        made = {}
-        for name, (kind, help_text) in WEB_METRICS.items():
-            kwargs = {"registry": self.registry}
-            if kind == "HISTOGRAM":
-                kwargs["buckets"] = OFFSET_BUCKETS if "offset" in name else LATENCY_BUCKETS
-            made[name] = kinds[kind](name.removesuffix("_total") if kind == "COUNTER" else name, help_text, **kwargs)
-        short = lambda name: name.removeprefix("flowact_web_").removesuffix("_total").removesuffix("_seconds")  # noqa: E731
-        for name, metric in made.items():
-            setattr(self, short(name), metric)
+        self.sessions_active = self._make(WEB_SESSIONS_ACTIVE)
+        self.sessions_started = self._make(WEB_SESSIONS_STARTED)
+        self.sessions_rejected = self._make(WEB_SESSIONS_REJECTED)
+        self.sessions_failed = self._make(WEB_SESSIONS_FAILED)
+        self.failovers = self._make(WEB_FAILOVERS)
+        self.frames_sent = self._make(WEB_FRAMES_SENT)
+        self.frames_late = self._make(WEB_FRAMES_LATE)
+        self.silence_filled = self._make(WEB_SILENCE_FILLED)
+        self.ttff = self._make(WEB_TTFF)
+        self.mouth_latency = self._make(WEB_MOUTH_LATENCY)
+        self.audio_delay = self._make(WEB_AUDIO_DELAY)
+        self.chunk_ready = self._make(WEB_CHUNK_READY)
+        self.av_offset = self._make(WEB_AV_OFFSET, buckets=OFFSET_BUCKETS)
+        self.jitter_buffer = self._make(WEB_JITTER_BUFFER)
+
+    def _make(self, name: str, buckets: tuple[float, ...] = LATENCY_BUCKETS):
+        from prometheus_client import Counter, Gauge, Histogram
+
+        kind, help_text = WEB_METRICS[name]
+        if kind == "GAUGE":
+            return Gauge(name, help_text, registry=self.registry)
+        if kind == "COUNTER":  # prometheus-client adds the _total
+            return Counter(name.removesuffix("_total"), help_text, registry=self.registry)
+        return Histogram(name, help_text, registry=self.registry, buckets=buckets)
 
     def text(self) -> bytes:
         from prometheus_client import generate_latest
@@ -245,7 +274,7 @@ class Edge:
         self.opened = 0  # sessions created so far: a session's number in logs and the admin view
         self.images: OrderedDict[str, np.ndarray] = OrderedDict()
         self.default_image = load_image(REFERENCE_IMAGE, height, width)
-        self.decoding = asyncio.Semaphore(WEB_DECODE_CONCURRENCY)
+        self.decoding = asyncio.Semaphore(DECODE_CONCURRENCY)
         self.waiting_to_decode = 0
 
     # --- sessions --------------------------------------------------------------------------------
@@ -263,17 +292,17 @@ class Edge:
         if request.content_type != WEB_SDP_TYPE:
             raise Refused(415, f"send the SDP offer as {WEB_SDP_TYPE}, not {request.content_type!r}")
         self._refuse_when_full()
-        offer = check_offer(await read_body(request, WEB_MAX_SDP_BYTES, "SDP offer"), request.charset)
+        offer = check_offer(await read_body(request, MAX_SDP_BYTES, "SDP offer"), request.charset)
         query = request.query
         image = self.default_image
         if "image" in query:
             image = self.images.get(query["image"])
             if image is None:
-                raise Refused(404, f"no uploaded image {query['image'][:64]!r}: POST it to {WEB_IMAGES_PATH} first "
-                                   f"(images are kept in memory, the {WEB_MAX_IMAGES} most recent)")
+                raise Refused(404, f"no uploaded image {query['image'][:64]!r}: POST it to {IMAGES_PATH} first "
+                                   f"(images are kept in memory, the {MAX_IMAGES} most recent)")
             self.images.move_to_end(query["image"])
         try:
-            conditioning = Conditioning(query.get("behaviour", "auto"), query.get("prompt"))
+            conditioning = Conditioning(query.get("behaviour", WEB_BEHAVIOUR_AUTO), query.get("prompt"))
         except ControlError as e:
             raise Refused(400, str(e)) from None
         unready = await upstream_unready(self.url)
@@ -328,15 +357,15 @@ class Edge:
 
     async def upload_image(self, request: web.Request) -> web.Response:
         """Bodies are read whole (any number of segments) and decoded off the event loop, at most
-        WEB_DECODE_CONCURRENCY at once: the edge's memory stays bounded under any burst of uploads."""
+        DECODE_CONCURRENCY at once: the edge's memory stays bounded under any burst of uploads."""
         self.access.check_token(request)
         check_image_type(request.content_type)  # before reading: a wrong type costs no body
-        if self.waiting_to_decode >= WEB_DECODE_QUEUE:
+        if self.waiting_to_decode >= DECODE_QUEUE:
             raise Refused(503, f"{self.waiting_to_decode} uploads are waiting to be decoded; retry later",
                           {"Retry-After": "2"})
         self.waiting_to_decode += 1
         try:
-            body = await read_body(request, WEB_MAX_IMAGE_BYTES, "image")
+            body = await read_body(request, MAX_IMAGE_BYTES, "image")
             async with self.decoding:
                 image = await asyncio.get_running_loop().run_in_executor(
                     None, decode_image, body, request.content_type, self.height, self.width)
@@ -345,10 +374,10 @@ class Edge:
         image_id = hashlib.sha256(body).hexdigest()[:16]
         self.images[image_id] = image
         self.images.move_to_end(image_id)
-        while len(self.images) > WEB_MAX_IMAGES:
+        while len(self.images) > MAX_IMAGES:
             self.images.popitem(last=False)
         return web.json_response({"id": image_id, "width": self.width, "height": self.height}, status=201,
-                                 headers={"Location": f"{WEB_IMAGES_PATH}/{image_id}"})
+                                 headers={"Location": f"{IMAGES_PATH}/{image_id}"})
 
     async def get_image(self, request: web.Request) -> web.Response:
         image_id = request.match_info["id"]
@@ -394,7 +423,7 @@ def make_app(edge: Edge) -> web.Application:
         except Refused as e:
             return text_error(e.status, str(e), e.headers)
 
-    app = web.Application(client_max_size=WEB_MAX_IMAGE_BYTES + 1024, middlewares=[guard])
+    app = web.Application(client_max_size=MAX_IMAGE_BYTES + 1024, middlewares=[guard])
 
     def static(path: Path, ctype: str):
         async def handler(request: web.Request) -> web.FileResponse:
@@ -411,8 +440,8 @@ def make_app(edge: Edge) -> web.Application:
     app.router.add_post(WEB_SESSIONS_PATH, edge.create_session)
     app.router.add_get(WEB_SESSIONS_PATH, edge.list_sessions)
     app.router.add_delete(WEB_SESSIONS_PATH + "/{secret}", edge.delete_session)
-    app.router.add_post(WEB_IMAGES_PATH, edge.upload_image)
-    app.router.add_get(WEB_IMAGES_PATH + "/{id}", edge.get_image)
+    app.router.add_post(IMAGES_PATH, edge.upload_image)
+    app.router.add_get(IMAGES_PATH + "/{id}", edge.get_image)
     app.router.add_get("/v1/config", edge.config)
     app.router.add_get("/metrics", edge.metrics_page)
     app.router.add_get("/healthz", healthz)

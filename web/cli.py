@@ -6,8 +6,11 @@ import logging
 import time
 from pathlib import Path
 
-from flowact.contract import (ADMIN_KEY_ENV, ADMIN_KEY_HTTP_HEADER, DEFAULT_HOST, DEFAULT_URL, WEB_DEFAULT_MAX_SESSIONS,
-                              WEB_CONNECT_TIMEOUT_S, WEB_DEFAULT_PORT, LIVE_UPSTREAM_TIMEOUT_S)
+from flowact.contract import (ADMIN_KEY_ENV, ADMIN_KEY_HTTP_HEADER, DEFAULT_HOST, DEFAULT_URL, LIVE_UPSTREAM_TIMEOUT_S,
+                              WEB_CONNECT_TIMEOUT_S)
+
+DEFAULT_PORT = 8080
+DEFAULT_MAX_SESSIONS = 4  # viewer sessions the edge admits at once (one gRPC stream each)
 
 
 def add_parser(sub) -> None:
@@ -15,8 +18,8 @@ def add_parser(sub) -> None:
     p.add_argument("--url", default=DEFAULT_URL, help="the flowact server's gRPC HOST:PORT")
     p.add_argument("--host", default=DEFAULT_HOST, help="listen address (loopback unless told otherwise; a public "
                    "deployment puts TLS, authentication and a TURN server in front, see the README)")
-    p.add_argument("--port", type=int, default=WEB_DEFAULT_PORT)
-    p.add_argument("--max-sessions", type=int, default=WEB_DEFAULT_MAX_SESSIONS,
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS,
                    help="viewer sessions admitted at once; more are refused with 503")
     p.add_argument("--ice-server", action="append", default=[], metavar="URL",
                    help="STUN/TURN server for the edge's ICE (repeatable; turn:USER:PASS@HOST:PORT); default none")

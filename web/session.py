@@ -39,8 +39,7 @@ from aiortc.rtcsctptransport import LOCAL_MAX_MESSAGE_SIZE, RTCSctpTransport
 
 from flowact.client.live import LiveStream, upstream_client
 from flowact.client.stream import Failover, FailoverPolicy, StreamError
-from flowact.contract import (ENSEMBLE_MODEL, LIVE_UPSTREAM_TIMEOUT_S, WEB_CONNECT_TIMEOUT_S, WEB_MAX_CHANNELS,
-                              WEB_MAX_CONTROL_BYTES, WEB_SESSION_SECRET_BYTES, WEB_UPSTREAM_CHECK_S)
+from flowact.contract import ENSEMBLE_MODEL, LIVE_UPSTREAM_TIMEOUT_S, WEB_CONNECT_TIMEOUT_S
 from flowact.presets import CHUNK_SECONDS, FRAMES_PER_CHUNK, SAMPLE_RATE
 from flowact.stats import percentile
 from flowact.web.timeline import Chunk, ChunkAssembler, Conditioning, ControlError
@@ -52,6 +51,10 @@ NO_AUDIO_WAIT_S = 0.5  # after connecting, start the timeline on silence if no a
 TICK_S = 0.04  # how often the silence filler looks at the clock
 END_TIMEOUT_S = 5.0  # wait this long for the server's answer to END
 STATS_EVERY_S = 1.0  # session stats to the viewer over the data channel
+UPSTREAM_CHECK_S = 2.0  # POST /v1/sessions asks the server whether it is ready within this, else 503
+SESSION_SECRET_BYTES = 32  # a session's capability (its Location): 256 random bits
+MAX_CHANNELS = 4  # data channels per session; more are closed
+MAX_CONTROL_BYTES = 4096  # a data-channel control message (JSON); longer ones are refused unparsed
 
 
 class OfferError(ValueError):
@@ -65,7 +68,7 @@ class BoundedSctpTransport(RTCSctpTransport):
     more than the advertised max-message-size in fragments, or uses a stream id beyond the few channels
     a session may open, breaks the protocol: its association ends (and with it its session)."""
 
-    MAX_STREAM_ID = 4 * WEB_MAX_CHANNELS  # ids of both sides' channels, with room for closed ones
+    MAX_STREAM_ID = 4 * MAX_CHANNELS  # ids of both sides' channels, with room for closed ones
 
     async def _receive_data_chunk(self, chunk) -> None:
         if chunk.stream_id >= self.MAX_STREAM_ID:
@@ -80,13 +83,13 @@ rtcpeerconnection.RTCSctpTransport = BoundedSctpTransport  # what every peer con
 
 
 async def upstream_unready(url: str) -> str | None:
-    """None if the server answers ready within WEB_UPSTREAM_CHECK_S, else why not."""
+    """None if the server answers ready within UPSTREAM_CHECK_S, else why not."""
     client = upstream_client(url)
     try:
-        ready = await asyncio.wait_for(client.is_server_ready(), WEB_UPSTREAM_CHECK_S)
+        ready = await asyncio.wait_for(client.is_server_ready(), UPSTREAM_CHECK_S)
         return None if ready else "it says not ready"
     except asyncio.TimeoutError:
-        return f"no answer within {WEB_UPSTREAM_CHECK_S:.0f} s"
+        return f"no answer within {UPSTREAM_CHECK_S:.0f} s"
     except Exception as e:  # InferenceServerException: refused, unreachable
         return (e.message() if hasattr(e, "message") else str(e)).splitlines()[0][:200]
     finally:
@@ -122,7 +125,7 @@ class Session:
                  upstream_timeout_s: float = LIVE_UPSTREAM_TIMEOUT_S, failover: FailoverPolicy | None = FailoverPolicy()):
         self.number = number  # what logs and the admin view call it
         self.connect_timeout_s = connect_timeout_s  # a viewer that has not connected by then is ended
-        self.secret = secrets.token_urlsafe(WEB_SESSION_SECRET_BYTES)  # the creator's capability: Location
+        self.secret = secrets.token_urlsafe(SESSION_SECRET_BYTES)  # the creator's capability: Location
         self.key = self.key_of(self.secret)
         # the gRPC side: chunks in as the clock makes them, frames out, failover; its stream id never leaves the edge
         self.upstream = LiveStream(url, image, self._on_frames, self._on_failover, model=model, failover=failover,
@@ -136,7 +139,7 @@ class Session:
         self.video = AvatarVideoTrack(self.playout, self._on_frame_sent)
         self.speech = SpeechTrack(self.playout, self._on_audio_sent)
         self.assembler = ChunkAssembler()
-        self.channels: list = []  # the viewer's data channels (at most WEB_MAX_CHANNELS)
+        self.channels: list = []  # the viewer's data channels (at most MAX_CHANNELS)
         self.state = "new"  # new -> live -> ended
         self.end_reason: str | None = None
         self.closed = asyncio.Event()
@@ -299,17 +302,17 @@ class Session:
 
     def _on_datachannel(self, channel) -> None:
         self.channels = [c for c in self.channels if c.readyState != "closed"]
-        if len(self.channels) >= WEB_MAX_CHANNELS:
+        if len(self.channels) >= MAX_CHANNELS:
             channel.close()  # the session's stats and answers go to the channels it has
             return
         self.channels.append(channel)
 
         @channel.on("message")
         def on_message(message):
-            if len(message) > WEB_MAX_CONTROL_BYTES or not isinstance(message, str):
-                what = f"{len(message)} bytes" if len(message) > WEB_MAX_CONTROL_BYTES else "binary"
+            if len(message) > MAX_CONTROL_BYTES or not isinstance(message, str):
+                what = f"{len(message)} bytes" if len(message) > MAX_CONTROL_BYTES else "binary"
                 self.send({"type": "error", "message": f"control message refused ({what}): send JSON text of at most "
-                                                      f"{WEB_MAX_CONTROL_BYTES} bytes"})
+                                                      f"{MAX_CONTROL_BYTES} bytes"})
                 return
             try:
                 self.conditioning.apply(json.loads(message))
