@@ -65,7 +65,9 @@ def report(name, got: torch.Tensor, ref: torch.Tensor) -> float:
 
 def test_specs_follow_engines_and_map_dtypes(tiny):
     specs = network_specs(tiny)
-    assert tuple(specs) == NETWORK_NAMES == tuple(f.name for f in dataclasses.fields(Runners) if f.name not in ("kv_dtype", "memory_subsets"))
+    fields = tuple(f.name for f in dataclasses.fields(Runners))
+    assert tuple(specs) == NETWORK_NAMES == fields[: len(NETWORK_NAMES)]  # the runners' networks first, then their facts
+    assert not set(fields[len(NETWORK_NAMES) :]) & set(NETWORK_NAMES)
     names = [t.name for s in specs.values() for t in s.inputs + s.outputs]
     assert "MEMORY_KV" in names and names.count("PROMPT_TOKENS") == 2  # shared names mean the same tensor
     for dtype, tri in [(np.float32, "TYPE_FP32"), (np.uint8, "TYPE_UINT8"), (np.bool_, "TYPE_BOOL"), (np.int64, "TYPE_INT64")]:

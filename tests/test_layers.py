@@ -33,7 +33,7 @@ ALLOWED: dict[str, set[str]] = {
 }
 # flowact/<name>.py files not on the "flowact" floor: the stream engine stands on the runtime,
 # networks.py (the family's builder and checkpoints) is the models' floor, cli.py the top.
-ROOT_FLOORS = {"engine": "flowact (engine)", "session": "flowact (engine)", "snapshot": "flowact (engine)",
+ROOT_FLOORS = {"engine": "flowact (engine)", "snapshot": "flowact (engine)",
                "generate": "flowact (engine)", "networks": "flowact/models", "cli": "flowact/cli.py"}
 # import name -> folder (pyproject.toml's package-dir)
 PACKAGES = {"flowact.export": "export", "flowact.serving": "model_repository", "flowact.client": "client",
