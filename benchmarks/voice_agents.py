@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 from pipecat.frames.frames import EndFrame, MetricsFrame, OutputImageRawFrame, TTSAudioRawFrame, TTSStartedFrame, TTSStoppedFrame

@@ -20,10 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from flowact.contract import BEHAVIOURS
 from flowact.engine import StreamEngine
 from flowact.media import REFERENCE_IMAGE, SPEECH_WAV, load_audio, load_image, split_chunks
 from flowact.networks import Networks
-from flowact.presets import BEHAVIOURS, SAMPLES_PER_CHUNK, Preset
+from flowact.presets import SAMPLES_PER_CHUNK, Preset
 from flowact.runtime import Runners, full_valid
 from flowact.specs import NETWORK_NAMES, network_specs
 

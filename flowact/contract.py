@@ -72,6 +72,12 @@ ACTIVE_STREAMS = "flowact_active_streams"
 STREAM_CAPACITY = "flowact_stream_capacity"
 DRAINING = "flowact_draining"
 CHUNKS_TOTAL = "flowact_chunks_total"
+STREAMS_REJECTED = "flowact_streams_rejected_total"
+STREAMS_EVICTED = "flowact_streams_evicted_total"
+STREAMS_STARTED = "flowact_streams_started_total"
+STREAMS_RESUMED = "flowact_streams_resumed_total"
+STREAMS_ENDED = "flowact_streams_ended_total"
+REQUESTS_INVALID = "flowact_requests_invalid_total"
 CHUNK_SECONDS_SUM = "flowact_chunk_latency_seconds_sum"
 CHUNK_SECONDS_COUNT = "flowact_chunk_latency_seconds_count"
 TTFF_SECONDS_SUM = "flowact_ttff_seconds_sum"
@@ -82,12 +88,12 @@ METRICS = {
     STREAM_CAPACITY: ("GAUGE", "streams this server admits"),
     DRAINING: ("GAUGE", "1 while the server refuses new streams"),
     CHUNKS_TOTAL: ("COUNTER", "chunks generated"),
-    "flowact_streams_rejected_total": ("COUNTER", "STARTs refused (capacity, draining)"),
-    "flowact_streams_evicted_total": ("COUNTER", "streams freed by the idle TTL"),
-    "flowact_streams_started_total": ("COUNTER", "streams admitted (fresh or resumed)"),
-    "flowact_streams_resumed_total": ("COUNTER", "streams admitted from a snapshot"),
-    "flowact_streams_ended_total": ("COUNTER", "streams freed by END or by a failed chunk"),
-    "flowact_requests_invalid_total": ("COUNTER", "requests refused for their content (bad input)"),
+    STREAMS_REJECTED: ("COUNTER", "STARTs refused (capacity, draining)"),
+    STREAMS_EVICTED: ("COUNTER", "streams freed by the idle TTL"),
+    STREAMS_STARTED: ("COUNTER", "streams admitted (fresh or resumed)"),
+    STREAMS_RESUMED: ("COUNTER", "streams admitted from a snapshot"),
+    STREAMS_ENDED: ("COUNTER", "streams freed by END or by a failed chunk"),
+    REQUESTS_INVALID: ("COUNTER", "requests refused for their content (bad input)"),
     CHUNK_SECONDS_SUM: ("COUNTER", "seconds spent generating chunks (stream model)"),
     CHUNK_SECONDS_COUNT: ("COUNTER", "chunks timed"),
     TTFF_SECONDS_SUM: ("COUNTER", "seconds from START to its first chunk (stream model)"),

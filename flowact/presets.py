@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from flowact.contract import BEHAVIOURS  # noqa: F401  (presets' users read it here too)
-
 # Shared stream geometry (FlowAct-R1 / Wan2.1 latent geometry).
 FPS = 25
 FRAMES_PER_CHUNK = 12  # 0.48 s of video per request

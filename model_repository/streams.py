@@ -25,15 +25,17 @@ import math
 import threading
 import time
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Hashable, Mapping
 
 import numpy as np
 
-from flowact.contract import (AUDIO, BEHAVIOUR, BEHAVIOURS, DEFAULT_PROMPT, DRAIN_EVACUATE, DRAIN_STOPPING,
-                              GONE_MEMORY, MAX_TEXT_WIRE_BYTES, MIN_RANDOM_ID_BITS, MIN_RANDOM_ID_CHARS, PROMPT, REF_IMAGE,
-                              RESUME, SEED, START_ONLY_INPUTS, STREAM_ID_BYTES, WANT_SNAPSHOT)
+from flowact.contract import (AUDIO, BEHAVIOUR, BEHAVIOURS, CHUNK_SECONDS_COUNT, CHUNK_SECONDS_SUM, CHUNKS_TOTAL,
+                              DEFAULT_PROMPT, DRAIN_EVACUATE, DRAIN_STOPPING, GONE_MEMORY, MAX_TEXT_WIRE_BYTES,
+                              MIN_RANDOM_ID_BITS, MIN_RANDOM_ID_CHARS, PROMPT, REF_IMAGE, REQUESTS_INVALID, RESUME, SEED,
+                              START_ONLY_INPUTS, STREAM_ID_BYTES, STREAMS_ENDED, STREAMS_EVICTED, STREAMS_REJECTED,
+                              STREAMS_RESUMED, STREAMS_STARTED, TTFF_SECONDS_COUNT, TTFF_SECONDS_SUM, WANT_SNAPSHOT)
 from flowact.presets import Preset
 from flowact.snapshot import peek_preset, unpadded
 from flowact.validate import InputError, check_audio_chunk, check_image, check_prompt, check_seed
@@ -194,20 +196,29 @@ class Stream:
     first_chunk_done: bool = False
 
 
+def counter(*metrics: str, zero: int | float = 0):
+    """A Counters field and the contract.METRICS counters that export it."""
+    return field(default=zero, metadata={"metrics": metrics})
+
+
 @dataclass
 class Counters:
     """Monotonic counts the metrics export (the registry never resets them)."""
 
-    chunks: int = 0
-    started: int = 0  # streams admitted (fresh or resumed)
-    resumed: int = 0  # of which from a snapshot
-    ended: int = 0  # freed by END or by a failed chunk
-    rejected: int = 0
-    evicted: int = 0
-    invalid: int = 0  # requests refused for their content (InputError other than admission)
-    chunk_seconds: float = 0.0
-    ttff_seconds: float = 0.0
-    ttff_count: int = 0
+    chunks: int = counter(CHUNKS_TOTAL, CHUNK_SECONDS_COUNT)
+    started: int = counter(STREAMS_STARTED)  # streams admitted (fresh or resumed)
+    resumed: int = counter(STREAMS_RESUMED)  # of which from a snapshot
+    ended: int = counter(STREAMS_ENDED)  # freed by END or by a failed chunk
+    rejected: int = counter(STREAMS_REJECTED)
+    evicted: int = counter(STREAMS_EVICTED)
+    invalid: int = counter(REQUESTS_INVALID)  # requests refused for their content (InputError other than admission)
+    chunk_seconds: float = counter(CHUNK_SECONDS_SUM, zero=0.0)
+    ttff_seconds: float = counter(TTFF_SECONDS_SUM, zero=0.0)
+    ttff_count: int = counter(TTFF_SECONDS_COUNT)
+
+    def metric_values(self) -> dict[str, int | float]:
+        """Metric name -> its value now, for every counter in contract.METRICS."""
+        return {name: getattr(self, f.name) for f in fields(self) for name in f.metadata["metrics"]}
 
 
 @dataclass

@@ -28,9 +28,9 @@ from tritonclient.utils import InferenceServerException
 
 from conftest import metrics, ref_image, run_stream, speech_chunks, start_server, url
 from flowact.client.stream import AvatarStream, StreamError
-from flowact.contract import MAX_PROMPT_BYTES, SNAPSHOT_KEY_ENV
+from flowact.contract import BEHAVIOURS, MAX_PROMPT_BYTES, SNAPSHOT_KEY_ENV
 from flowact.validate import InputError
-from flowact.presets import BEHAVIOURS, SAMPLES_PER_CHUNK, get_preset
+from flowact.presets import SAMPLES_PER_CHUNK, get_preset
 from flowact.serving.cli import metric_value
 from flowact.serving.processes import free_ports, group_alive, group_rss, shm_regions
 from flowact.serving.server import TritonServer

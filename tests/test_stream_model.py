@@ -13,8 +13,10 @@ from google.protobuf import json_format
 
 import triton_fake
 from conftest import ref_image, run_stream, speech_chunks
-from flowact.contract import (AUDIO, CHUNK_INDEX, CHUNKS_TOTAL, END, FRAMES, REF_IMAGE, RESUME, SEED, SNAPSHOT,
-                              SNAPSHOT_KEY_ENV, START, WANT_SNAPSHOT)
+from flowact.contract import (ACTIVE_STREAMS, AUDIO, CHUNK_INDEX, CHUNKS_TOTAL, END, FRAMES, METRICS, REF_IMAGE,
+                              REQUESTS_INVALID, RESUME, SEED, SNAPSHOT, SNAPSHOT_KEY_ENV, START, STREAMS_ENDED,
+                              STREAMS_REJECTED, WANT_SNAPSHOT)
+from flowact.serving.streams import Counters
 
 MODEL_PY = Path(__file__).parents[1] / "model_repository" / "stream" / "1" / "model.py"
 KEY = "a test deployment key, 32 bytes!!"
@@ -77,7 +79,7 @@ def test_execute_frames_equal_in_process_and_batch_isolates_bad_requests(model, 
         want = run_stream(tiny, tiny_runners, seed, chunks, ref_image(tiny, seed))
         assert np.abs(np.stack(got[sid]).astype(int) - want.astype(int)).max() <= 1
     assert model.registry.active() == 1 and len(model.engine.pool.free) == 1  # a ended; b never held a slot
-    assert (metric(CHUNKS_TOTAL), metric("flowact_requests_invalid_total"), metric("flowact_active_streams")) == (6, 1, 1)
+    assert (metric(CHUNKS_TOTAL), metric(REQUESTS_INVALID), metric(ACTIVE_STREAMS)) == (6, 1, 1)
 
 
 def test_capacity_end_and_unknown_streams(model, tiny):
@@ -90,7 +92,13 @@ def test_capacity_end_and_unknown_streams(model, tiny):
     assert "unknown stream 'zz'" in out[1].error().message()
     assert out[2].error().message() == "SEED: only allowed with START (the first request of a stream)"
     assert not model.execute([start("c", tiny, audio)])[0].has_error()  # a's slot is free again
-    assert model.registry.active() == 2 and metric("flowact_streams_rejected_total") == 1
+    assert model.registry.active() == 2 and metric(STREAMS_REJECTED) == 1
+
+
+def test_every_counter_metric_is_exported_from_one_counter():
+    values = Counters(chunks=3, ended=1).metric_values()
+    assert set(values) == {name for name, (kind, _) in METRICS.items() if kind == "COUNTER"}
+    assert values[CHUNKS_TOTAL] == 3 and values[STREAMS_ENDED] == 1 and values[STREAMS_REJECTED] == 0
 
 
 def test_a_failed_engine_call_ends_its_streams_and_frees_their_slots(model, tiny, monkeypatch):
@@ -104,7 +112,7 @@ def test_a_failed_engine_call_ends_its_streams_and_frees_their_slots(model, tiny
     out = model.execute([request("a", audio), request("b", audio)])
     assert [r.error().message() for r in out] == [f"chunk generation failed, stream {s!r} ended: boom" for s in "ab"]
     assert model.registry.active() == 0 and sorted(model.engine.pool.free) == [0, 1]
-    assert metric("flowact_streams_ended_total") == 2
+    assert metric(STREAMS_ENDED) == 2
 
 
 def test_snapshots_resume_on_another_instance_and_from_before_the_engine(tiny, tiny_runners, monkeypatch):

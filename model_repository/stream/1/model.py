@@ -35,10 +35,9 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from flowact.contract import (ACTIVE_STREAMS, CHUNK_INDEX, CHUNK_SECONDS_COUNT, CHUNK_SECONDS_SUM, CHUNKS_TOTAL,
-                              DRAIN_FILE_ENV, DRAINING, END, FRAMES, METRICS,
+from flowact.contract import (ACTIVE_STREAMS, CHUNK_INDEX, DRAIN_FILE_ENV, DRAINING, END, FRAMES, METRICS,
                               REQUIRE_RANDOM_IDS_ENV, RESUME, SNAPSHOT, SNAPSHOT_KEY_ENV, START, STREAM_CAPACITY,
-                              TTFF_SECONDS_COUNT, TTFF_SECONDS_SUM, WANT_SNAPSHOT)
+                              WANT_SNAPSHOT)
 from flowact.presets import get_preset
 from flowact.engine import StreamEngine
 from flowact.runtime import build_runners
@@ -115,18 +114,10 @@ class TritonPythonModel:
 
     def publish_metrics(self):
         r = self.registry
-        c = r.counters
         with self.metrics_lock:
             self.metrics[ACTIVE_STREAMS].set(r.active())
             self.metrics[DRAINING].set(1 if r.draining() else 0)
-            for name, value in ((CHUNKS_TOTAL, c.chunks), ("flowact_streams_rejected_total", c.rejected),
-                                ("flowact_streams_evicted_total", c.evicted),
-                                ("flowact_streams_started_total", c.started),
-                                ("flowact_streams_resumed_total", c.resumed),
-                                ("flowact_streams_ended_total", c.ended),
-                                ("flowact_requests_invalid_total", c.invalid),
-                                (CHUNK_SECONDS_SUM, c.chunk_seconds), (CHUNK_SECONDS_COUNT, c.chunks),
-                                (TTFF_SECONDS_SUM, c.ttff_seconds), (TTFF_SECONDS_COUNT, c.ttff_count)):
+            for name, value in r.counters.metric_values().items():
                 delta = value - self.reported.get(name, 0)
                 if delta:
                     self.metrics[name].increment(delta)
