@@ -14,6 +14,7 @@ from flowact.contract import (ACTIVE_STREAMS, ADMIN_KEY_ENV, ARTIFACTS_DIR, DEFA
                               DEFAULT_METRICS_PORT, DRAIN_EVACUATE, DRAIN_FILE_ENV, DRAIN_STOPPING, ENSEMBLE_MODEL,
                               EVACUATE_GRACE_S, MIN_RANDOM_ID_CHARS, REQUIRE_RANDOM_IDS_ENV,
                               TRITONSERVER_ENV)
+from flowact.runtime.manifest import CPU_PRECISIONS, cpu_precision
 from flowact.serving.drain import drain_file, drain_file_of, read_state, write_state
 from flowact.serving.health import HealthServer, metric_value, readiness, scrape
 from flowact.serving.server import TritonServer
@@ -42,6 +43,9 @@ def add_parser(sub) -> None:
     p.add_argument("--target", choices=TARGETS, default="embedded",
                    help="where the stream model runs the networks, beside the per-stream state: embedded: ONNX Runtime "
                         "on the CPU; torch: PyTorch on --device (when building)")
+    p.add_argument("--precision", choices=[p.value for p in CPU_PRECISIONS], default=None,
+                   help="embedded: the networks' precision in ONNX Runtime, fp32 or int8 (default: the preset's, "
+                        "int8 for cpu, fp32 otherwise)")
     p.add_argument("--device", default=None, help="--target torch: the device of the state and networks, cuda:N or cpu "
                                                   "(default cuda:0 where CUDA is visible, else cpu; when building)")
     p.add_argument("--ready-timeout", type=float, default=180.0)
@@ -108,15 +112,20 @@ def _serve(args) -> int:
             device = target_device(Target(args.target), args.device)
         except ValueError as e:
             raise SystemExit(f"flowact serve: {e}")
+        if args.precision and args.target != Target.EMBEDDED.value:
+            raise SystemExit(f"flowact serve: --precision is the embedded target's (--target {args.target} runs "
+                             "the checkpoint's weights)")
+        precision = cpu_precision(args.preset, args.precision).value if args.target == Target.EMBEDDED.value else "checkpoint"
         checkpoint = args.checkpoint or shipped_checkpoint(args.preset)
-        print(f"model repository for preset {args.preset} in {repo} (target {args.target} on {device}, weights: "
-              f"{checkpoint or 'seeded random'}) ...", flush=True)
+        print(f"model repository for preset {args.preset} in {repo} (target {args.target} on {device}, precision "
+              f"{precision}, weights: {checkpoint or 'seeded random'}) ...", flush=True)
         opts = RepositoryOptions(capacity=args.capacity, idle_ttl_s=args.idle_ttl, pipeline=Pipeline(args.pipeline),
                                  device=device)
         if args.target == Target.TORCH.value:
             render_repository(get_preset(args.preset), Target.TORCH, repo, opts=opts, checkpoint=checkpoint)
         else:
-            build_embedded_repository(args.preset, repo, checkpoint, opts)  # up-to-date exports are reused
+            build_embedded_repository(args.preset, repo, checkpoint, opts,  # up-to-date exports are reused
+                                      precision=args.precision)
     try:
         flag = drain_file(args.metrics_port)
     except PermissionError as e:

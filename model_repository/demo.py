@@ -14,6 +14,7 @@ from flowact.contract import ARTIFACTS_DIR, DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT
 from flowact.media import REFERENCE_IMAGE, SPEECH_WAV
 from flowact.networks import shipped_checkpoint
 from flowact.presets import get_preset
+from flowact.runtime.manifest import CPU_PRECISIONS
 from flowact.serving.repository import RepositoryOptions, build_embedded_repository
 from flowact.serving.server import TritonServer
 
@@ -23,6 +24,9 @@ def add_parser(sub) -> None:
     p.add_argument("--preset", default="cpu")
     p.add_argument("--checkpoint", default=None, help="default: checkpoints/<preset> if shipped, else random weights")
     p.add_argument("--out", default="out.mp4")
+    p.add_argument("--precision", choices=[p.value for p in CPU_PRECISIONS], default=None,
+                   help="the networks' precision in ONNX Runtime, fp32 or int8 (default: the preset's, "
+                        "int8 for cpu, fp32 otherwise)")
     p.add_argument("--realtime", action="store_true", help="pace the audio at real time")
     p.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT)
     p.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT)
@@ -36,7 +40,7 @@ def _run(args) -> int:
     print(f"weights: {checkpoint or 'seeded random (no trained checkpoint for this preset)'}", flush=True)
     artifacts = Path(ARTIFACTS_DIR)
     repo = build_embedded_repository(preset.name, artifacts / preset.name / "repository", checkpoint,
-                                     RepositoryOptions())
+                                     RepositoryOptions(), precision=args.precision)
     print(f"starting tritonserver (preset {preset.name}) ...", flush=True)
     with TritonServer(repo, args.grpc_port, args.http_port, args.metrics_port, work_dir=artifacts / "triton") as server:
         print(f"serving on {server.host}:{server.grpc_port}; streaming {REFERENCE_IMAGE.name} + {SPEECH_WAV.name}", flush=True)

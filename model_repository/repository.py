@@ -42,6 +42,7 @@ from flowact.contract import (ARTIFACTS_DIR, AUDIO, BEHAVIOUR, CANDIDATE_HEADROO
                               WIRE_DTYPES)
 from flowact.presets import SAMPLES_PER_CHUNK, Preset, get_preset
 from flowact.runtime import RuntimeKind
+from flowact.runtime.manifest import Manifest, Precision, cpu_precision
 from flowact.snapshot import max_snapshot_bytes
 from flowact.specs import LATENTS, TensorSpec, network_specs
 
@@ -301,6 +302,7 @@ def render_repository(preset: Preset, target: Target, out: Path, network_files: 
     meta = {"preset": preset.name, "target": target.value, "pipeline": Pipeline(opts.pipeline).value,
             "capacity": opts.capacity, "idle_ttl_s": opts.idle_ttl_s, "device": opts.device,
             "networks": {k: str(v) for k, v in files.items()},
+            "precision": Manifest.load(files["vae_decoder"].parent).precision if files else None,  # torch: the checkpoint's
             "checkpoint": None if checkpoint is None else str(checkpoint)}
     if opts.device.startswith("cuda"):  # read by flowact.serving.server when it starts tritonserver
         meta["cuda_memory_pool"] = {"gpu": gpu_index(opts.device),
@@ -311,11 +313,14 @@ def render_repository(preset: Preset, target: Target, out: Path, network_files: 
 
 def build_embedded_repository(preset_name: str, out: Path, checkpoint: str | Path | None = None,
                               opts: RepositoryOptions = RepositoryOptions(), onnx_dir: Path | None = None,
-                              seed: int = 0) -> Path:
-    """ONNX export (idempotent) + repository rendering for the embedded server."""
+                              seed: int = 0, precision: Precision | str | None = None) -> Path:
+    """ONNX export (idempotent; int8: quantized from it) + repository rendering for the embedded server.
+    `precision` None: the preset's default (runtime.manifest.cpu_precision)."""
+    from flowact.export.int8 import export_int8
     from flowact.export.onnx import export_onnx
 
     preset = get_preset(preset_name)
+    export = export_int8 if cpu_precision(preset.name, precision) == Precision.INT8 else export_onnx
     onnx_dir = onnx_dir or Path(ARTIFACTS_DIR) / preset.name / "onnx"
-    files = export_onnx(preset, onnx_dir, checkpoint=checkpoint, seed=seed)
+    files = export(preset, onnx_dir, checkpoint=checkpoint, seed=seed)
     return render_repository(preset, Target.EMBEDDED, out, files, opts)

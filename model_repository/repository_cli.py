@@ -12,6 +12,7 @@ from pathlib import Path
 from flowact.contract import ARTIFACTS_DIR, DEFAULT_CAPACITY, DEFAULT_IDLE_TTL_S
 from flowact.export import cli as export_cli
 from flowact.presets import get_preset
+from flowact.runtime.manifest import CPU_PRECISIONS
 
 
 def add_parser(sub) -> None:
@@ -25,6 +26,9 @@ def add_parser(sub) -> None:
                    help="the stream model's device, where the per-stream state and networks live: trt: cuda:N "
                         "(default cuda:0); torch: cuda:N or cpu (default cuda:0 where CUDA is visible, else cpu); "
                         "embedded: cpu")
+    p.add_argument("--precision", choices=[p.value for p in CPU_PRECISIONS], default=None,
+                   help="embedded: the networks' precision in ONNX Runtime, fp32 or int8 (default: the preset's, "
+                        "int8 for cpu, fp32 otherwise)")
     p.add_argument("--engines", type=Path, default=None,
                    help=f"export root for ONNX / plans (default {ARTIFACTS_DIR}/<preset>)")
     p.add_argument("--capacity", type=int, default=DEFAULT_CAPACITY, help="streams the server admits at once")
@@ -43,11 +47,16 @@ def _repository(args) -> int:
     except ValueError as e:
         print(f"flowact export repository: {e}")
         return 2
+    if args.precision and args.target != Target.EMBEDDED.value:
+        print(f"flowact export repository: --precision is the embedded target's (--target {args.target}: "
+              f"{'the checkpoint' if args.target == Target.TORCH.value else 'FP8 plans'})")
+        return 2
     opts = RepositoryOptions(capacity=args.capacity, idle_ttl_s=args.idle_ttl, pipeline=Pipeline(args.pipeline),
                              device=device)
     engines = args.engines or Path(ARTIFACTS_DIR) / preset.name
     if args.target == Target.EMBEDDED.value:
-        repo = build_embedded_repository(preset.name, args.out, args.checkpoint, opts, engines, seed=args.seed)
+        repo = build_embedded_repository(preset.name, args.out, args.checkpoint, opts, engines, seed=args.seed,
+                                         precision=args.precision)
     elif args.target == Target.TORCH.value:
         repo = render_repository(preset, Target.TORCH, args.out, opts=opts, checkpoint=args.checkpoint)
     else:

@@ -345,7 +345,7 @@ def test_export_init_container_keys_engine_cache(rendered):
     assert init["resources"]["limits"]["nvidia.com/gpu"] == 1
     env = {e["name"]: e["value"] for e in init["env"]}
     assert env["FLOWACT_TARGET"] == "trt" and env["FLOWACT_PRESET"] == "r1-480p"
-    assert env["FLOWACT_DEVICE"] == "cuda:0" and env["FLOWACT_CAPACITY"] == ""  # flowact's default capacity
+    assert env["FLOWACT_DEVICE"] == "cuda:0" and env["FLOWACT_CAPACITY"] == "" and env["FLOWACT_PRECISION"] == ""  # flowact's defaults
     assert container(objs)["args"][3] == env["FLOWACT_REPOSITORY_LINK"]
     script = one(objs, "ConfigMap", f"{RELEASE}-scripts")["data"]["prepare-repository.sh"]
     assert "nvidia-smi --query-gpu=name --format=csv,noheader" in script
@@ -418,12 +418,13 @@ def test_prepare_repository_script(rendered, tmp_path):
 def test_prepare_repository_script_embedded_runs_on_the_cpu(rendered, tmp_path):
     """embedded: no --device (its stream model runs ONNX Runtime on the CPU), no GPU in the key."""
     script, env = _fake_export_env(rendered, tmp_path)
-    env["FLOWACT_TARGET"], env["FLOWACT_DEVICE"] = "embedded", "cuda:0"
+    env["FLOWACT_TARGET"], env["FLOWACT_DEVICE"], env["FLOWACT_PRECISION"] = "embedded", "cuda:0", "int8"
     proc = _run(["/bin/sh", script], env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     call = (tmp_path / "log").read_text()
     assert call.startswith("export repository --preset r1-480p --target embedded --out ") and "--device" not in call
-    built = tmp_path / "cache" / "r1-480p-embedded" / "any" / f"abc123-{_cache_key()}"
+    assert call.rstrip().endswith("--precision int8")  # the precision is part of the cache key
+    built = tmp_path / "cache" / "r1-480p-embedded" / "any" / f"abc123-{_cache_key('--precision', 'int8')}"
     assert (tmp_path / "repository").resolve() == (built / "repository").resolve()
 
 

@@ -1,18 +1,25 @@
 """`flowact export int8` (export/int8.py): what each spec says is quantized, and nothing else; the
 manifest records it; the int8 runners' stream stays close to the float32 one. Tiny preset, CPU."""
 
+import json
+
 import numpy as np
 import onnx
 import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
 
 from conftest import ref_image, speech_chunks
 from flowact.engine import StreamEngine
+from flowact.contract import STREAM_MODEL
 from flowact.export.int8 import export_int8, linear_nodes
 from flowact.export.onnx import WeightSource
 from flowact.runtime.manifest import Manifest, Precision
 from flowact.runtime.onnx import load_onnx_runners
+from flowact.serving.repository import Pipeline, RepositoryOptions, build_embedded_repository
 from flowact.snapshot import SnapshotCodec, SnapshotError
 from flowact.specs import Int8, network_specs
+from test_stream_model import frames_of, initialize, request, start
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +92,29 @@ def test_snapshots_do_not_cross_between_int8_and_float_networks(int8_root, tiny)
     with pytest.raises(SnapshotError, match="this server runs 'tiny' on cpu with int8 networks"):
         SnapshotCodec(tiny, key, "RESUME", quantized=True).restore(StreamEngine(tiny, runners["int8"]), blob)
     assert SnapshotCodec(tiny, key, "RESUME").restore(StreamEngine(tiny, runners["fp32"]), blob).chunk_index == 1
+
+
+def test_an_int8_repository_serves_the_int8_networks(int8_root, tiny, tmp_path):
+    """`flowact serve --precision int8` renders the embedded repository on the int8 directory; its stream model
+    (real initialize/execute, fake pb_utils) makes the in-process int8 engine's frames. Last: it re-exports int8
+    with the serving defaults."""
+    root, _ = int8_root
+    opts = RepositoryOptions(capacity=1, idle_ttl_s=30.0, pipeline=Pipeline.SERIAL, engine_threads=1)
+    repo = build_embedded_repository("tiny", tmp_path / "repo", opts=opts, onnx_dir=root, precision="int8")
+    meta = json.loads((repo / "repository.json").read_text())
+    assert meta["precision"] == "int8" and all(f"/{Precision.INT8.value}/" in p for p in meta["networks"].values())
+    config = text_format.Parse((repo / STREAM_MODEL / "config.pbtxt").read_text(), mc.ModelConfig())
+    model, _ = initialize(config)
+    try:
+        assert model.engine.runners.quantized
+        chunks = speech_chunks(2)
+        served = [frames_of(model.execute([start("a", tiny, chunks[0], seed=3)])[0]),
+                  frames_of(model.execute([request("a", chunks[1], end=True)])[0])]
+    finally:
+        model.finalize()
+    engine = StreamEngine(tiny, load_onnx_runners(root, tiny, precision="int8", threads=1))
+    stream = engine.start(ref_image(tiny, 3), seed=3)
+    want = np.stack([engine.step([stream], [c])[0] for c in chunks])
+    assert np.abs(np.stack(served).astype(int) - want.astype(int)).max() <= 1
+    with pytest.raises(ValueError, match="ONNX Runtime on the CPU serves fp32, int8"):
+        build_embedded_repository("tiny", tmp_path / "fp8", onnx_dir=root, precision="fp8")

@@ -23,20 +23,25 @@ KEY = "a test deployment key, 32 bytes!!"
 OLD_SNAPSHOT = Path(__file__).parent / "data" / "snapshot_v2_tiny_43469b7.bin"  # made before the stream engine
 
 
-def load_model(tiny, capacity: int = 2):
-    """The stream model initialized on the serial (FRAMES) tiny config, torch runtime, seeded weights (= tiny_runners)."""
+def initialize(config):
+    """The stream model (model.py as the repository ships it) initialized on a rendered ModelConfig."""
     pb = triton_fake.install()
-    from flowact.serving.repository import Pipeline, RepositoryOptions, Target, stream_config
-
     spec = importlib.util.spec_from_file_location("stream_model_under_test", MODEL_PY)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    opts = RepositoryOptions(capacity=capacity, idle_ttl_s=30.0, pipeline=Pipeline.SERIAL, engine_threads=1, device="cpu")
-    config = json_format.MessageToDict(stream_config(tiny, opts, Target.TORCH), preserving_proto_field_name=True,
+    config = json_format.MessageToDict(config, preserving_proto_field_name=True,
                                        always_print_fields_with_no_presence=True)  # as Triton passes it: "" included
     model = module.TritonPythonModel()
     model.initialize({"model_config": json.dumps(config)})
     return model, pb
+
+
+def load_model(tiny, capacity: int = 2):
+    """The stream model initialized on the serial (FRAMES) tiny config, torch runtime, seeded weights (= tiny_runners)."""
+    from flowact.serving.repository import Pipeline, RepositoryOptions, Target, stream_config
+
+    opts = RepositoryOptions(capacity=capacity, idle_ttl_s=30.0, pipeline=Pipeline.SERIAL, engine_threads=1, device="cpu")
+    return initialize(stream_config(tiny, opts, Target.TORCH))
 
 
 @pytest.fixture

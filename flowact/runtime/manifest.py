@@ -24,9 +24,12 @@ import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flowact.presets import Preset
-from flowact.specs import NetworkSpec, TensorSpec
+
+if TYPE_CHECKING:  # torch-free at import: the CLI's argument parser reads Precision
+    from flowact.specs import NetworkSpec, TensorSpec
 
 MANIFEST = "manifest.json"
 SCHEMA = 1
@@ -39,6 +42,22 @@ class Precision(str, Enum):
     FP8 = "fp8"  # FP8 (e4m3) Q/DQ transformers, FP16 VAE, float32 text encoder
     INT8 = "int8"  # int8 for CPU serving, per network as its spec's `int8` says (flowact export int8)
     TRT_FP8 = "trt-fp8"  # TensorRT plans built from the fp8 directory (FP8 + FP16, strongly typed)
+
+
+# What ONNX Runtime on the CPU serves (the embedded target), and each preset's default where it is
+# not float32: int8 where it measured within the quality bar on the preset's trained checkpoint
+# (benchmarks/results/int8_quality.json) and faster (benchmarks/results/int8_serve.json).
+CPU_PRECISIONS = (Precision.FP32, Precision.INT8)
+CPU_DEFAULT_PRECISION: dict[str, Precision] = {}
+
+
+def cpu_precision(preset_name: str, precision: Precision | str | None = None) -> Precision:
+    """`precision` checked, or the preset's default."""
+    chosen = Precision(precision) if precision else CPU_DEFAULT_PRECISION.get(preset_name, Precision.FP32)
+    if chosen not in CPU_PRECISIONS:
+        raise ValueError(f"precision {chosen.value}: ONNX Runtime on the CPU serves "
+                         f"{', '.join(p.value for p in CPU_PRECISIONS)}")
+    return chosen
 
 
 def preset_fields(preset: Preset) -> dict:
