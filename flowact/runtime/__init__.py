@@ -1,7 +1,7 @@
 """What runs a network: one adapter per runtime, one bag of callables, one way to build it.
 
 Every adapter has the PyTorch module's call signature (torch tensors in, a torch tensor out), so
-the stream sampler (flowact.session) cannot tell which one runs:
+the stream engine (flowact.engine) cannot tell which one runs:
 
     torch     PyTorch modules on a device and dtype (flowact.runtime.pytorch; CPU fp32, CUDA bf16; one
               network alone, its module the only one built: `load_torch_runner`, the torch vae_decoder model)
