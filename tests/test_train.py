@@ -158,19 +158,19 @@ def test_clips_render_the_same_in_worker_processes():
 
 def test_espeak_bank_replaces_espeak_ng(tmp_path, monkeypatch):
     """A phrase bank written where espeak-ng exists is all a machine without it needs."""
-    from flowact.train import data
+    from flowact.train import data, speech
 
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng is not installed")
     bank = tmp_path / "bank.npz"
-    data.write_espeak_bank(bank, 3)
-    monkeypatch.setenv(data.ESPEAK_BANK_ENV, str(bank))
-    monkeypatch.setattr(data, "_espeak_bank", None)
-    monkeypatch.setattr(data.shutil, "which", lambda name: None)  # as on a machine without espeak-ng
-    assert data.espeak_available()
-    phrases = data.espeak_bank()
+    speech.write_espeak_bank(bank, 3)
+    monkeypatch.setenv(speech.ESPEAK_BANK_ENV, str(bank))
+    monkeypatch.setattr(speech, "_espeak_bank", None)
+    monkeypatch.setattr(speech.shutil, "which", lambda name: None)  # as on a machine without espeak-ng
+    assert speech.espeak_available()
+    phrases = speech.espeak_bank()
     assert len(phrases) == 3 and all(np.abs(p).max() == pytest.approx(1.0, abs=1e-4) for p in phrases)
-    assert any(np.array_equal(data.espeak_phrase(np.random.default_rng(0)), p) for p in phrases)
+    assert any(np.array_equal(speech.espeak_phrase(np.random.default_rng(0)), p) for p in phrases)
     audio, _ = data.speech_timeline(np.random.default_rng(1), 6.0, "espeak", start_silent=False)
     assert np.abs(audio).max() > 0.01
 
