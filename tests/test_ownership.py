@@ -4,7 +4,6 @@ that hold no scarce slot, and refusals that name their cause (eviction, another 
 Figures are printed; run with -s to see them."""
 
 import collections
-import secrets
 import subprocess
 import sys
 import threading
@@ -18,10 +17,8 @@ import tritonclient.grpc as grpcclient
 from conftest import ref_image, run_stream, speech_chunks, start_server, url
 from flowact.client.stream import AvatarStream, StreamError, new_stream_id
 from flowact.contract import MIN_RANDOM_ID_CHARS, REQUIRE_RANDOM_IDS_ENV, SNAPSHOT_KEY_ENV
-from flowact.validate import InputError
 from flowact.presets import get_preset
-from flowact.serving.streams import StreamRegistry, check_stream_id
-from flowact.snapshot import max_snapshot_bytes, padded, peek_preset, unpadded
+from flowact.snapshot import max_snapshot_bytes, padded
 
 TINY = get_preset("tiny")
 KEY = "test-snapshot-key-0123456789abcdef"
@@ -90,57 +87,6 @@ def wait_active(srv, n, timeout_s=IDLE_TTL_S + 15):
 def test_client_ids_are_128_random_bits():
     ids = {new_stream_id() for _ in range(1000)}
     assert len(ids) == 1000 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
-
-
-def test_random_id_rule():
-    check_stream_id(7, require_random=False)
-    check_stream_id(secrets.token_hex(16), require_random=True)
-    for sid, part in ((7, "got an integer"), ("abc", "got a 3-character string"),
-                      ("x" * (MIN_RANDOM_ID_CHARS - 1), f"got a {MIN_RANDOM_ID_CHARS - 1}-character string"),
-                      ("0" * MIN_RANDOM_ID_CHARS, "about 0 bits"), ("a" * 40, "about 0 bits"),
-                      ("stream-1".rjust(MIN_RANDOM_ID_CHARS), "repeated or padded"),
-                      ("stream-1".ljust(MIN_RANDOM_ID_CHARS, "0"), "about 50 bits")):
-        with pytest.raises(InputError, match=f"requires unguessable stream ids.*{part}"):
-            check_stream_id(sid, require_random=True)
-
-
-def test_registry_names_eviction_and_stop(tmp_path):
-    now = [0.0]
-    drain = tmp_path / "draining"
-    reg = StreamRegistry(capacity=2, idle_ttl_s=30.0, drain_file=drain, clock=lambda: now[0])
-    reg.admit("a", object)
-    reg.admit("b", object)
-    now[0] = 31.0
-    reg.get("b")  # b stays alive
-    assert reg.evict_idle() == ["a"]
-    with pytest.raises(InputError, match=r"stream 'a' was evicted after 31.0 s idle \(idle TTL 30 s\)"):
-        reg.get("a")
-    drain.write_text("stopping")
-    with pytest.raises(InputError, match="server is stopping: no new streams"):
-        reg.admit("c", object)
-    reg.get("b")  # active streams go on while the server drains
-    drain.write_text("evacuate")
-    with pytest.raises(InputError, match=r"server is stopping: stream 'b' ended here .*RESUME"):
-        reg.get("b")
-    with pytest.raises(InputError, match="stream 'b' was ended: server is stopping"):
-        reg.get("b")
-    assert reg.active() == 0 and reg.counters.ended == 1 and reg.counters.evicted == 1
-    drain.write_text("")  # `flowact drain` (preStop)
-    with pytest.raises(InputError, match="server is draining"):
-        reg.admit("d", object)
-    drain.unlink()
-    reg.admit("a", object)  # a START forgets why the id was gone
-    assert "a" not in reg.gone
-
-
-def test_snapshot_padding_round_trip():
-    size = max_snapshot_bytes(TINY)
-    blob = b"FASN" + bytes([1, 0]) + (15).to_bytes(4, "little") + b'{"preset":"cpu"}'[:15] + bytes(50)
-    assert peek_preset(blob) is None  # header cut: unreadable
-    header = b'{"preset":"cpu"}'
-    blob = b"FASN" + bytes([1, 0]) + len(header).to_bytes(4, "little") + header + bytes(100)
-    assert peek_preset(padded(blob, size)) == "cpu"
-    assert unpadded(b"not a snapshot", max_snapshot_bytes(TINY)) == b"not a snapshot"
 
 
 # --- against the server ------------------------------------------------------------------------------

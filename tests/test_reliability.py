@@ -28,14 +28,12 @@ from tritonclient.utils import InferenceServerException
 
 from conftest import metrics, ref_image, run_stream, speech_chunks, start_server, url
 from flowact.client.stream import AvatarStream, StreamError
-from flowact.contract import BEHAVIOURS, MAX_PROMPT_BYTES, SNAPSHOT_KEY_ENV
-from flowact.validate import InputError
+from flowact.contract import BEHAVIOURS, SNAPSHOT_KEY_ENV
 from flowact.presets import SAMPLES_PER_CHUNK, get_preset
 from flowact.serving.cli import metric_value
 from flowact.serving.processes import free_ports, group_alive, group_rss, shm_regions
 from flowact.serving.server import TritonServer
-from flowact.serving.streams import ResumeRequest, StartRequest, parse_request
-from flowact.snapshot import SnapshotCodec, SnapshotError, key_from_env, max_snapshot_bytes, padded
+from flowact.snapshot import max_snapshot_bytes, padded
 
 CAPACITY = 24
 IDLE_TTL_S = 1.5
@@ -157,123 +155,6 @@ def audio_in(seed: int = 0) -> grpcclient.InferInput:
 
 def image_in(seed: int = 0) -> grpcclient.InferInput:
     return tensor("REF_IMAGE", ref_image(TINY, seed)[None], "UINT8")
-
-
-# --- in-process: snapshots and the request contract (no server) -----------------------------------
-
-
-def test_snapshot_resumes_bit_identically_in_process(tiny, tiny_runners):
-    from flowact.engine import StreamEngine
-
-    chunks = speech_chunks(10, seed=3)  # crosses memory refinement (every 4 chunks) twice
-    want = run_stream(tiny, tiny_runners, 3, chunks, ref_image(tiny, 3))
-    codec = SnapshotCodec(tiny, KEY.encode())
-    engine = StreamEngine(tiny, tiny_runners, capacity=2)
-    stream = engine.start(ref_image(tiny, 3), seed=3)
-    got = engine.step([stream], chunks[:1])
-    for c in chunks[1:]:  # a fresh stream from a snapshot before every chunk
-        old, stream = stream, codec.restore(engine, codec.encode(stream))
-        engine.end(old)
-        got += engine.step([stream], [c])
-    assert np.array_equal(np.stack(got), want)
-    assert len(codec.encode(stream)) <= codec.max_bytes == max_snapshot_bytes(tiny)
-
-
-def test_snapshot_refusals_are_clear(tiny, tiny_runners):
-    from flowact.engine import StreamEngine
-
-    codec = SnapshotCodec(tiny, KEY.encode(), field="RESUME")
-    engine = StreamEngine(tiny, tiny_runners, capacity=2)
-    stream = engine.start(ref_image(tiny), seed=1, prompt="thinking")
-    engine.step([stream], speech_chunks(1))
-    blob = codec.encode(stream)
-
-    def refusal(data: bytes, using: SnapshotCodec = codec) -> str:
-        with pytest.raises(SnapshotError) as e:
-            using.restore(engine, data)
-        assert str(e.value).startswith("RESUME: ")
-        assert engine.pool.free == [1]  # a refused snapshot holds no slot
-        return str(e.value)
-
-    for i in (0, 9, len(blob) // 2, len(blob) - 1):  # magic, header, payload, signature
-        flipped = bytearray(blob)
-        flipped[i] ^= 0x10
-        assert re.search("integrity check failed|bad magic", refusal(bytes(flipped)))
-    assert "integrity check failed" in refusal(blob[:-100] + blob[-32:])
-    assert "too short" in refusal(blob[:20])
-    assert "more than" in refusal(blob + bytes(codec.max_bytes))
-    assert "integrity check failed" in refusal(blob, SnapshotCodec(tiny, b"another deployment's key!", field="RESUME"))
-    assert "version 3 is not supported (this server reads version 2)" in refusal(codec.encode(stream, version=3))
-    other = tiny.with_(long_term_size=2)  # same name, other state layout
-    assert "made for preset 'tiny' (fingerprint" in refusal(SnapshotCodec(other, KEY.encode()).encode(
-        _stream_for(other)))
-    assert key_from_env({}) is None
-    with pytest.raises(ValueError, match=SNAPSHOT_KEY_ENV):
-        key_from_env({SNAPSHOT_KEY_ENV: "short"})
-
-
-def _stream_for(preset):
-    """A started stream of a preset variant (its networks are not needed for a snapshot)."""
-    import torch
-
-    from flowact.state import StatePool
-
-    state = StatePool(preset, 1).acquire()
-    with torch.inference_mode():
-        state.begin(torch.zeros(16, preset.latent_height, preset.latent_width), seed=0, prompt="idle")
-    return state
-
-
-def _parse(start=True, end=False, **inputs):
-    base = {"AUDIO": speech_chunks(1)[0][None], "REF_IMAGE": ref_image(TINY)[None] if start else None}
-    return parse_request({**base, **inputs}, start, end, TINY, max_snapshot_bytes(TINY))
-
-
-@pytest.mark.parametrize("inputs, start, message", [
-    ({"AUDIO": None}, True, "AUDIO: required"),
-    ({"AUDIO": np.zeros((2, SAMPLES_PER_CHUNK), np.float32)}, True, "AUDIO: one chunk per request, got a batch of 2"),
-    ({"AUDIO": np.zeros((1, 100), np.float32)}, True, "AUDIO: shape must be (7680,)"),
-    ({"AUDIO": np.zeros((1, SAMPLES_PER_CHUNK), np.float64)}, True, "AUDIO: dtype must be float32"),
-    ({"AUDIO": np.full((1, SAMPLES_PER_CHUNK), np.inf, np.float32)}, True, "AUDIO: contains NaN or Inf"),
-    ({"AUDIO": np.full((1, SAMPLES_PER_CHUNK), 1e6, np.float32)}, True, "AUDIO: sample magnitude"),
-    ({"REF_IMAGE": None}, True, "REF_IMAGE: required with START"),
-    ({"REF_IMAGE": np.zeros((1, 0, 64, 3), np.uint8)}, True, "REF_IMAGE: shape must be (64, 64, 3)"),
-    ({"REF_IMAGE": np.zeros((1, 100000, 1, 3), np.uint8)}, True, "REF_IMAGE: shape must be (64, 64, 3)"),
-    ({"REF_IMAGE": ref_image(TINY)[None]}, False, "REF_IMAGE: only allowed with START"),
-    ({"SEED": np.array([[-1]], np.int64)}, True, "SEED: -1 is out of range [0, 9223372036854775807]"),
-    ({"SEED": np.array([[1.5]], np.float32)}, True, "SEED: expected an integer"),
-    ({"SEED": np.array([[1, 2]], np.int64)}, True, "SEED: expected one value, got 2"),
-    ({"SEED": np.array([[3]], np.int64)}, False, "SEED: only allowed with START"),
-    ({"PROMPT": np.array([[b"\xff\xfe"]], object)}, True, "PROMPT: not valid UTF-8"),
-    ({"PROMPT": np.array([[b"x" * (MAX_PROMPT_BYTES + 1)]], object)}, True, "PROMPT: 1025 bytes is longer than 1024"),
-    ({"PROMPT": np.array([[b"x" * 100_000]], object)}, True, "PROMPT: 100000 bytes is far too long"),
-    ({"PROMPT": np.array([[b"nod\x00"]], object)}, True, "PROMPT: control character U+0000"),
-    ({"PROMPT": np.array([[7]], np.int64)}, True, "PROMPT: expected a string"),
-    ({"BEHAVIOUR": np.array([[b"dancing"]], object)}, True, "BEHAVIOUR: unknown behaviour 'dancing': must be one of"),
-    ({"BEHAVIOUR": np.array([[b"idle"]], object), "PROMPT": np.array([[b"wave"]], object)}, True,
-     "BEHAVIOUR and PROMPT: send one"),
-    ({"WANT_SNAPSHOT": np.array([[1]], np.int32)}, False, "WANT_SNAPSHOT: expected a bool"),
-    ({"RESUME": np.zeros((1, 0), np.uint8)}, True, "RESUME: 0 bytes is outside"),
-    ({"RESUME": np.zeros((1, 10**6), np.uint8)}, True, "RESUME: 1000000 bytes is outside"),
-    ({"RESUME": np.zeros((1, 8), np.float32)}, True, "RESUME: expected uint8 bytes"),
-    ({"RESUME": np.zeros((1, 8), np.uint8)}, False, "RESUME: only allowed with START"),
-])
-def test_request_rules_name_the_field(inputs, start, message):
-    with pytest.raises(InputError) as e:
-        _parse(start=start, **inputs)
-    assert message in str(e.value)
-
-
-def test_request_contract_accepts_what_it_documents():
-    req = _parse(BEHAVIOUR=np.array([[b"listening"]], object), SEED=np.array([[2**63 - 1]], np.int64),
-                 WANT_SNAPSHOT=np.array([[True]]))
-    assert isinstance(req.begin, StartRequest) and type(req.begin.seed) is int
-    assert (req.prompt, req.begin.prompt, req.begin.seed, req.want_snapshot) == ("listening", "listening", 2**63 - 1, True)
-    assert _parse().begin.prompt == "speaking" and _parse().prompt is None  # the default text, only at START
-    req = _parse(start=False, end=True, PROMPT=np.array([["raise the left hand\tslowly".encode()]], object))
-    assert (req.prompt, req.end, req.begin) == ("raise the left hand\tslowly", True, None)
-    req = _parse(REF_IMAGE=None, RESUME=np.ones((1, 64), np.uint8))  # the signature is checked when restoring
-    assert req.begin == ResumeRequest(bytes([1] * 64))
 
 
 # --- against the server: input validation ---------------------------------------------------------
