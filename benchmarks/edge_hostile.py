@@ -34,7 +34,7 @@ import numpy as np
 import psutil
 from PIL import Image
 
-from flowact.contract import WEB_SESSIONS_PATH
+from flowact.contract import DRAIN_FILE_ENV, WEB_SESSIONS_PATH
 
 
 class EdgeProcess:
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     repo = build_embedded_repository("tiny", tmp / "repo", opts=RepositoryOptions(capacity=8, idle_ttl_s=30.0))
     http, grpc, metrics = free_ports(3)
     make = lambda: TritonServer(repo, grpc, http, metrics, work_dir=tmp / "triton",  # noqa: E731
-                                extra_env={"FLOWACT_DRAIN_FILE": str(tmp / "draining")})
+                                extra_env={DRAIN_FILE_ENV: str(tmp / "draining")})
     server = make().start(timeout_s=120)
     edge = EdgeProcess(f"127.0.0.1:{grpc}", tmp / "edge.log", "--max-sessions", "4", "--no-failover")  # one server
     results: dict = {"machine": f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start", "bursts": []}

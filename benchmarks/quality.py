@@ -24,6 +24,13 @@ Prints a table and writes benchmarks/results/quality_<preset>.json and quality_<
 
     python -m flowact.benchmarks.quality --demo [--out DIR]
 
+    python -m flowact.benchmarks.quality --preset cpu --precisions [--minutes 2]
+
+The CPU precisions instead (`flowact serve --precision`): the same avatars through ONNX Runtime on
+the float32 and int8 exports of the shipped checkpoint, in lockstep, each with the metrics above,
+and int8's frames against float32's of the same inputs (PSNR over the stream, and its worst chunk);
+writes quality_<preset>_int8.json.
+
 The demo figure instead: lip sync of what `flowact demo` / `flowact generate` stream, the shipped
 reference.png and speech.wav (real espeak-ng speech, a cartoon face, neither seen in training),
 for the shipped tiny and cpu checkpoints and for cpu with seeded random weights, in process
@@ -173,6 +180,49 @@ def table(rows: dict) -> str:
     return "\n".join(lines)
 
 
+def precision_rows(preset: Preset, avatars: list[Avatar], seed: int, threads: int) -> dict:
+    """Every CPU precision's row (ONNX Runtime, the shipped checkpoint's exports, made if missing), streamed
+    in lockstep; the rows after float32 also get their frames' PSNR against float32's."""
+    from flowact.contract import ARTIFACTS_DIR
+    from flowact.export.int8 import export_int8
+    from flowact.networks import shipped_checkpoint
+    from flowact.runtime.manifest import CPU_PRECISIONS, Precision
+
+    root = Path(ARTIFACTS_DIR) / preset.name / "onnx"  # where `flowact serve` exports
+    export_int8(preset, root, checkpoint=shipped_checkpoint(preset.name))  # fp32 first, both idempotent
+    engines = {p: StreamEngine(preset, build_runners(RuntimeKind.ONNX, preset, root / p.value, threads=threads),
+                               capacity=len(avatars)) for p in CPU_PRECISIONS}
+    states = {p: [e.start(a.reference, seed=seed + i, prompt=a.states[0]) for i, a in enumerate(avatars)]
+              for p, e in engines.items()}
+    meters = {p: [StreamMeter(a.reference) for a in avatars] for p in engines}
+    seconds = dict.fromkeys(engines, 0.0)
+    mse = {p: [] for p in engines if p != Precision.FP32}  # per chunk, all avatars
+    for c in tqdm(range(len(avatars[0].states)), desc="precisions", unit="chunk", leave=False):
+        audio = [a.audio[c * SAMPLES_PER_CHUNK:(c + 1) * SAMPLES_PER_CHUNK] for a in avatars]
+        frames = {}
+        for p, engine in engines.items():
+            t = time.perf_counter()
+            frames[p] = engine.step(states[p], audio, [a.states[c] for a in avatars])  # A x (12, H, W, 3) u8
+            seconds[p] += time.perf_counter() - t
+            for m, f in zip(meters[p], frames[p]):
+                m.add(f)
+        for p in mse:
+            mse[p].append(float(np.mean([np.mean((f.astype(np.float64) - g) ** 2)
+                                         for f, g in zip(frames[p], frames[Precision.FP32])])))
+    rows = {}
+    for p in engines:
+        row = rows[f"onnx {p.value}"] = summarise(meters[p], avatars)
+        row["seconds_per_chunk"] = seconds[p] / len(avatars[0].states)  # all avatars batched; not a speed benchmark
+        if p in mse:
+            psnr = lambda e: float(10 * np.log10(255**2 / max(e, 1e-12)))  # noqa: E731
+            row["psnr_vs_fp32_db"], row["psnr_vs_fp32_worst_chunk_db"] = psnr(np.mean(mse[p])), psnr(max(mse[p]))
+            row["lip_sync_minus_fp32"] = row["lip_sync"] - rows[f"onnx {Precision.FP32.value}"]["lip_sync"]
+        print(f"onnx {p.value}: lip sync {row['lip_sync']:.3f}, drift {row['drift']:+.4f}, seam {row['seam_ratio']:.2f}"
+              + (f", PSNR vs fp32 {row['psnr_vs_fp32_db']:.1f} dB (worst chunk {row['psnr_vs_fp32_worst_chunk_db']:.1f})"
+                 if p in mse else ""), flush=True)
+    return rows
+
+
 DEMO_ROWS = (("tiny", "tiny"), ("cpu", "cpu"), ("cpu random weights", "cpu"))
 
 
@@ -208,6 +258,8 @@ def demo_lip_sync(out: Path, seed: int = 0) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--demo", action="store_true", help="only the lip sync of the shipped samples (quality_demo.json)")
+    p.add_argument("--precisions", action="store_true",
+                   help="ONNX Runtime fp32 vs int8 on the shipped checkpoint (quality_<preset>_int8.json)")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--checkpoints", default=str(REPO / "checkpoints"), help="folder with <preset>, <preset>-teacher, ...")
     p.add_argument("--minutes", type=float, default=5.0, help="stream length")
@@ -232,16 +284,23 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else RESULTS
     out.mkdir(parents=True, exist_ok=True)
 
+    stem = f"quality_{preset.name}" + ("_int8" if args.precisions else "")
+
     def save() -> None:
         results = {"preset": preset.name, "minutes": chunks * 0.48 / 60, "chunks": chunks, "avatars": len(avatars),
                    "speech": args.speech, "seconds": time.perf_counter() - t,
                    "machine": platform.processor() or platform.machine(), "torch_threads": args.threads,
                    "device": args.device, "rows": rows}
-        (out / f"quality_{preset.name}.json").write_text(json.dumps(results, indent=1))
-        plot(results, out / f"quality_{preset.name}.png", preset)
+        (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+        plot(results, out / f"{stem}.png", preset)
 
     rows["ground truth"] = summarise(ground_truth_meters(preset, avatars), avatars)
     rows["ground truth"]["seconds_per_chunk"] = 0.0
+    if args.precisions:
+        rows.update(precision_rows(preset, avatars, args.seed, args.threads))
+        save()
+        print(table(rows) + f"\nwrote {out / stem}.json and .png")
+        return 0
     wanted = set(args.only.split(",")) if args.only else None
     for name, ckpt, changes in configurations(preset, Path(args.checkpoints)):
         if wanted and name not in wanted:
@@ -258,7 +317,7 @@ def main(argv=None) -> int:
         save()  # after every row: an interrupted run keeps the rows it finished
 
     print(table(rows))
-    print(f"wrote {out / f'quality_{preset.name}.json'} and .png")
+    print(f"wrote {out / stem}.json and .png")
     return 0
 
 
