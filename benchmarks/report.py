@@ -166,7 +166,8 @@ def tables(result: dict) -> str:
              f"Run {run.get('run_id', '?')} on {m.get('cpu', '?')} ({m.get('cores', '?')} cores, "
              f"{m.get('memory_gb', '?')} GiB); load average at start {load.get('loadavg_1_5_15')}, "
              f"busy at start: {busy}. {st.get('duration_s')} s of audio per stream per point, jitter buffer "
-             f"{st.get('jitter_buffer_s')} s.", ""]
+             f"{st.get('jitter_buffer_s')} s; server networks {(result.get('capacity') or {}).get('server_precision', 'fp32')}, "
+             f"{st.get('engine_threads', '?')} ONNX Runtime thread(s) per model.", ""]
     ours, base = _points(result, "capacity"), _points(result, "baseline")
     if ours or base:
         lines += ["| N | TTFF p50 / p99 (ms) | chunk p50 / p99 (ms) | stalls | fps/stream (min) | server CPU (cores) "
@@ -199,6 +200,7 @@ def tables(result: dict) -> str:
                 row += ["–"] * 4
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
+    lines += precision_table(result)
     over = result.get("overhead")
     if over and over.get("server"):
         srv, inp = over["server"], over["inprocess_onnx"]
@@ -239,6 +241,30 @@ def tables(result: dict) -> str:
             ("latency", "stalls", "ttff", "longstream", "pipeline")]
     lines += ["Plots: " + " · ".join(pngs), ""]
     return "\n".join(lines)
+
+
+def precision_table(result: dict) -> list[str]:
+    """The capacity sweep's other-precision server, next to ours (same run, interleaved per N)."""
+    prec, ours, theirs = result.get("precision"), _points(result, "capacity"), _points(result, "precision")
+    if not prec or not theirs:
+        return []
+    mine, other = (result.get("capacity") or {}).get("server_precision", "?"), prec["server_precision"]
+    lines = [f"Precision (run {prec.get('run_id', '?')}, interleaved per N with the table above): the same server "
+             f"and load with {other} networks.", "",
+             f"| N | {mine} chunk p50 / p99 (ms) | {mine} stalls | {mine} real time | {other} chunk p50 / p99 (ms) "
+             f"| {other} stalls | {other} real time |", "|---:|---:|---:|:-:|---:|---:|:-:|"]
+    for n in sorted(theirs):
+        row = [str(n)]
+        for p in (ours.get(n), theirs[n]):
+            row += ([f"{_ms(p['chunk_latency_p50_s'])} / {_ms(p['chunk_latency_p99_s'])}", _pct(p["stall_rate"]),
+                     "yes" if p["realtime"] else "no"] if p else ["–"] * 3)
+        lines.append("| " + " | ".join(row) + " |")
+    s = (result.get("summary") or {}).get("precision") or {}
+    cap, p50 = s.get("capacity_ratio"), s.get("chunk_p50_n1_ratio")
+    lines += ["", f"Real-time capacity {mine} {(result.get('summary') or {}).get('capacity', '–')} vs {other} "
+                  f"{s.get('other_capacity', '–')} ({'–' if cap is None else f'{cap:.1f}x'}); chunk p50 at N=1, "
+                  f"{other} / {mine}: {'–' if p50 is None else f'{p50:.2f}x'}.", ""]
+    return lines
 
 
 def summary_table(results: list[dict]) -> str:

@@ -22,6 +22,9 @@ Modes (one run, one machine; each section records the load average it started un
   pipeline  throughput (chunks/s, streams sending as fast as a 2-chunk window allows) with the
             repository rendered `overlap` (decode of chunk n overlaps denoise of n+1) vs `serial`.
   soak      one stream for --soak-minutes of looped audio: latency and server memory over time.
+  precision the capacity sweep again, interleaved per N, against a second server whose networks are at
+            the other CPU precision (--precision picks ours: fp32 or int8, default the preset's);
+            summary: the capacity ratio and the chunk p50 ratio at N = 1.
 
 Without --url the benchmark renders the embedded repository, starts tritonserver on free loopback
 ports, and samples its process group with psutil. With --url it drives that server, reads host-wide
@@ -50,6 +53,7 @@ from flowact.benchmarks.serve_config import DEFAULT_MODES, MODES, BenchConfig, n
 from flowact.benchmarks.serve_modes import run_pipeline, run_soak, run_sweep
 from flowact.benchmarks.serve_server import Endpoint, remote, server_version, start_local, warm_up
 from flowact.presets import get_preset
+from flowact.runtime.manifest import CPU_PRECISIONS
 
 
 # --- the results file ---------------------------------------------------------------------------------------
@@ -102,6 +106,15 @@ def summary(result: dict) -> dict:
     if pipe and pipe.get("overlap") and pipe.get("serial"):
         out["overlap_vs_serial"] = {str(a["streams"]): a["chunks_per_s"] / b["chunks_per_s"]
                                     for a, b in zip(pipe["overlap"], pipe["serial"]) if b.get("chunks_per_s")}
+    prec = result.get("precision")
+    if cap and prec:  # ours vs the other precision: capacity ratio, and chunk p50 at N=1 (other / ours: speed-up)
+        n1 = [next((p for p in s["points"] if p["streams"] == 1), {}).get("chunk_latency_p50_s") for s in (cap, prec)]
+        out["precision"] = {"ours": cap.get("server_precision"), "other": prec["server_precision"],
+                            "other_capacity": prec["result"]["capacity"],
+                            "capacity_ratio": (cap["result"]["capacity"] / prec["result"]["capacity"]
+                                               if prec["result"]["capacity"] else None),
+                            "chunk_p50_n1_ratio": n1[1] / n1[0] if all(n1) else None,
+                            "same_run": cap.get("run_id") == prec.get("run_id")}
     soak = result.get("soak")
     if soak:
         out["soak_minutes"], out["soak_flat"] = soak["minutes"], soak["flat"]
@@ -123,7 +136,7 @@ def run(cfg: BenchConfig) -> dict:
     info["settings"] = {
         "streams": cfg.streams, "duration_s": cfg.duration_s, "jitter_buffer_s": cfg.jitter_buffer,
         "max_in_flight_per_stream": cfg.max_in_flight, "grace_s": cfg.grace_s, "engine_threads": cfg.engine_threads,
-        "pipeline_streams": cfg.pipeline_streams, "repeat": cfg.repeat,
+        "pipeline_streams": cfg.pipeline_streams, "repeat": cfg.repeat, "precision": cfg.precision,
         "capacity_rule": "largest N with stall rate <= 1 % and p99 chunk latency < 0.48 s, no failed stream",
         "latency": "arrival of a chunk's frames minus the time its audio existed (chunk i due 0.48 s * i after "
                    "the stream's start; streams start spread over one chunk period)",
@@ -143,9 +156,10 @@ def run(cfg: BenchConfig) -> dict:
         section["run_id"] = run_id
         return section
 
-    if "pipeline" in modes and cfg.url:
-        say("pipeline mode skipped: it renders its own repositories (not with --url)")
-        modes.discard("pipeline")
+    for mode in ("pipeline", "precision"):
+        if mode in modes and cfg.url:
+            say(f"{mode} mode skipped: it renders its own repositories (not with --url)")
+            modes.discard(mode)
     endpoints: dict[str, Endpoint] = {}
     specs: dict[str, LoadSpec] = {}
     try:
@@ -153,6 +167,8 @@ def run(cfg: BenchConfig) -> dict:
             endpoints["overlap"] = remote(cfg) if cfg.url else start_local(cfg, "overlap")
             if "pipeline" in modes:
                 endpoints["serial"] = start_local(cfg, "serial")
+            if "precision" in modes:  # the same server at the other CPU precision
+                endpoints["precision"] = start_local(cfg, "overlap", *cfg.other_precisions)
             main = endpoints["overlap"]
             info["server"] = {"url": main.url, "started_by_benchmark": cfg.url is None,
                                 "resources": "psutil over the tritonserver process group" if cfg.url is None else
@@ -162,7 +178,8 @@ def run(cfg: BenchConfig) -> dict:
                 specs[name] = LoadSpec(endpoint.url, cfg.preset, image, audio, max_in_flight=cfg.max_in_flight,
                                        jitter_buffer=cfg.jitter_buffer)
                 warm_up(endpoint, specs[name], max([*cfg.streams, *cfg.pipeline_streams]))
-        for name, section in run_sweep(cfg, modes, endpoints.get("overlap"), specs.get("overlap"), metrics).items():
+        for name, section in run_sweep(cfg, modes, endpoints.get("overlap"), specs.get("overlap"), metrics,
+                                       endpoints.get("precision"), specs.get("precision")).items():
             result[name] = stamp(section)
         if "pipeline" in modes:
             result["pipeline"] = stamp(run_pipeline(cfg, endpoints, specs, metrics))
@@ -235,6 +252,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-in-flight", type=int, default=3, help="chunks a paced stream may have outstanding")
     p.add_argument("--grace", type=float, default=None, help="seconds a point waits past its last due chunk "
                                                              "(default max(5, duration / 4))")
+    p.add_argument("--precision", choices=[p.value for p in CPU_PRECISIONS], default=None,
+                   help="the server's networks (default: the preset's, as `flowact serve`)")
     p.add_argument("--engine-threads", type=int, default=2, help="ONNX Runtime threads per engine (server and overhead)")
     p.add_argument("--device", default="cpu", help="device of the in-process PyTorch baseline (cpu, cuda)")
     p.add_argument("--baseline-threads", type=int, default=None,
@@ -286,7 +305,8 @@ def _serve(args) -> int:
                       out=RESULTS / f"serve_{args.preset}.json" if args.publish else args.out, max_in_flight=args.max_in_flight,
                       grace_s=args.grace if args.grace is not None else max(5.0, args.duration / 4),
                       engine_threads=args.engine_threads, device=args.device,
-                      baseline_threads=args.baseline_threads, repeat=max(1, args.repeat), plots=not args.no_report)
+                      baseline_threads=args.baseline_threads, repeat=max(1, args.repeat), plots=not args.no_report,
+                      precision=args.precision)
     result = run(cfg)
     s = result["summary"]
     say("summary: " + json.dumps(s))

@@ -6,8 +6,10 @@ import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flowact.runtime.manifest import CPU_PRECISIONS, cpu_precision
+
 RUNS = Path("runs")  # default parent of a run's own directory, relative to the working directory
-MODES = ("capacity", "baseline", "overhead", "pipeline", "soak")
+MODES = ("capacity", "baseline", "overhead", "pipeline", "soak", "precision")
 DEFAULT_MODES = "capacity,baseline,overhead,pipeline"
 # The product default. Shorter would free the streams a point abandons (overload) sooner, but Triton
 # then drops the sequence of a stream that could not send for that long because the server was
@@ -38,11 +40,19 @@ class BenchConfig:
     baseline_threads: int | None = None  # torch threads per baseline worker; None: try cores // N and 1
     repeat: int = 1  # attempts per N for ours, the baseline and the in-process reference; the best is kept
     plots: bool = True
+    precision: str | None = None  # the server's (embedded) networks; None: the preset's default
 
     def __post_init__(self):
+        self.precision = cpu_precision(self.preset, self.precision).value
         self.onnx_dir = Path(self.onnx_dir or Path("artifacts") / self.preset / "onnx")
         self.out = Path(self.out or run_dir(self.preset) / f"serve_{self.preset}.json")
         self.pipeline_streams = self.pipeline_streams or sorted({min(self.streams), max(self.streams)})
+
+
+    @property
+    def other_precisions(self) -> list[str]:
+        """What the precision mode compares the server's precision with."""
+        return [p.value for p in CPU_PRECISIONS if p.value != self.precision]
 
 
 def run_dir(preset: str, root: Path = RUNS) -> Path:

@@ -20,13 +20,20 @@ def section_header() -> dict:
     return {"measured_at": now_iso(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
 
 
-def run_sweep(cfg: BenchConfig, modes: set[str], endpoint: Endpoint | None, spec: LoadSpec | None, metrics) -> dict:
-    """capacity, baseline and overhead, interleaved per N (ours N, baseline N, [in-process ONNX at N=1]) so
-    that both sides see the same background load on a shared machine."""
+def run_sweep(cfg: BenchConfig, modes: set[str], endpoint: Endpoint | None, spec: LoadSpec | None, metrics,
+              other: Endpoint | None = None, other_spec: LoadSpec | None = None) -> dict:
+    """capacity, baseline, precision and overhead, interleaved per N (ours N, baseline N, the server at the
+    other precision N, [in-process ONNX at N=1]) so that every side sees the same background load on a
+    shared machine."""
     sections: dict[str, dict] = {}
     if "capacity" in modes:
         sections["capacity"] = section_header() | {"server_pipeline": endpoint.pipeline or "unknown (remote)",
+                                                   "server_precision": endpoint.precision or "unknown (remote)",
                                                    "points": []}
+    if other is not None:
+        sections["precision"] = section_header() | {
+            "what": f"the same server and load with the networks at {other.precision} (ours: {endpoint.precision})",
+            "server_precision": other.precision, "points": []}
     if "baseline" in modes:
         sections["baseline"] = section_header() | {
             "what": "in-process PyTorch StreamEngine, one unbatched stream per worker process (spawned), "
@@ -40,12 +47,16 @@ def run_sweep(cfg: BenchConfig, modes: set[str], endpoint: Endpoint | None, spec
     server_n1 = inproc_n1 = None
     sweep = cfg.streams if {"capacity", "baseline"} & modes else []
     for n in sweep:
-        tries: dict[str, list[dict]] = {"capacity": [], "baseline": [], "inproc": []}
+        tries: dict[str, list[dict]] = {"capacity": [], "baseline": [], "precision": [], "inproc": []}
         for attempt in range(cfg.repeat):
             if "capacity" in modes:
                 point, _ = server_point(endpoint, spec, n, cfg.duration_s, cfg.grace_s, metrics)
                 tries["capacity"].append(point)
-                say("ours     " + describe(point))
+                say(f"ours     {endpoint.precision or ''} " + describe(point))
+            if other is not None:
+                point, _ = server_point(other, other_spec, n, cfg.duration_s, cfg.grace_s, metrics)
+                tries["precision"].append(point)
+                say(f"ours     {other.precision} " + describe(point))
             if "baseline" in modes:
                 point = baseline_point(cfg, n)
                 tries["baseline"].append(point)
@@ -54,14 +65,14 @@ def run_sweep(cfg: BenchConfig, modes: set[str], endpoint: Endpoint | None, spec
                 point, _ = inprocess_point(cfg, RuntimeKind.ONNX, 1, cfg.engine_threads)
                 tries["inproc"].append(point)
                 say("in-proc  " + describe(point))
-        for name in ("capacity", "baseline"):
+        for name in ("capacity", "baseline", "precision"):
             if tries[name]:
                 sections[name]["points"].append(best_of(tries[name]))
         if n == 1 and tries["capacity"]:
             server_n1 = sections["capacity"]["points"][-1]
         if tries["inproc"]:
             inproc_n1 = best_of(tries["inproc"])
-    for name in ("capacity", "baseline"):
+    for name in ("capacity", "baseline", "precision"):
         if name in sections:
             sections[name]["result"] = realtime_capacity(sections[name]["points"])
     if overhead:

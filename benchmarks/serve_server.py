@@ -25,6 +25,7 @@ class Endpoint:
     sampler: ResourceSampler
     server: object | None = None  # TritonServer when the benchmark started it
     pipeline: str | None = None
+    precision: str | None = None  # of its networks, when the benchmark started it
 
     def stream_metrics(self) -> dict:
         try:
@@ -64,7 +65,8 @@ def log_faults(path: Path, limit: int = 8) -> list[str]:
     return [line.strip()[:200] for line in lines if any(f in line for f in FAULTS)][:limit]
 
 
-def start_local(cfg: BenchConfig, pipeline: str) -> Endpoint:
+def start_local(cfg: BenchConfig, pipeline: str, precision: str | None = None) -> Endpoint:
+    """The embedded repository at `precision` (None: cfg.precision) behind a tritonserver on free ports."""
     from flowact.serving.repository import Pipeline, RepositoryOptions, build_embedded_repository
     from flowact.serving.processes import free_ports
     from flowact.serving.server import TritonServer
@@ -72,17 +74,19 @@ def start_local(cfg: BenchConfig, pipeline: str) -> Endpoint:
     capacity = max([*cfg.streams, *cfg.pipeline_streams, 1])
     opts = RepositoryOptions(capacity=capacity, idle_ttl_s=IDLE_TTL_S, pipeline=Pipeline(pipeline),
                              engine_threads=cfg.engine_threads)
-    work = cfg.work_dir / cfg.preset
-    repo = build_embedded_repository(cfg.preset, work / f"repository-{pipeline}", opts=opts, onnx_dir=cfg.onnx_dir)
+    precision = precision or cfg.precision
+    work, name = cfg.work_dir / cfg.preset, f"{pipeline}-{precision}"
+    repo = build_embedded_repository(cfg.preset, work / f"repository-{name}", opts=opts, onnx_dir=cfg.onnx_dir,
+                                     precision=precision)
     http, grpc, metrics = free_ports(3)
-    server = TritonServer(repo, grpc, http, metrics, work_dir=work / f"triton-{pipeline}",
-                          extra_env={DRAIN_FILE_ENV: str(work / "draining")})
-    say(f"starting tritonserver ({cfg.preset}, {pipeline}, capacity {capacity}) on 127.0.0.1:{grpc} ...")
+    server = TritonServer(repo, grpc, http, metrics, work_dir=work / f"triton-{name}",
+                          extra_env={DRAIN_FILE_ENV: str(work / f"draining-{name}")})
+    say(f"starting tritonserver ({cfg.preset}, {pipeline}, {precision}, capacity {capacity}) on 127.0.0.1:{grpc} ...")
     t = time.monotonic()
     server.start(timeout_s=240)
     say(f"ready in {time.monotonic() - t:.1f} s")
     sampler = ResourceSampler(ProcessGroupSource(pgid=server.process.pid)).start()
-    return Endpoint(f"127.0.0.1:{grpc}", f"http://127.0.0.1:{metrics}/metrics", sampler, server, pipeline)
+    return Endpoint(f"127.0.0.1:{grpc}", f"http://127.0.0.1:{metrics}/metrics", sampler, server, pipeline, precision)
 
 
 def remote(cfg: BenchConfig) -> Endpoint:

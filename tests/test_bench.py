@@ -178,7 +178,7 @@ def test_load_point_against_the_tiny_server(server, tiny):
 def test_cli_run_writes_json_plots_and_table(tmp_path, onnx_dir):
     out = tmp_path / "results" / "serve_tiny.json"
     rc = main(["serve", "--preset", "tiny", "--streams", "1,2", "--duration", "1", "--grace", "2",
-               "--modes", "capacity,baseline,overhead,pipeline", "--pipeline-streams", "2", "--soak-minutes", "0.05",
+               "--modes", "capacity,baseline,overhead,pipeline,precision", "--pipeline-streams", "2", "--soak-minutes", "0.05",
                "--onnx-dir", str(onnx_dir), "--work-dir", str(tmp_path / "work"), "--out", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
@@ -191,13 +191,17 @@ def test_cli_run_writes_json_plots_and_table(tmp_path, onnx_dir):
     assert result["overhead"]["inprocess_onnx"]["chunks"] == 3 and "overhead_chunk_latency_p50_ms" in result["overhead"]
     assert result["pipeline"]["overlap"][0]["chunks"] > 0 and result["pipeline"]["serial"][0]["chunks"] > 0
     assert result["soak"]["chunk_latency_s"] and result["soak"]["memory_mb"]
-    assert {"capacity", "baseline_capacity", "ratio", "overlap_vs_serial", "soak_flat"} <= set(result["summary"])
+    assert {"capacity", "baseline_capacity", "ratio", "overlap_vs_serial", "soak_flat", "precision"} <= set(result["summary"])
+    assert (result["capacity"]["server_precision"], result["precision"]["server_precision"]) == ("fp32", "int8")
+    assert [p["chunks"] for p in result["precision"]["points"]] == [3, 6]  # the int8 server, interleaved per N
+    assert result["summary"]["precision"]["same_run"] and result["summary"]["precision"]["chunk_p50_n1_ratio"] > 0
     run = result["runs"][result["capacity"]["run_id"]]
     assert run["load_at_start"]["loadavg_1_5_15"] and run["machine"]["cores"] and run["settings"]["streams"] == [1, 2]
     for name in ("latency", "stalls", "ttff", "longstream", "pipeline"):
         assert (out.parent / f"serve_tiny_{name}.png").stat().st_size > 1000
     readme = report.write_readme(out.parent, tmp_path / "README.md").read_text()
     assert "| tiny |" in readme and "Serving overhead at N=1" in readme
+    assert "load with int8 networks" in readme and "server networks fp32" in readme
 
 
 def test_add_parser_plugs_into_the_flowact_cli(monkeypatch, capsys):
@@ -255,7 +259,7 @@ def test_results_written_meanwhile_by_another_run_are_kept(tmp_path, monkeypatch
 
     out = tmp_path / "serve_tiny.json"
 
-    def fake_sweep(cfg, modes, endpoint, spec, metrics):  # another run writes its soak while this one measures
+    def fake_sweep(cfg, modes, endpoint, spec, metrics, other=None, other_spec=None):  # another run writes its soak while this one measures
         out.write_text(json.dumps({"preset": "tiny", "runs": {"other": {"command": "soak"}},
                                    "soak": {"run_id": "other", "minutes": 30, "flat": True}}))
         return {"baseline": {"points": [], "result": {"capacity": 0}}}
