@@ -45,7 +45,7 @@ def add_parser(sub) -> None:
                         "on the CPU; torch: PyTorch on --device (when building)")
     p.add_argument("--precision", choices=[p.value for p in CPU_PRECISIONS], default=None,
                    help="embedded: the networks' precision in ONNX Runtime, fp32 or int8 (default: the preset's, "
-                        "int8 for cpu, fp32 otherwise)")
+                        "fp32 for every preset today)")
     p.add_argument("--device", default=None, help="--target torch: the device of the state and networks, cuda:N or cpu "
                                                   "(default cuda:0 where CUDA is visible, else cpu; when building)")
     p.add_argument("--ready-timeout", type=float, default=180.0)

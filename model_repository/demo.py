@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="out.mp4")
     p.add_argument("--precision", choices=[p.value for p in CPU_PRECISIONS], default=None,
                    help="the networks' precision in ONNX Runtime, fp32 or int8 (default: the preset's, "
-                        "int8 for cpu, fp32 otherwise)")
+                        "fp32 for every preset today)")
     p.add_argument("--realtime", action="store_true", help="pace the audio at real time")
     p.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT)
     p.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT)

@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
                         "embedded: cpu")
     p.add_argument("--precision", choices=[p.value for p in CPU_PRECISIONS], default=None,
                    help="embedded: the networks' precision in ONNX Runtime, fp32 or int8 (default: the preset's, "
-                        "int8 for cpu, fp32 otherwise)")
+                        "fp32 for every preset today)")
     p.add_argument("--engines", type=Path, default=None,
                    help=f"export root for ONNX / plans (default {ARTIFACTS_DIR}/<preset>)")
     p.add_argument("--capacity", type=int, default=DEFAULT_CAPACITY, help="streams the server admits at once")

@@ -46,7 +46,8 @@ class Precision(str, Enum):
 
 # What ONNX Runtime on the CPU serves (the embedded target), and each preset's default where it is
 # not float32: int8 where it measured within the quality bar on the preset's trained checkpoint
-# (benchmarks/results/int8_quality.json) and faster (benchmarks/results/int8_serve.json).
+# (benchmarks/results/quality_<preset>_int8.json) and faster (flowact bench serve --modes capacity,precision). None yet:
+# the cpu preset's int8 frames are 32.8 dB from fp32 (quality_cpu_int8.json), under the 35 dB aim.
 CPU_PRECISIONS = (Precision.FP32, Precision.INT8)
 CPU_DEFAULT_PRECISION: dict[str, Precision] = {}
 
