@@ -34,6 +34,7 @@ from flowact.runtime import Runners
 from flowact.runtime.manifest import Manifest
 from flowact.runtime.onnx import load_onnx_runners
 from flowact.specs import MEMORY_VALID, network_specs
+from flowact.stats import psnr_db
 
 BACKENDS = ("torch", "ort_fp32", "ort_fp8")
 
@@ -61,7 +62,7 @@ def stream_psnr(preset, reference: Runners, candidate: Runners, chunks: int = 8)
         state = engine.start(images[0], seed=9, prompt=prompts[0])
         frames.append(np.stack([engine.step([state], [a])[0] for a in audios[0]]).astype(np.float64))  # (K, 12, H, W, 3)
     mse = ((frames[0] - frames[1]) ** 2).reshape(chunks, -1).mean(axis=1)
-    return [float(10 * np.log10(255.0 ** 2 / max(m, 1e-12))) for m in mse]
+    return [psnr_db(m) for m in mse]
 
 
 def bench_preset(name: str, root: Path, batch: int, threads: int) -> dict:

@@ -56,6 +56,7 @@ from flowact.benchmarks.kit import RESULTS, reference_inputs
 from flowact.engine import StreamEngine
 from flowact.presets import SAMPLES_PER_CHUNK, Preset, get_preset
 from flowact.runtime import Runners, RuntimeKind, build_runners
+from flowact.stats import psnr_db
 from flowact.train.data import (DEMO_IDENTITY, Motion, audio_envelope, behaviour_motion, chunk_states, frame_states,
                                 random_identity, render, speech_timeline)
 from flowact.train.metrics import StreamMeter, drift
@@ -214,8 +215,7 @@ def precision_rows(preset: Preset, avatars: list[Avatar], seed: int, threads: in
         row = rows[f"onnx {p.value}"] = summarise(meters[p], avatars)
         row["seconds_per_chunk"] = seconds[p] / len(avatars[0].states)  # all avatars batched; not a speed benchmark
         if p in mse:
-            psnr = lambda e: float(10 * np.log10(255**2 / max(e, 1e-12)))  # noqa: E731
-            row["psnr_vs_fp32_db"], row["psnr_vs_fp32_worst_chunk_db"] = psnr(np.mean(mse[p])), psnr(max(mse[p]))
+            row["psnr_vs_fp32_db"], row["psnr_vs_fp32_worst_chunk_db"] = psnr_db(np.mean(mse[p])), psnr_db(max(mse[p]))
             row["lip_sync_minus_fp32"] = row["lip_sync"] - rows[f"onnx {Precision.FP32.value}"]["lip_sync"]
         print(f"onnx {p.value}: lip sync {row['lip_sync']:.3f}, drift {row['drift']:+.4f}, seam {row['seam_ratio']:.2f}"
               + (f", PSNR vs fp32 {row['psnr_vs_fp32_db']:.1f} dB (worst chunk {row['psnr_vs_fp32_worst_chunk_db']:.1f})"

@@ -48,7 +48,6 @@ class BenchConfig:
         self.out = Path(self.out or run_dir(self.preset) / f"serve_{self.preset}.json")
         self.pipeline_streams = self.pipeline_streams or sorted({min(self.streams), max(self.streams)})
 
-
     @property
     def other_precisions(self) -> list[str]:
         """What the precision mode compares the server's precision with."""

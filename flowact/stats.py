@@ -1,4 +1,4 @@
-"""Latency statistics shared by the in-process generator, the gRPC client and the benchmarks."""
+"""Statistics shared by the in-process generator, the gRPC client and the benchmarks: latency, stalls, frame PSNR."""
 
 from __future__ import annotations
 
@@ -12,6 +12,11 @@ from flowact.presets import CHUNK_SECONDS
 def percentile(values, q: float) -> float:
     """q-th percentile (0..100) with linear interpolation; NaN for no values."""
     return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else float("nan")
+
+
+def psnr_db(mse: float) -> float:
+    """PSNR (dB) of 8-bit frames from their mean squared error (floored at 1e-12: identical frames give 168 dB)."""
+    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))
 
 
 def count_stalls(arrivals: list[float], first_arrival: float, jitter_buffer: float = 0.0) -> int:
