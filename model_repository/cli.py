@@ -14,7 +14,7 @@ from flowact.contract import (ACTIVE_STREAMS, ADMIN_KEY_ENV, ARTIFACTS_DIR, DEFA
                               DEFAULT_METRICS_PORT, DRAIN_EVACUATE, DRAIN_FILE_ENV, DRAIN_STOPPING, ENSEMBLE_MODEL,
                               EVACUATE_GRACE_S, MIN_RANDOM_ID_CHARS, REQUIRE_RANDOM_IDS_ENV,
                               TRITONSERVER_ENV)
-from flowact.runtime.manifest import CPU_PRECISIONS, cpu_precision
+from flowact.runtime.manifest import CPU_PRECISION_HELP, CPU_PRECISIONS
 from flowact.serving.drain import drain_file, drain_file_of, read_state, write_state
 from flowact.serving.health import HealthServer, metric_value, readiness, scrape
 from flowact.serving.server import TritonServer
@@ -44,8 +44,7 @@ def add_parser(sub) -> None:
                    help="where the stream model runs the networks, beside the per-stream state: embedded: ONNX Runtime "
                         "on the CPU; torch: PyTorch on --device (when building)")
     p.add_argument("--precision", choices=[p.value for p in CPU_PRECISIONS], default=None,
-                   help="embedded: the networks' precision in ONNX Runtime, fp32 or int8 (default: the preset's, "
-                        "fp32 for every preset today)")
+                   help="embedded: " + CPU_PRECISION_HELP)
     p.add_argument("--device", default=None, help="--target torch: the device of the state and networks, cuda:N or cpu "
                                                   "(default cuda:0 where CUDA is visible, else cpu; when building)")
     p.add_argument("--ready-timeout", type=float, default=180.0)
@@ -106,16 +105,13 @@ def _serve(args) -> int:
         from flowact.networks import shipped_checkpoint
         from flowact.presets import get_preset
         from flowact.serving.repository import (Pipeline, RepositoryOptions, Target, build_embedded_repository,
-                                                render_repository, target_device)
+                                                render_repository, target_device, target_precision)
 
         try:
             device = target_device(Target(args.target), args.device)
+            precision = target_precision(Target(args.target), args.preset, args.precision)
         except ValueError as e:
             raise SystemExit(f"flowact serve: {e}")
-        if args.precision and args.target != Target.EMBEDDED.value:
-            raise SystemExit(f"flowact serve: --precision is the embedded target's (--target {args.target} runs "
-                             "the checkpoint's weights)")
-        precision = cpu_precision(args.preset, args.precision).value if args.target == Target.EMBEDDED.value else "checkpoint"
         checkpoint = args.checkpoint or shipped_checkpoint(args.preset)
         print(f"model repository for preset {args.preset} in {repo} (target {args.target} on {device}, precision "
               f"{precision}, weights: {checkpoint or 'seeded random'}) ...", flush=True)

@@ -14,7 +14,7 @@ from flowact.contract import ARTIFACTS_DIR, DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT
 from flowact.media import REFERENCE_IMAGE, SPEECH_WAV
 from flowact.networks import shipped_checkpoint
 from flowact.presets import get_preset
-from flowact.runtime.manifest import CPU_PRECISIONS
+from flowact.runtime.manifest import CPU_PRECISION_HELP, CPU_PRECISIONS
 from flowact.serving.repository import RepositoryOptions, build_embedded_repository
 from flowact.serving.server import TritonServer
 
@@ -25,8 +25,7 @@ def add_parser(sub) -> None:
     p.add_argument("--checkpoint", default=None, help="default: checkpoints/<preset> if shipped, else random weights")
     p.add_argument("--out", default="out.mp4")
     p.add_argument("--precision", choices=[p.value for p in CPU_PRECISIONS], default=None,
-                   help="the networks' precision in ONNX Runtime, fp32 or int8 (default: the preset's, "
-                        "fp32 for every preset today)")
+                   help=CPU_PRECISION_HELP)
     p.add_argument("--realtime", action="store_true", help="pace the audio at real time")
     p.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT)
     p.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT)

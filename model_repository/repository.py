@@ -311,6 +311,17 @@ def render_repository(preset: Preset, target: Target, out: Path, network_files: 
     return out
 
 
+def target_precision(target: Target, preset_name: str, precision: str | None) -> str:
+    """What the target's networks run in: the embedded target's CPU precision (`precision` or the preset's);
+    the others take none (ValueError naming why)."""
+    if Target(target) == Target.EMBEDDED:
+        return cpu_precision(preset_name, precision).value
+    if precision:
+        raise ValueError(f"--precision is the embedded target's (--target {Target(target).value} runs "
+                         f"{'the checkpoint' if Target(target) == Target.TORCH else 'FP8 plans'})")
+    return "checkpoint" if Target(target) == Target.TORCH else Precision.TRT_FP8.value
+
+
 def build_embedded_repository(preset_name: str, out: Path, checkpoint: str | Path | None = None,
                               opts: RepositoryOptions = RepositoryOptions(), onnx_dir: Path | None = None,
                               seed: int = 0, precision: Precision | str | None = None) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 from flowact.contract import ARTIFACTS_DIR, DEFAULT_CAPACITY, DEFAULT_IDLE_TTL_S
 from flowact.export import cli as export_cli
 from flowact.presets import get_preset
-from flowact.runtime.manifest import CPU_PRECISIONS
+from flowact.runtime.manifest import CPU_PRECISION_HELP, CPU_PRECISIONS
 
 
 def add_parser(sub) -> None:
@@ -27,8 +27,7 @@ def add_parser(sub) -> None:
                         "(default cuda:0); torch: cuda:N or cpu (default cuda:0 where CUDA is visible, else cpu); "
                         "embedded: cpu")
     p.add_argument("--precision", choices=[p.value for p in CPU_PRECISIONS], default=None,
-                   help="embedded: the networks' precision in ONNX Runtime, fp32 or int8 (default: the preset's, "
-                        "fp32 for every preset today)")
+                   help="embedded: " + CPU_PRECISION_HELP)
     p.add_argument("--engines", type=Path, default=None,
                    help=f"export root for ONNX / plans (default {ARTIFACTS_DIR}/<preset>)")
     p.add_argument("--capacity", type=int, default=DEFAULT_CAPACITY, help="streams the server admits at once")
@@ -39,17 +38,14 @@ def add_parser(sub) -> None:
 
 def _repository(args) -> int:
     from flowact.serving.repository import (Pipeline, RepositoryOptions, Target, build_embedded_repository,
-                                            render_repository, target_device)
+                                            render_repository, target_device, target_precision)
 
     preset = get_preset(args.preset)
     try:  # before any export or engine build
         device = target_device(Target(args.target), args.device)
+        target_precision(Target(args.target), preset.name, args.precision)
     except ValueError as e:
         print(f"flowact export repository: {e}")
-        return 2
-    if args.precision and args.target != Target.EMBEDDED.value:
-        print(f"flowact export repository: --precision is the embedded target's (--target {args.target}: "
-              f"{'the checkpoint' if args.target == Target.TORCH.value else 'FP8 plans'})")
         return 2
     opts = RepositoryOptions(capacity=args.capacity, idle_ttl_s=args.idle_ttl, pipeline=Pipeline(args.pipeline),
                              device=device)

@@ -10,8 +10,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from conftest import ref_image, speech_chunks
-from flowact.engine import StreamEngine
 from flowact.contract import STREAM_MODEL
+from flowact.engine import StreamEngine
 from flowact.export.int8 import export_int8, linear_nodes
 from flowact.export.onnx import WeightSource
 from flowact.runtime.manifest import Manifest, Precision

@@ -52,6 +52,11 @@ CPU_PRECISIONS = (Precision.FP32, Precision.INT8)
 CPU_DEFAULT_PRECISION: dict[str, Precision] = {}
 
 
+CPU_PRECISION_HELP = (f"the networks' precision in ONNX Runtime, {' or '.join(p.value for p in CPU_PRECISIONS)} (default: "
+                      + (", ".join(f"{k} {v.value}" for k, v in CPU_DEFAULT_PRECISION.items()) + ", else fp32"
+                         if CPU_DEFAULT_PRECISION else "fp32 for every preset today") + ")")
+
+
 def cpu_precision(preset_name: str, precision: Precision | str | None = None) -> Precision:
     """`precision` checked, or the preset's default."""
     chosen = Precision(precision) if precision else CPU_DEFAULT_PRECISION.get(preset_name, Precision.FP32)
