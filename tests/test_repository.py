@@ -8,6 +8,7 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from flowact.runtime.manifest import Manifest, Precision
 from flowact.serving.repository import Pipeline, RepositoryOptions, Target, render_repository, target_device
 from flowact.specs import NETWORK_NAMES, network_specs
 
@@ -16,11 +17,12 @@ def parse(repo: Path) -> dict[str, mc.ModelConfig]:
     return {p.parent.name: text_format.Parse(p.read_text(), mc.ModelConfig()) for p in repo.glob("*/config.pbtxt")}
 
 
-def fake_engines(tmp_path: Path, suffix: str) -> dict[str, Path]:
+def fake_engines(tmp_path: Path, suffix: str, preset) -> dict[str, Path]:
+    """Engine files with placeholder bytes beside a real manifest (the renderer reads its precision)."""
     files = {name: tmp_path / f"{name}{suffix}" for name in NETWORK_NAMES}
     for f in files.values():
         f.write_bytes(b"engine")
-    (tmp_path / "manifest.json").write_text("{}")
+    Manifest.open(tmp_path, preset, Precision.TRT_FP8 if suffix == ".plan" else Precision.FP32).save(tmp_path)
     return files
 
 
@@ -30,7 +32,7 @@ def params(cfg: mc.ModelConfig) -> dict[str, str]:
 
 def test_trt_target_renders_tensorrt_plan_models(tmp_path, tiny):
     """trt: the plans beside the state in the stream model; vae_decoder a tensorrt_plan model."""
-    repo = render_repository(tiny, Target.TRT, tmp_path / "repo", fake_engines(tmp_path, ".plan"),
+    repo = render_repository(tiny, Target.TRT, tmp_path / "repo", fake_engines(tmp_path, ".plan", tiny),
                              RepositoryOptions(capacity=4, device="cuda:0"))
     configs = parse(repo)
     assert sorted(configs) == ["flowact", "stream", "vae_decoder"]
@@ -69,7 +71,7 @@ def test_torch_target_keeps_networks_beside_the_state(tmp_path, tiny, device, ki
 
 
 def test_serial_pipeline_has_one_ensemble_step(tmp_path, tiny):
-    repo = render_repository(tiny, Target.EMBEDDED, tmp_path / "repo", fake_engines(tmp_path, ".onnx"),
+    repo = render_repository(tiny, Target.EMBEDDED, tmp_path / "repo", fake_engines(tmp_path, ".onnx", tiny),
                              RepositoryOptions(pipeline=Pipeline.SERIAL))
     configs = parse(repo)
     assert [s.model_name for s in configs["flowact"].ensemble_scheduling.step] == ["stream"]
@@ -80,7 +82,7 @@ def test_serial_pipeline_has_one_ensemble_step(tmp_path, tiny):
 
 def test_trt_capacity_beyond_engine_profile_is_refused(tmp_path, tiny):
     with pytest.raises(ValueError, match="exceeds the engines' batch profile max"):
-        render_repository(tiny, Target.TRT, tmp_path / "repo", fake_engines(tmp_path, ".plan"), RepositoryOptions(capacity=64))
+        render_repository(tiny, Target.TRT, tmp_path / "repo", fake_engines(tmp_path, ".plan", tiny), RepositoryOptions(capacity=64))
 
 
 def test_target_device_defaults_and_refusals(tmp_path, tiny):
@@ -94,7 +96,7 @@ def test_target_device_defaults_and_refusals(tmp_path, tiny):
         with pytest.raises(ValueError, match=message):
             target_device(target, device)
     # A trt repository rendered without a device puts the stream model and its state on the GPU.
-    repo = render_repository(tiny, Target.TRT, tmp_path / "repo", fake_engines(tmp_path, ".plan"), RepositoryOptions(capacity=4))
+    repo = render_repository(tiny, Target.TRT, tmp_path / "repo", fake_engines(tmp_path, ".plan", tiny), RepositoryOptions(capacity=4))
     stream = parse(repo)["stream"]
     assert stream.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU and params(stream)["device"] == "cuda:0"
 
