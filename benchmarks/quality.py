@@ -28,8 +28,9 @@ Prints a table and writes benchmarks/results/quality_<preset>.json and quality_<
 
 The CPU precisions instead (`flowact serve --precision`): the same avatars through ONNX Runtime on
 the float32 and int8 exports of the shipped checkpoint, in lockstep, each with the metrics above,
-and int8's frames against float32's of the same inputs (PSNR over the stream, and its worst chunk);
-writes quality_<preset>_int8.json.
+and int8's frames against float32's of the same inputs: PSNR over the free-running streams (and its
+worst chunk), and PSNR of each chunk made from float32's own state (the error one chunk adds, before
+the two streams' memory banks drift apart); writes quality_<preset>_int8.json.
 
 The demo figure instead: lip sync of what `flowact demo` / `flowact generate` stream, the shipped
 reference.png and speech.wav (real espeak-ng speech, a cartoon face, neither seen in training),
@@ -181,45 +182,57 @@ def table(rows: dict) -> str:
     return "\n".join(lines)
 
 
-def precision_rows(preset: Preset, avatars: list[Avatar], seed: int, threads: int) -> dict:
-    """Every CPU precision's row (ONNX Runtime, the shipped checkpoint's exports, made if missing), streamed
-    in lockstep; the rows after float32 also get their frames' PSNR against float32's."""
-    from flowact.contract import ARTIFACTS_DIR
-    from flowact.export.int8 import export_int8
-    from flowact.networks import shipped_checkpoint
+def precision_rows(preset: Preset, root: Path, avatars: list[Avatar], seed: int, threads: int) -> dict:
+    """Every CPU precision's row (ONNX Runtime on the exports below `root`), streamed in lockstep; the
+    rows after float32 also get their frames' PSNR against float32's, twice: over the free-running
+    streams (the memory bank feeds each stream's own latents back, so the two trajectories drift apart
+    over minutes) and chunk by chunk from float32's own state (each chunk's error alone)."""
     from flowact.runtime.manifest import CPU_PRECISIONS, Precision
 
-    root = Path(ARTIFACTS_DIR) / preset.name / "onnx"  # where `flowact serve` exports
-    export_int8(preset, root, checkpoint=shipped_checkpoint(preset.name))  # fp32 first, both idempotent
     engines = {p: StreamEngine(preset, build_runners(RuntimeKind.ONNX, preset, root / p.value, threads=threads),
-                               capacity=len(avatars)) for p in CPU_PRECISIONS}
+                               capacity=2 * len(avatars)) for p in CPU_PRECISIONS}
     states = {p: [e.start(a.reference, seed=seed + i, prompt=a.states[0]) for i, a in enumerate(avatars)]
               for p, e in engines.items()}
+    forced = {p: [e.start(a.reference) for a in avatars] for p, e in engines.items() if p != Precision.FP32}
     meters = {p: [StreamMeter(a.reference) for a in avatars] for p in engines}
     seconds = dict.fromkeys(engines, 0.0)
-    mse = {p: [] for p in engines if p != Precision.FP32}  # per chunk, all avatars
+    mse = {p: [] for p in forced}  # per chunk, all avatars: free-running streams
+    mse_forced = {p: [] for p in forced}  # per chunk, all avatars: one chunk from float32's state
+
+    def frame_mse(frames: list[np.ndarray], reference: list[np.ndarray]) -> float:
+        return float(np.mean([np.mean((f.astype(np.float64) - g) ** 2) for f, g in zip(frames, reference)]))
+
     for c in tqdm(range(len(avatars[0].states)), desc="precisions", unit="chunk", leave=False):
         audio = [a.audio[c * SAMPLES_PER_CHUNK:(c + 1) * SAMPLES_PER_CHUNK] for a in avatars]
+        prompts = [a.states[c] for a in avatars]
+        for p in forced:  # float32's state before this chunk
+            for s, f in zip(forced[p], states[Precision.FP32]):
+                s.load(f.arrays(), f.header())
         frames = {}
         for p, engine in engines.items():
             t = time.perf_counter()
-            frames[p] = engine.step(states[p], audio, [a.states[c] for a in avatars])  # A x (12, H, W, 3) u8
+            frames[p] = engine.step(states[p], audio, prompts)  # A x (12, H, W, 3) u8
             seconds[p] += time.perf_counter() - t
             for m, f in zip(meters[p], frames[p]):
                 m.add(f)
-        for p in mse:
-            mse[p].append(float(np.mean([np.mean((f.astype(np.float64) - g) ** 2)
-                                         for f, g in zip(frames[p], frames[Precision.FP32])])))
+        for p in forced:
+            mse[p].append(frame_mse(frames[p], frames[Precision.FP32]))
+            mse_forced[p].append(frame_mse(engines[p].step(forced[p], audio, prompts), frames[Precision.FP32]))
     rows = {}
     for p in engines:
         row = rows[f"onnx {p.value}"] = summarise(meters[p], avatars)
         row["seconds_per_chunk"] = seconds[p] / len(avatars[0].states)  # all avatars batched; not a speed benchmark
         if p in mse:
             row["psnr_vs_fp32_db"], row["psnr_vs_fp32_worst_chunk_db"] = psnr_db(np.mean(mse[p])), psnr_db(max(mse[p]))
+            row["psnr_vs_fp32_per_chunk_db"] = [psnr_db(m) for m in mse[p]]
+            row["one_chunk_psnr_vs_fp32_db"] = psnr_db(np.mean(mse_forced[p]))
+            row["one_chunk_psnr_vs_fp32_worst_db"] = psnr_db(max(mse_forced[p]))
+            row["one_chunk_psnr_vs_fp32_per_chunk_db"] = [psnr_db(m) for m in mse_forced[p]]
             row["lip_sync_minus_fp32"] = row["lip_sync"] - rows[f"onnx {Precision.FP32.value}"]["lip_sync"]
         print(f"onnx {p.value}: lip sync {row['lip_sync']:.3f}, drift {row['drift']:+.4f}, seam {row['seam_ratio']:.2f}"
-              + (f", PSNR vs fp32 {row['psnr_vs_fp32_db']:.1f} dB (worst chunk {row['psnr_vs_fp32_worst_chunk_db']:.1f})"
-                 if p in mse else ""), flush=True)
+              + (f", PSNR vs fp32 {row['psnr_vs_fp32_db']:.1f} dB over the streams (worst chunk "
+                 f"{row['psnr_vs_fp32_worst_chunk_db']:.1f}), {row['one_chunk_psnr_vs_fp32_db']:.1f} dB chunk by chunk "
+                 f"from fp32's state (worst {row['one_chunk_psnr_vs_fp32_worst_db']:.1f})" if p in mse else ""), flush=True)
     return rows
 
 
@@ -297,7 +310,13 @@ def main(argv=None) -> int:
     rows["ground truth"] = summarise(ground_truth_meters(preset, avatars), avatars)
     rows["ground truth"]["seconds_per_chunk"] = 0.0
     if args.precisions:
-        rows.update(precision_rows(preset, avatars, args.seed, args.threads))
+        from flowact.contract import ARTIFACTS_DIR
+        from flowact.export.int8 import export_int8
+        from flowact.networks import shipped_checkpoint
+
+        root = Path(ARTIFACTS_DIR) / preset.name / "onnx"  # where `flowact serve` exports
+        export_int8(preset, root, checkpoint=shipped_checkpoint(preset.name))  # fp32 first, both idempotent
+        rows.update(precision_rows(preset, root, avatars, args.seed, args.threads))
         save()
         print(table(rows) + f"\nwrote {out / stem}.json and .png")
         return 0

@@ -11,6 +11,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from conftest import ref_image, speech_chunks
 from flowact.contract import STREAM_MODEL
+from flowact.benchmarks.quality import eval_avatars, precision_rows
 from flowact.engine import StreamEngine
 from flowact.export.int8 import export_int8, linear_nodes
 from flowact.export.onnx import WeightSource
@@ -19,6 +20,7 @@ from flowact.runtime.onnx import load_onnx_runners
 from flowact.serving.repository import Pipeline, RepositoryOptions, build_embedded_repository
 from flowact.snapshot import SnapshotCodec, SnapshotError
 from flowact.specs import Int8, network_specs
+from flowact.stats import psnr_db
 from test_stream_model import frames_of, initialize, request, start
 
 
@@ -74,10 +76,21 @@ def test_int8_stream_stays_close_to_float32(int8_root, tiny):
         engine = StreamEngine(tiny, load_onnx_runners(root, tiny, precision=precision, threads=1))
         stream = engine.start(ref_image(tiny), seed=2)
         frames[precision] = np.stack([engine.step([stream], [c])[0] for c in chunks]).astype(np.float64)
-    mse = np.mean((frames["fp32"] - frames["int8"]) ** 2)
-    psnr = 10 * np.log10(255**2 / max(mse, 1e-12))
+    psnr = psnr_db(np.mean((frames["fp32"] - frames["int8"]) ** 2))
     print(f"int8 vs fp32 frames over {len(chunks)} chunks: PSNR {psnr:.1f} dB")
     assert psnr > 25 and not np.array_equal(frames["fp32"], frames["int8"])
+
+
+def test_quality_compares_precisions_over_the_stream_and_chunk_by_chunk(int8_root, tiny):
+    """benchmarks.quality --precisions: the first chunk starts from the same state in both
+    measurements, so its PSNR is the same; later chunks from float32's state (one chunk's error)."""
+    root, _ = int8_root
+    rows = precision_rows(tiny, root, eval_avatars(tiny, 2, 3, "synth"), seed=0, threads=1)
+    assert set(rows) == {"onnx fp32", "onnx int8"}
+    int8 = rows["onnx int8"]
+    free, forced = int8["psnr_vs_fp32_per_chunk_db"], int8["one_chunk_psnr_vs_fp32_per_chunk_db"]
+    assert len(free) == len(forced) == 3 and free[0] == pytest.approx(forced[0])
+    assert 20 < min(forced) < max(forced) < 100 and abs(int8["lip_sync_minus_fp32"]) < 1
 
 
 def test_snapshots_do_not_cross_between_int8_and_float_networks(int8_root, tiny):
