@@ -29,14 +29,15 @@ def inprocess_worker(kind: RuntimeKind, preset_name: str, index: int, n: int, ch
         import torch
 
         from flowact.engine import StreamEngine
+        from flowact.networks import shipped_checkpoint
         from flowact.presets import get_preset
 
         torch.set_num_threads(threads)
         preset = get_preset(preset_name)
-        if kind == RuntimeKind.ONNX:  # the server's session options: `threads` intra-op threads, no spinning
+        if kind == RuntimeKind.ONNX:  # the server's files and session options: `threads` intra-op threads, no spinning
             runners, device = build_runners(kind, preset, onnx_dir, threads=threads), "cpu"
-        else:  # seeded random weights, as the server's export
-            runners = build_runners(kind, preset, device=device)
+        else:  # the weights the server's export was made from
+            runners = build_runners(kind, preset, shipped_checkpoint(preset_name), device=device)
         image, audio, _ = reference_inputs(preset)
         loop = stream_audio(audio, index)
         engine = StreamEngine(preset, runners, device)
@@ -76,7 +77,7 @@ def inprocess_point(cfg: BenchConfig, kind: RuntimeKind, n: int, threads: int) -
     ready, results, go, t_start = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0)
     chunks = max(2, math.ceil(cfg.duration_s / CHUNK_SECONDS))
     procs = [ctx.Process(target=inprocess_worker, daemon=True,
-                         args=(kind, cfg.preset, k, n, chunks, threads, str(cfg.onnx_dir), cfg.device, cfg.grace_s,
+                         args=(kind, cfg.preset, k, n, chunks, threads, str(cfg.onnx_dir / cfg.precision), cfg.device, cfg.grace_s,
                                ready, go, t_start, results))
              for k in range(n)]
     for p in procs:

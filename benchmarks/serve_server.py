@@ -55,6 +55,8 @@ class Endpoint:
 
 
 FAULTS = ("Signal (11)", "Signal (6)", "Non-graceful termination", "malloc()")
+STOPPED = "Signal (15) received."  # our stop; then an overloaded server's stubs log "Non-graceful termination"
+#                                    when tritonserver's exit timeout expires with requests still queued
 
 
 def log_faults(path: Path, limit: int = 8) -> list[str]:
@@ -62,11 +64,15 @@ def log_faults(path: Path, limit: int = 8) -> list[str]:
         lines = path.read_text(errors="replace").splitlines()
     except OSError:
         return []
-    return [line.strip()[:200] for line in lines if any(f in line for f in FAULTS)][:limit]
+    stop = next((i for i, line in enumerate(lines) if STOPPED in line), len(lines))
+    return [line.strip()[:200] for i, line in enumerate(lines) if any(f in line for f in FAULTS)
+            and not (i > stop and "Non-graceful termination" in line)][:limit]
 
 
 def start_local(cfg: BenchConfig, pipeline: str, precision: str | None = None) -> Endpoint:
-    """The embedded repository at `precision` (None: cfg.precision) behind a tritonserver on free ports."""
+    """The embedded repository at `precision` (None: cfg.precision) behind a tritonserver on free ports,
+    with the weights `flowact serve` takes (the shipped checkpoint of the preset, else seeded random)."""
+    from flowact.networks import shipped_checkpoint
     from flowact.serving.repository import Pipeline, RepositoryOptions, build_embedded_repository
     from flowact.serving.processes import free_ports
     from flowact.serving.server import TritonServer
@@ -76,8 +82,8 @@ def start_local(cfg: BenchConfig, pipeline: str, precision: str | None = None) -
                              engine_threads=cfg.engine_threads)
     precision = precision or cfg.precision
     work, name = cfg.work_dir / cfg.preset, f"{pipeline}-{precision}"
-    repo = build_embedded_repository(cfg.preset, work / f"repository-{name}", opts=opts, onnx_dir=cfg.onnx_dir,
-                                     precision=precision)
+    repo = build_embedded_repository(cfg.preset, work / f"repository-{name}", shipped_checkpoint(cfg.preset),
+                                     opts=opts, onnx_dir=cfg.onnx_dir, precision=precision)
     http, grpc, metrics = free_ports(3)
     server = TritonServer(repo, grpc, http, metrics, work_dir=work / f"triton-{name}",
                           extra_env={DRAIN_FILE_ENV: str(work / f"draining-{name}")})

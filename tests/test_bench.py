@@ -279,6 +279,9 @@ def test_server_crashes_in_the_log_are_reported(tmp_path):
     log.write_text("I1122 started\nSignal (11) received.\n 0# 0x1 in tritonserver\nmalloc(): invalid size (unsorted)\n")
     assert log_faults(log) == ["Signal (11) received.", "malloc(): invalid size (unsorted)"]
     assert log_faults(tmp_path / "missing.log") == []
+    log.write_text("I1206 started\nSignal (15) received.\nE main.cc] failed to stop server: Exit timeout expired.\n"
+                   "I pb_stub.cc]  Non-graceful termination detected.\nSignal (11) received.\n")
+    assert log_faults(log) == ["Signal (11) received."]  # stopping with requests queued is not a crash
 
 
 def test_serve_writes_a_run_directory_and_publishes_only_when_asked(tmp_path, monkeypatch):
