@@ -9,7 +9,7 @@ server's session options (`--threads` intra-op threads, no spinning). For the de
 reports the GFLOP-equivalent per second (its float FLOPs, counted on the PyTorch module, over the
 measured time) next to a plain float32 matmul's rate on the same threads, and the error of each
 int8 network against float32 on those calls. Stream-level quality is benchmarks/quality.py
-(--compare-precisions); serving capacity is `flowact bench serve --precision`.
+(--precisions); serving capacity is `flowact bench serve --modes capacity,precision`.
 """
 
 from __future__ import annotations

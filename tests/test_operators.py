@@ -293,11 +293,25 @@ def test_readme_documents_every_published_metric():
 
 
 def test_readme_figures_have_a_results_file():
-    """The headline lip-sync figures quote benchmarks/results/quality_demo.json, rounded."""
+    """The headline lip-sync figures quote benchmarks/results/quality_demo.json, the CPU precision
+    paragraph serve_cpu.json and quality_cpu_int8.json, rounded."""
     demo = json.loads((REPO / "benchmarks" / "results" / "quality_demo.json").read_text())["rows"]
     readme = (REPO / "README.md").read_text()
     assert f"sync {demo['cpu']['lip_sync']:.2f} on the shipped samples" in readme
     assert f"random weights {demo['cpu random weights']['lip_sync']:.2f}" in readme
     assert "benchmarks/results/quality_demo.json" in readme
+    results = REPO / "benchmarks" / "results"
+    summary = json.loads((results / "serve_cpu.json").read_text())["summary"]
+    serve = summary["precision"]
+    q = json.loads((results / "quality_cpu_int8.json").read_text())["rows"]
+    int8, fp32 = q["onnx int8"], q["onnx fp32"]
+    readme = " ".join(readme.split())  # the CPU precision paragraph, wrapped
+    assert (f"held {summary['capacity']} real-time streams where {serve['other']} held "
+            f"{serve['other_capacity']} ({serve['capacity_ratio']:.1f}x; chunk p50 at N=1 fp32 / int8 "
+            f"{serve['chunk_p50_n1_ratio']:.2f}x") in readme and serve["same_run"] and serve["ours"] == "int8"
+    assert f"lip sync {int8['lip_sync']:.3f} vs fp32 {fp32['lip_sync']:.3f}" in readme
+    assert (f"{int8['one_chunk_psnr_vs_fp32_db']:.1f} dB from fp32's frames (worst "
+            f"{int8['one_chunk_psnr_vs_fp32_worst_db']:.1f})") in readme
+    assert f"2-minute streams {int8['psnr_vs_fp32_db']:.1f} dB" in readme
     bench = (REPO / "benchmarks" / "README.md").read_text()
     assert "results/perf_analyzer_tiny.csv" in bench and (REPO / "benchmarks" / "results" / "perf_analyzer_tiny.csv").exists()
