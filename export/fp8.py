@@ -39,6 +39,7 @@ from flowact.export.onnx import WeightSource, export_onnx, source_hash
 from flowact.networks import Networks
 from flowact.presets import Preset
 from flowact.specs import NetworkSpec, network_specs
+from flowact.stats import psnr_db
 
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
 FP8 = TensorProto.FLOAT8E4M3FN
@@ -214,8 +215,7 @@ def compare(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
     d = got.astype(np.float64) - ref.astype(np.float64)
     out = {"max_abs": float(np.abs(d).max()), "mean_abs": float(np.abs(d).mean())}
     if ref.dtype == np.uint8:
-        mse = float((d ** 2).mean())
-        out["psnr_db"] = float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+        out["psnr_db"] = psnr_db(float((d ** 2).mean()))
     else:
         out["rel_l2"] = float(np.linalg.norm(d) / max(np.linalg.norm(ref.astype(np.float64)), 1e-30))
     return out

@@ -23,6 +23,7 @@ from flowact.export.tensorrt import tensorrt_onnx
 from flowact.export.trt_check import check_tensorrt_compat, errors
 from flowact.specs import (MEMORY_VALID, NETWORK_NAMES, BatchProfile, TensorSpec, network_specs, numpy_dtype,
                            onnx_elem_type, torch_dtype, triton_dtype)
+from flowact.stats import psnr_db
 
 # FP8 error vs float32 measured on tiny (held-out stream recording), bound at about 2x the measurement:
 # rel_l2: audio_encoder 0.016, denoiser_memory 0.071, denoiser 0.0021, vae_encoder (fp16) 0.0016;
@@ -224,7 +225,7 @@ def test_fp8_stream_stays_close_to_torch(tiny, tiny_runners, export_root):
     chunks = speech_chunks(8, seed=2)
     ref = run_stream(tiny, tiny_runners, 3, chunks).astype(np.float64)
     got = run_stream(tiny, load_onnx_runners(export_root, tiny, precision="fp8", threads=1), 3, chunks).astype(np.float64)
-    psnr = [10 * np.log10(255 ** 2 / max(((r - g) ** 2).mean(), 1e-12)) for r, g in zip(ref, got)]
+    psnr = [psnr_db(((r - g) ** 2).mean()) for r, g in zip(ref, got)]
     print("FP8 runners vs torch, PSNR per chunk:", [f"{p:.1f}" for p in psnr])
     assert min(psnr) > 45.0  # measured 57.7 dB
 

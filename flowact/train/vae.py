@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from flowact.networks import build_networks
 from flowact.presets import FRAMES_PER_CHUNK, VAE_TEMPORAL_STRIDE, Preset
+from flowact.stats import psnr_db
 from flowact.train.common import (EMA, Stage, decode_float, encode_groups, lr_at, setup, stage_parser,
                                   step_generator)
 from flowact.train.data import EYE_BOX, MOUTH_BOX, make_clip, make_clips
@@ -155,7 +156,7 @@ def evaluate(nets, preset: Preset, clips: int = 4) -> float:
         ref = nets.vae_encoder(torch.from_numpy(c.reference)[None])[:, None]
         rec = nets.vae_decoder(torch.cat([ref, z], dim=1))[0]
         errs.append(F.mse_loss(rec.float(), frames.float()).item())
-    return float(10 * np.log10(255.0 ** 2 / np.mean(errs)))
+    return psnr_db(float(np.mean(errs)))
 
 
 if __name__ == "__main__":
