@@ -175,11 +175,13 @@ def test_load_point_against_the_tiny_server(server, tiny):
     assert 'flowact_client_chunks_total{preset="tiny",stream="1"} 5.0' in text
 
 
-def test_cli_run_writes_json_plots_and_table(tmp_path, onnx_dir):
+def test_cli_run_writes_json_plots_and_table(tmp_path):
+    """The whole CLI run; its own export directory: the run serves the shipped tiny checkpoint, and
+    the session's onnx_dir holds seeded random weights that other tests compare against."""
     out = tmp_path / "results" / "serve_tiny.json"
     rc = main(["serve", "--preset", "tiny", "--streams", "1,2", "--duration", "1", "--grace", "2",
                "--modes", "capacity,baseline,overhead,pipeline,precision", "--pipeline-streams", "2", "--soak-minutes", "0.05",
-               "--onnx-dir", str(onnx_dir), "--work-dir", str(tmp_path / "work"), "--out", str(out)])
+               "--onnx-dir", str(tmp_path / "onnx"), "--work-dir", str(tmp_path / "work"), "--out", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
     assert [p["streams"] for p in result["capacity"]["points"]] == [1, 2]
