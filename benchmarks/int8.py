@@ -24,7 +24,6 @@ import torch
 
 from flowact.benchmarks.flops import count_flops, matmul_tflops
 from flowact.benchmarks.kit import RESULTS, say
-from flowact.contract import ARTIFACTS_DIR
 from flowact.export.calibrate import feeds, record_streams
 from flowact.export.fp8 import network_error
 from flowact.export.int8 import export_int8
@@ -32,6 +31,7 @@ from flowact.networks import build_networks, shipped_checkpoint
 from flowact.presets import get_preset
 from flowact.runtime.manifest import Precision
 from flowact.runtime.onnx import ort_session
+from flowact.serving.repository import embedded_export_root
 from flowact.specs import network_specs
 
 
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     preset = get_preset(args.preset)
     checkpoint = shipped_checkpoint(preset.name)
-    root = args.root or Path(ARTIFACTS_DIR) / preset.name / "onnx"
+    root = args.root or embedded_export_root(preset.name)
     export_int8(preset, root, checkpoint=checkpoint, say=say)
     torch.set_num_threads(args.threads)
     nets = build_networks(preset, checkpoint=checkpoint)

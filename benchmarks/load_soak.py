@@ -248,8 +248,7 @@ def main(argv: list[str] | None = None) -> int:
 
         work = Path(tempfile.mkdtemp(prefix="flowact-soak-"))
         opts = RepositoryOptions(capacity=args.capacity or args.streams + 2, idle_ttl_s=10.0)
-        repo = build_embedded_repository(args.preset, work / "repository", opts=opts,
-                                         onnx_dir=Path("artifacts") / args.preset / "onnx")
+        repo = build_embedded_repository(args.preset, work / "repository", opts=opts)
         ports = free_ports(3)
         server = TritonServer(repo, ports[0], ports[1], ports[2], work_dir=work / "triton",
                               extra_env={DRAIN_FILE_ENV: str(work / "draining")}).start(timeout_s=180)

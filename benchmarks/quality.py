@@ -310,11 +310,11 @@ def main(argv=None) -> int:
     rows["ground truth"] = summarise(ground_truth_meters(preset, avatars), avatars)
     rows["ground truth"]["seconds_per_chunk"] = 0.0
     if args.precisions:
-        from flowact.contract import ARTIFACTS_DIR
         from flowact.export.int8 import export_int8
         from flowact.networks import shipped_checkpoint
+        from flowact.serving.repository import embedded_export_root
 
-        root = Path(ARTIFACTS_DIR) / preset.name / "onnx"  # where `flowact serve` exports
+        root = embedded_export_root(preset.name)
         export_int8(preset, root, checkpoint=shipped_checkpoint(preset.name))  # fp32 first, both idempotent
         rows.update(precision_rows(preset, root, avatars, args.seed, args.threads))
         save()

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flowact.runtime.manifest import CPU_PRECISIONS, cpu_precision
+from flowact.serving.repository import embedded_export_root
 
 RUNS = Path("runs")  # default parent of a run's own directory, relative to the working directory
 MODES = ("capacity", "baseline", "overhead", "pipeline", "soak", "precision")
@@ -44,7 +45,7 @@ class BenchConfig:
 
     def __post_init__(self):
         self.precision = cpu_precision(self.preset, self.precision).value
-        self.onnx_dir = Path(self.onnx_dir or Path("artifacts") / self.preset / "onnx")
+        self.onnx_dir = Path(self.onnx_dir or embedded_export_root(self.preset))
         self.out = Path(self.out or run_dir(self.preset) / f"serve_{self.preset}.json")
         self.pipeline_streams = self.pipeline_streams or sorted({min(self.streams), max(self.streams)})
 

@@ -322,6 +322,12 @@ def target_precision(target: Target, preset_name: str, precision: str | None) ->
     return "checkpoint" if Target(target) == Target.TORCH else Precision.TRT_FP8.value
 
 
+def embedded_export_root(preset_name: str) -> Path:
+    """Where the embedded target's ONNX exports live (fp32/ and int8/ below it): `flowact serve`, `flowact
+    demo` and the benchmarks all read and write here."""
+    return Path(ARTIFACTS_DIR) / preset_name / "onnx"
+
+
 def build_embedded_repository(preset_name: str, out: Path, checkpoint: str | Path | None = None,
                               opts: RepositoryOptions = RepositoryOptions(), onnx_dir: Path | None = None,
                               seed: int = 0, precision: Precision | str | None = None) -> Path:
@@ -332,6 +338,6 @@ def build_embedded_repository(preset_name: str, out: Path, checkpoint: str | Pat
 
     preset = get_preset(preset_name)
     export = export_int8 if cpu_precision(preset.name, precision) == Precision.INT8 else export_onnx
-    onnx_dir = onnx_dir or Path(ARTIFACTS_DIR) / preset.name / "onnx"
+    onnx_dir = onnx_dir or embedded_export_root(preset.name)
     files = export(preset, onnx_dir, checkpoint=checkpoint, seed=seed)
     return render_repository(preset, Target.EMBEDDED, out, files, opts)
