@@ -54,9 +54,10 @@ class Endpoint:
         return log_faults(self.server.log_path)
 
 
-FAULTS = ("Signal (11)", "Signal (6)", "Non-graceful termination", "malloc()")
-STOPPED = "Signal (15) received."  # our stop; then an overloaded server's stubs log "Non-graceful termination"
-#                                    when tritonserver's exit timeout expires with requests still queued
+NON_GRACEFUL = "Non-graceful termination"  # a python stub whose tritonserver went away under it
+FAULTS = ("Signal (11)", "Signal (6)", NON_GRACEFUL, "malloc()")
+STOPPED = "Signal (15) received."  # our stop; then an overloaded server's stubs log NON_GRACEFUL when
+#                                    tritonserver's exit timeout expires with requests still queued
 
 
 def log_faults(path: Path, limit: int = 8) -> list[str]:
@@ -66,7 +67,7 @@ def log_faults(path: Path, limit: int = 8) -> list[str]:
         return []
     stop = next((i for i, line in enumerate(lines) if STOPPED in line), len(lines))
     return [line.strip()[:200] for i, line in enumerate(lines) if any(f in line for f in FAULTS)
-            and not (i > stop and "Non-graceful termination" in line)][:limit]
+            and not (i > stop and NON_GRACEFUL in line)][:limit]
 
 
 def start_local(cfg: BenchConfig, pipeline: str, precision: str | None = None) -> Endpoint:
