@@ -67,6 +67,14 @@ def sessions_open(edge) -> int:
     return json.loads(edge.request("GET", "/v1/config")[2])["sessions"]
 
 
+async def playing(viewer, frames: int = 10, within_s: float = 30.0) -> int:
+    """Wait until a viewer has more than `frames` video frames (a loaded CI machine takes seconds to the first)."""
+    t0 = time.monotonic()
+    while len(viewer.video) <= frames and time.monotonic() - t0 < within_s:
+        await asyncio.sleep(0.1)
+    return len(viewer.video)
+
+
 def post_offer(edge, sdp: str | bytes, query: str = "", headers: dict | None = None):
     body = sdp.encode() if isinstance(sdp, str) else sdp
     return edge.request("POST", WEB_SESSIONS_PATH + query, body, auth(**{"Content-Type": "application/sdp", **(headers or {})}))
@@ -135,7 +143,7 @@ def test_only_the_creator_ends_a_session_and_nobody_lists_them(server, edge):
 
     async def run() -> dict:
         v = await Viewer(edge.base, None, query=f"?prompt={prompt.replace(' ', '%20')}", token=TOKEN).connect()
-        await asyncio.sleep(2.0)
+        await playing(v)
         seen = {"location": v.location, "messages": list(v.messages)}
         seen["anonymous"] = edge.request("GET", WEB_SESSIONS_PATH)
         seen["admin"] = edge.request("GET", WEB_SESSIONS_PATH, headers={ADMIN_KEY_HTTP_HEADER: ADMIN})
@@ -223,8 +231,7 @@ def test_a_hung_server_ends_sessions_and_a_restarted_one_serves_at_once(server, 
 
     async def hang() -> dict:
         v = await Viewer(edge.base, None, token=TOKEN).connect()
-        await asyncio.sleep(1.5)
-        frames = len(v.video)
+        frames = await playing(v)
         os.killpg(srv.process.pid, signal.SIGSTOP)
         t0 = time.monotonic()
         try:
