@@ -29,8 +29,8 @@ import tritonclient.grpc.aio as aioclient
 
 from flowact.client.stream import (Failover, FailoverPolicy, Outage, ReplicaGone, StreamError, make_inputs,
                                    new_stream_id, refusal_cause)
-from flowact.contract import (ENSEMBLE_MODEL, FAILOVER_CONNECTION_LOST, FRAMES, LIVE_UPSTREAM_TIMEOUT_S, MAX_SEED,
-                              SNAPSHOT, SNAPSHOTS_DISABLED)
+from flowact.contract import (ALREADY_ACTIVE, ENSEMBLE_MODEL, FAILOVER_CONNECTION_LOST, FRAMES, HANG_UP_WAIT_S,
+                              HUNG_UP, LIVE_UPSTREAM_TIMEOUT_S, MAX_SEED, SNAPSHOT, SNAPSHOTS_DISABLED)
 
 POLL_S = 0.04  # how often a wait for an answer looks at the oldest unanswered chunk
 RECONNECT_BACKOFF_MAX_S = 1.0  # the gRPC reconnect backoff never grows past this
@@ -71,8 +71,9 @@ class LiveStream:
         # chunk -> (audio, behaviour, prompt), kept until a snapshot covers it (without snapshots, for a
         # replay from chunk 0: at most MAX_REPLAY_CHUNKS)
         self._kept: dict[int, tuple] = {}
-        self._made = asyncio.Event()  # a chunk was put, or END: the requests go on
-        self._end_audio: np.ndarray | None = None  # set by end(): the END request's (7680,) audio
+        self._made = asyncio.Event()  # a chunk was put, or END, or a hang-up: the requests go on
+        self._ending = False  # end() was called: the chunks put so far, then a hang-up
+        self._abandon = False  # this attempt's START was refused: hang its id up at once
         self._snapshot: tuple[int, bytes] | None = None  # (the chunk it follows, the signed state)
         self._snapshots_on = failover is not None and failover.snapshot_every > 0
         self._replayable = True  # without a snapshot, every chunk since 0 is still kept
@@ -93,26 +94,25 @@ class LiveStream:
         self._kept[index] = (audio, behaviour, prompt)
         self._made.set()
 
-    def end(self, audio: np.ndarray) -> None:
-        """END after the chunks put so far, with this (7680,) audio (the answer is not delivered)."""
-        self._end_audio = audio
+    def end(self) -> None:
+        """END after the chunks put so far: a hang-up (contract.HUNG_UP), which generates nothing."""
+        self._ending = True
         self._made.set()
 
     async def _requests(self, start_at: int):
         """One gRPC stream's requests: START with chunk `start_at` (RESUME = the snapshot before it, or the
-        image and seed at chunk 0), the kept chunks after it once more, then new ones as they are put; END
-        last. Chunks are read, never taken: a stale stream's reader steals none."""
+        image and seed at chunk 0), the kept chunks after it once more, then new ones as they are put; a
+        hang-up last (END without audio). Chunks are read, never taken: a stale stream's reader steals none."""
         snapshots = self._snapshots_on
         outputs = [grpcclient.InferRequestedOutput(name) for name in ((FRAMES, SNAPSHOT) if snapshots else (FRAMES,))]
         i = start_at
         while True:
-            while i not in self._kept and self._end_audio is None:
+            while i not in self._kept and not self._ending and not self._abandon:
                 self._made.clear()
                 await self._made.wait()
-            if i not in self._kept:  # END, on a stream that STARTed; else nothing here to end
-                if i > start_at:
-                    yield {"model_name": self.model, "outputs": outputs, "sequence_id": self.stream_id,
-                           "sequence_end": True, "inputs": make_inputs(self._end_audio)}
+            if self._abandon or i not in self._kept:
+                if i > start_at:  # a START went out on this call: hang its id up
+                    yield {"model_name": self.model, "sequence_id": self.stream_id, "sequence_end": True, "inputs": []}
                 return
             audio, behaviour, prompt = self._kept[i]
             self.chunks_sent = max(self.chunks_sent, i + 1)
@@ -130,6 +130,7 @@ class LiveStream:
         chunks delivered already (a replay) are not delivered again. ReplicaGone when the replica goes away,
         says so or hangs; StreamError for any other refusal."""
         client = upstream_client(self.url)
+        self._abandon = False
         responses = client.stream_infer(self._requests(start_at))
         n = start_at
         try:
@@ -139,14 +140,18 @@ class LiveStream:
                     return  # the call ended (after END)
                 if error is not None:
                     message = self.scrub(error.message() if hasattr(error, "message") else str(error))
+                    if self._ending and HUNG_UP in message:
+                        continue  # the END's answer: the call ends next
+                    if ALREADY_ACTIVE not in message:  # the id is ours: free it there now, not at its idle timeout
+                        await self._hang_up(responses)
                     cause = refusal_cause(message)
                     if cause is not None:
                         raise ReplicaGone(f"the server refused chunk {n}: {message}", cause)
                     if SNAPSHOTS_DISABLED in message and n == start_at == 0:
                         raise SnapshotsOff(message)
                     raise StreamError(f"the server refused chunk {n}: {message}")
-                if self._end_audio is not None:
-                    continue  # ending: frames are no longer wanted (and the END's answer carries none)
+                if self._ending:
+                    continue  # ending: frames are no longer wanted
                 self._sent_at.pop(n, None)
                 snapshot = result.as_numpy(SNAPSHOT)
                 if snapshot is not None and snapshot.size:  # (1, bytes): the state after chunk n
@@ -161,6 +166,21 @@ class LiveStream:
         finally:
             responses.cancel()
             await client.close()
+
+    async def _hang_up(self, responses) -> None:
+        """After a refusal: a hang-up goes out instead of the next chunk; its answer (and those of the chunks
+        in flight before it) are read for up to HANG_UP_WAIT_S."""
+        self._abandon = True
+        self._made.set()
+        try:
+            await asyncio.wait_for(self._read_to_end(responses), HANG_UP_WAIT_S)
+        except (asyncio.TimeoutError, grpc.aio.AioRpcError):
+            pass
+
+    @staticmethod
+    async def _read_to_end(responses) -> None:
+        async for _ in responses:
+            pass
 
     async def _next_answer(self, responses) -> tuple:
         """The call's next (result, error), or (None, None) at its end; ReplicaGone when a chunk sent has
@@ -206,7 +226,7 @@ class LiveStream:
                 self.stream_id = self._new_id()
             except ReplicaGone as e:
                 self.attempting = False
-                if self._end_audio is not None:
+                if self._ending:
                     return  # the stream is ending: there is nothing to move to another replica
                 now = time.monotonic()
                 if outage is None or self._delivered > outage.at_chunk:  # a new failover (the last one is over)

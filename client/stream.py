@@ -9,7 +9,10 @@ server behind any HTTP/2-aware load balancer.
 Stream ids are capabilities: whoever holds one can feed, read and END that stream. By default a
 stream gets 128 random bits (a 32-character hex string). After sending START the sender waits for
 its answer before sending anything else into the id: if the START is refused (at capacity, or the
-id is already active), nothing of this client reaches a stream it does not own.
+id is already active), nothing of this client reaches a stream it does not own. Closing a stream that
+is still open (a START refused for any cause but "already active", or a run that stopped before its
+END was answered) hangs it up (END without audio, contract.HUNG_UP): the server frees its slot at once,
+not at its idle timeout, and a stopping server does not wait for it.
 
 Resumable streams: with `want_snapshots=True` every response also carries the stream's signed
 state (`AvatarStream.snapshot`, opaque bytes). If the server goes away, a new AvatarStream on any
@@ -49,9 +52,9 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from flowact.contract import (AUDIO, BEHAVIOUR, ENSEMBLE_MODEL, FAILOVER_CONNECTION_LOST, FAILOVER_REFUSALS,
-                              FAILOVER_SNAPSHOT_EVERY, FRAMES, PROMPT, REF_IMAGE, RESUME, SEED, SNAPSHOT,
-                              SNAPSHOTS_DISABLED, STREAM_ID_BYTES, WANT_SNAPSHOT, WIRE_DTYPES)
+from flowact.contract import (ALREADY_ACTIVE, AUDIO, BEHAVIOUR, ENSEMBLE_MODEL, FAILOVER_CONNECTION_LOST,
+                              FAILOVER_REFUSALS, FAILOVER_SNAPSHOT_EVERY, FRAMES, HANG_UP_WAIT_S, PROMPT, REF_IMAGE,
+                              RESUME, SEED, SNAPSHOT, SNAPSHOTS_DISABLED, STREAM_ID_BYTES, WANT_SNAPSHOT, WIRE_DTYPES)
 from flowact.presets import CHUNK_SECONDS
 from flowact.stats import StreamSummary
 
@@ -162,6 +165,11 @@ def resume_refusal(snapshot: bytes, message: str) -> str:
 NO_SNAPSHOTS: set[str] = set()
 
 
+def broke(error) -> bool:
+    """The gRPC stream itself broke (the error has a gRPC status), not a server's answer to one request."""
+    return getattr(error, "status", lambda: None)() is not None
+
+
 def refusal_cause(message: str) -> str | None:
     """The failover cause a server's refusal names (FAILOVER_REFUSALS, any case), or None: not a replica's failure."""
     message = message.lower()
@@ -230,11 +238,20 @@ class AvatarStream:
         self.client = grpcclient.InferenceServerClient(self.url)
         self.responses: queue.Queue = queue.Queue()  # this gRPC stream's answers only
         self.last_error = None
+        self.open = False  # this id STARTed here, is ours, and its END is not answered: close() hangs it up
+        self.sent = self.answered = 0  # requests on this gRPC stream and their answers (in order)
+        self.end_request: int | None = None  # which of them carried END
         self.client.start_stream(callback=functools.partial(self._on_response, self.responses))
 
     def _on_response(self, answers: queue.Queue, result, error):  # tritonclient needs these parameter names
         if error is not None:
             self.last_error = error.message() if hasattr(error, "message") else str(error)
+        if answers is self.responses:  # not a late answer of an earlier gRPC stream
+            self.answered += 1
+            if self.end_request is not None and self.answered > self.end_request:
+                self.open = False  # the END is answered: the stream ended (or never began)
+            if error is not None and (ALREADY_ACTIVE in self.last_error or broke(error)):
+                self.open = False  # the START found the id in use (not ours), or the gRPC stream broke
         answers.put((time.monotonic(), result, error))
 
     def send(self, audio: np.ndarray, start: bool = False, end: bool = False, image=None, seed=None, prompt=None,
@@ -242,6 +259,10 @@ class AvatarStream:
         inputs = make_inputs(audio, image, seed, prompt, behaviour, snapshot, self.want_snapshots or want_snapshot)
         if start:
             self.last_resume = snapshot
+            self.open = True
+        if end:
+            self.end_request = self.sent
+        self.sent += 1
         try:
             self.client.async_stream_infer(self.model, inputs, sequence_id=self.stream_id, sequence_start=start,
                                            sequence_end=end, outputs=[grpcclient.InferRequestedOutput(FRAMES),
@@ -267,7 +288,7 @@ class AvatarStream:
             raise error
         if error is not None:
             message = error.message() if hasattr(error, "message") else str(error)
-            if getattr(error, "status", lambda: None)() is not None:  # a gRPC status: the stream itself broke
+            if broke(error):
                 raise ReplicaGone(f"stream {self.stream_id}: connection to the server lost ({error.status()}: "
                                   f"{message}); open a new AvatarStream (with RESUME to continue from the last "
                                   "snapshot)", FAILOVER_CONNECTION_LOST)
@@ -349,12 +370,31 @@ class AvatarStream:
             self.reconnect()
 
     def reconnect(self) -> None:
-        """Drop this gRPC stream and open another under a fresh id: the old id may still be held where
-        the stream was (a live replica keeps it until its idle TTL), and ids are capabilities."""
-        self.client.stop_stream(cancel_requests=True)
-        self.client.close()
+        """Drop this gRPC stream (hanging up the id where it is still open) and open another under a fresh
+        id: ids are capabilities."""
+        self.close(cancel_requests=True)
         self.stream_id = new_stream_id()
         self.connect()
+
+    def hang_up(self) -> None:
+        """END the id without audio (contract.HUNG_UP): the server frees the stream and Triton its sequence
+        slot now, not at their idle timeouts. Waits up to HANG_UP_WAIT_S for its answer (chunks in flight
+        answer first; the answers before it are dropped); a broken gRPC stream has nothing left to free."""
+        self.open = False
+        mine = self.sent
+        self.sent += 1
+        try:
+            self.client.async_stream_infer(self.model, [], sequence_id=self.stream_id, sequence_end=True)
+        except InferenceServerException:
+            return
+        deadline = time.monotonic() + HANG_UP_WAIT_S
+        while self.answered <= mine and (wait := deadline - time.monotonic()) > 0:
+            try:
+                _, _, error = self.responses.get(timeout=wait)
+            except queue.Empty:
+                return
+            if error is not None and broke(error):
+                return
 
     def _attempt(self, source: ChunkSource, begin: int, resume: bytes | None, image, seed, prompt, behaviour,
                  end: bool, realtime: bool, t0: float, max_in_flight: int, snapshots: bool, deadline: float | None):
@@ -417,7 +457,10 @@ class AvatarStream:
             thread.join(timeout=self.timeout_s)
 
     def close(self, cancel_requests: bool = False) -> None:
-        """Close the gRPC stream: after the answers in flight, or at once with `cancel_requests`."""
+        """Close the gRPC stream: after the answers in flight, or at once with `cancel_requests`. A stream
+        still open (its START refused, or a run that stopped before END was answered) is hung up first."""
+        if self.open:
+            self.hang_up()
         self.client.stop_stream(cancel_requests=cancel_requests)
         self.client.close()
 

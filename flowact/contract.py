@@ -174,6 +174,14 @@ TRITON_IDLE_MARGIN_S = 5.0
 # Candidate sequence slots beyond capacity: a refused START that never sends END holds one slot
 # until Triton's idle timeout; this many of them (at once) delay no other START.
 CANDIDATE_HEADROOM = 1024
+# A hang-up is a request with END and no AUDIO: the stream (if any) ends at once, nothing is generated, and
+# Triton frees the id's sequence slot. Its answer is an error that contains HUNG_UP (an ensemble answer
+# has frames or an error). The shipped clients hang up an id whose START was refused (but "already
+# active": not theirs) and a stream they give up while it is open; a server stops only after such slots
+# are gone (Triton counts them as in-flight inferences until its exit timeout).
+HUNG_UP = "hung up (END without AUDIO): the stream ended here, no frames"
+HANG_UP_WAIT_S = 3.0  # how long a client waits for its hang-up's answer (chunks in flight answer first)
+ALREADY_ACTIVE = "is already active"  # a START's refusal for an id in use: not the sender's to hang up
 GONE_MEMORY = 4096  # evicted / evacuated stream ids the model remembers, to name why they are gone
 # The drain file's content says why new streams are refused (empty: `flowact drain`, the preStop hook).
 DRAIN_STOPPING = "stopping"  # `flowact serve` got SIGTERM: no new streams, active ones finish

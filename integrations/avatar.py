@@ -248,7 +248,7 @@ class AgentAvatar:
     async def close(self) -> None:
         """END the stream (waiting up to END_TIMEOUT_S for its answer), stop the clock and the tracks."""
         self._clock.cancel()
-        self.upstream.end(np.zeros(SAMPLES_PER_CHUNK, dtype=np.float32))  # (7680,): after the chunks made so far
+        self.upstream.end()  # a hang-up, after the chunks made so far
         try:
             await asyncio.wait_for(asyncio.shield(self._stream), END_TIMEOUT_S)
         except asyncio.TimeoutError:

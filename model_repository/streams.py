@@ -5,14 +5,15 @@ No Triton import: the Triton `stream` model (stream/1/model.py) only converts te
 arrays by input name and calls this. Thread-safe: the idle reaper runs beside execute().
 
 The request contract (each refusal an InputError naming the input and the rule):
-    AUDIO          float32 (7680,): 0.48 s at 16 kHz, finite, |x| <= 1e3        every request
+    AUDIO          float32 (7680,): 0.48 s at 16 kHz, finite, |x| <= 1e3        every request but a hang-up
     REF_IMAGE      uint8 (H, W, 3) of the preset                                START (unless RESUME)
     SEED           int64, 0 <= seed <= 2**63 - 1                                START only, optional
     RESUME         uint8 bytes: a SNAPSHOT this deployment signed, to continue  START only, optional
     PROMPT         UTF-8 text, <= 1024 bytes, no control characters             optional, any request
     BEHAVIOUR      one of speaking | listening | thinking | idle                optional, any request
     WANT_SNAPSHOT  bool: answer with SNAPSHOT (the state after this chunk)      optional, any request
-Every input holds exactly one chunk (batch dim 1). PROMPT is a free-text action (an external
+A hang-up (END without AUDIO or START, other inputs ignored: contract.HUNG_UP) ends the stream and
+generates nothing. Every input holds exactly one chunk (batch dim 1). PROMPT is a free-text action (an external
 planner's); BEHAVIOUR is the closed set of states. A request sends one of them or neither (the
 stream keeps the prompt it started with, "speaking" by default); both at once is refused.
 Triton itself refuses dtypes and dims that contradict config.pbtxt, and unknown inputs.
@@ -31,11 +32,12 @@ from typing import TYPE_CHECKING, Callable, Hashable, Mapping
 
 import numpy as np
 
-from flowact.contract import (AUDIO, BEHAVIOUR, BEHAVIOURS, CHUNK_SECONDS_COUNT, CHUNK_SECONDS_SUM, CHUNKS_TOTAL,
-                              DEFAULT_PROMPT, DRAIN_EVACUATE, DRAIN_STOPPING, GONE_MEMORY, MAX_TEXT_WIRE_BYTES,
-                              MIN_RANDOM_ID_BITS, MIN_RANDOM_ID_CHARS, PROMPT, REF_IMAGE, REQUESTS_INVALID, RESUME, SEED,
-                              START_ONLY_INPUTS, STREAM_ID_BYTES, STREAMS_ENDED, STREAMS_EVICTED, STREAMS_REJECTED,
-                              STREAMS_RESUMED, STREAMS_STARTED, TTFF_SECONDS_COUNT, TTFF_SECONDS_SUM, WANT_SNAPSHOT)
+from flowact.contract import (ALREADY_ACTIVE, AUDIO, BEHAVIOUR, BEHAVIOURS, CHUNK_SECONDS_COUNT, CHUNK_SECONDS_SUM,
+                              CHUNKS_TOTAL, DEFAULT_PROMPT, DRAIN_EVACUATE, DRAIN_STOPPING, GONE_MEMORY,
+                              MAX_TEXT_WIRE_BYTES, MIN_RANDOM_ID_BITS, MIN_RANDOM_ID_CHARS, PROMPT, REF_IMAGE,
+                              REQUESTS_INVALID, RESUME, SEED, START_ONLY_INPUTS, STREAM_ID_BYTES, STREAMS_ENDED,
+                              STREAMS_EVICTED, STREAMS_REJECTED, STREAMS_RESUMED, STREAMS_STARTED, TTFF_SECONDS_COUNT,
+                              TTFF_SECONDS_SUM, WANT_SNAPSHOT)
 from flowact.presets import Preset
 from flowact.snapshot import peek_preset, unpadded
 from flowact.validate import InputError, check_audio_chunk, check_image, check_prompt, check_seed
@@ -139,9 +141,12 @@ def text(array: np.ndarray, name: str) -> str:
 
 
 def parse_request(inputs: Mapping[str, np.ndarray | None], start: bool, end: bool, preset: Preset,
-                  max_snapshot_bytes: int) -> ChunkRequest:
-    """Triton inputs by name (None: not sent) -> a ChunkRequest, or an InputError naming the input."""
+                  max_snapshot_bytes: int) -> ChunkRequest | None:
+    """Triton inputs by name (None: not sent) -> a ChunkRequest, None for a hang-up, or an InputError naming
+    the input."""
     get = inputs.get
+    if get(AUDIO) is None and end and not start:
+        return None
     if get(AUDIO) is None:
         raise InputError(f"{AUDIO}: required in every request (0.48 s of 16 kHz float32 audio)")
     audio = check_audio_chunk(single(get(AUDIO), AUDIO), AUDIO)
@@ -268,7 +273,7 @@ class StreamRegistry:
         with self.lock:
             check_stream_id(stream_id, self.require_random_ids)
             if stream_id in self.streams:
-                raise InputError(f"stream {stream_id!r} is already active: END it before starting it again")
+                raise InputError(f"stream {stream_id!r} {ALREADY_ACTIVE}: END it before starting it again")
             state = self.drain_state()
             if state is not None:
                 self.counters.rejected += 1

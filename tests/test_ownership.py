@@ -27,9 +27,10 @@ IDLE_TTL_S = 4.0  # Triton's own idle timeout is max(2 x TTL, TTL + 5 s) = 9 s
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, onnx_dir):
-    """Capacity 2, random ids required, snapshots on."""
+    """Capacity 2, random ids required, snapshots on. The strangers here leave refused STARTs open (no
+    hang-up), which holds Triton's shutdown for its exit timeout: 3 s, to keep the tests short."""
     srv = start_server(tmp_path_factory.mktemp("ownership"), onnx_dir, capacity=2, idle_ttl_s=IDLE_TTL_S,
-                       extra_env={REQUIRE_RANDOM_IDS_ENV: "1", SNAPSHOT_KEY_ENV: KEY})
+                       extra_env={REQUIRE_RANDOM_IDS_ENV: "1", SNAPSHOT_KEY_ENV: KEY}, extra_args=["--exit-timeout-secs=3"])
     yield srv
     srv.stop()
 

@@ -11,7 +11,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from conftest import metrics, ref_image, run_stream, speech_chunks, start_server, url
-from flowact.client.stream import AvatarStream
+from flowact.client.stream import AvatarStream, StreamError
 from flowact.serving.cli import metric_value
 from flowact.serving.processes import group_alive, shm_regions
 
@@ -126,8 +126,9 @@ def test_bad_requests_get_clear_errors_while_a_stream_runs(server, tiny, tiny_ru
 
 
 def test_idle_streams_are_evicted(server, tiny):
-    with AvatarStream(url(server), stream_id=401) as stream:
-        stream.run(ref_image(tiny), speech_chunks(1), seed=0, end=False)  # abandoned: no END
+    stream = AvatarStream(url(server), stream_id=401)
+    stream.run(ref_image(tiny), speech_chunks(1), seed=0, end=False)
+    stream.client.close()  # a client that crashed: no END, no hang-up
     assert metric_value(metrics(server), "flowact_active_streams") >= 1
     deadline = time.monotonic() + IDLE_TTL_S + 10
     while time.monotonic() < deadline and metric_value(metrics(server), "flowact_active_streams") != 0:
@@ -139,13 +140,33 @@ def test_idle_streams_are_evicted(server, tiny):
     assert metric_value(text, "flowact_stream_capacity") == 12
 
 
-def test_stop_leaves_no_processes_or_shm(tmp_path, onnx_dir, tiny):
+def test_hung_up_streams_free_their_slots_at_once_and_stop_leaves_nothing(tmp_path, onnx_dir, tiny):
+    """Refused STARTs and streams given up while open are hung up by the client (END without AUDIO): the
+    slots are free at once, and Triton, which counts every open sequence as an in-flight inference,
+    stops without waiting for its exit timeout."""
     before = shm_regions()
     srv = start_server(tmp_path, onnx_dir, capacity=2)
     with AvatarStream(url(srv), stream_id=1) as stream:
         stream.run(ref_image(tiny), speech_chunks(1), seed=0)
+    held = [AvatarStream(url(srv)) for _ in range(2)]
+    for stream in held:
+        stream.run(ref_image(tiny), speech_chunks(2), seed=0, end=False)  # open, at capacity
+    refused = [AvatarStream(url(srv)), AvatarStream(url(srv), want_snapshots=True)]
+    for stream, why in zip(refused, ("at capacity", "snapshots are disabled")):
+        with pytest.raises(StreamError, match=why):
+            stream.run(ref_image(tiny), speech_chunks(2), seed=0)
+        stream.close()
+    text = metrics(srv)
+    assert metric_value(text, "flowact_active_streams") == 2 and metric_value(text, "flowact_streams_ended_total") == 1
+    for stream in held:
+        stream.close()
+    text = metrics(srv)
+    assert metric_value(text, "flowact_active_streams") == 0 and metric_value(text, "flowact_streams_ended_total") == 3
+    assert metric_value(text, "flowact_requests_invalid_total") == 1  # the snapshot refusal; hang-ups are not invalid
     pgid = srv.process.pid
     assert shm_regions() - before  # the python backend uses shared memory while running
     srv.stop()
     assert not group_alive(pgid)
     assert shm_regions() - before == set()
+    waited = [line for line in srv.log_lines if "in-flight inferences\"" in line and "has" in line]
+    assert not waited, waited  # Triton had no open sequence to wait for

@@ -13,8 +13,8 @@ from google.protobuf import json_format
 
 import triton_fake
 from conftest import ref_image, run_stream, speech_chunks
-from flowact.contract import (ACTIVE_STREAMS, AUDIO, CHUNK_INDEX, CHUNKS_TOTAL, END, FRAMES, METRICS, REF_IMAGE,
-                              REQUESTS_INVALID, RESUME, SEED, SNAPSHOT, SNAPSHOT_KEY_ENV, START, STREAMS_ENDED,
+from flowact.contract import (ACTIVE_STREAMS, AUDIO, CHUNK_INDEX, CHUNKS_TOTAL, END, FRAMES, HUNG_UP, METRICS,
+                              REF_IMAGE, REQUESTS_INVALID, RESUME, SEED, SNAPSHOT, SNAPSHOT_KEY_ENV, START, STREAMS_ENDED,
                               STREAMS_REJECTED, WANT_SNAPSHOT)
 from flowact.serving.streams import Counters
 
@@ -155,3 +155,19 @@ def test_snapshots_resume_on_another_instance_and_from_before_the_engine(tiny, t
     assert np.abs(frames_of(out).astype(int) - engine.step([stream], [audio[3]])[0].astype(int)).max() <= 1
     one.finalize()
     other.finalize()
+
+
+def test_a_hang_up_ends_its_stream_without_generating_and_is_not_invalid(model, tiny):
+    audio = speech_chunks(1)[0]
+    model.execute([start("a", tiny, audio), start("b", tiny, audio)])
+    controls = {START: np.array([[0]], np.int32), END: np.array([[1]], np.int32)}  # END, no AUDIO: a hang-up
+    hang_up, never = triton_fake.InferenceRequest("a", controls), triton_fake.InferenceRequest("zz", controls)
+    chunks_before = metric(CHUNKS_TOTAL)
+    out = model.execute([hang_up, request("b", audio), never])
+    assert [out[i].error().message() for i in (0, 2)] == [f"stream 'a': {HUNG_UP}", f"stream 'zz': {HUNG_UP}"]
+    assert not out[1].has_error() and metric(CHUNKS_TOTAL) == chunks_before + 1  # b's chunk only
+    assert model.registry.active() == 1 and len(model.engine.pool.free) == 1  # a's slot is free
+    assert metric(STREAMS_ENDED) == 1 and metric(REQUESTS_INVALID) == 0
+    no_audio_start = triton_fake.InferenceRequest("c", {**controls, START: np.array([[1]], np.int32),
+                                                        REF_IMAGE: ref_image(tiny)[None]})
+    assert model.execute([no_audio_start])[0].error().message().startswith(f"{AUDIO}: required")

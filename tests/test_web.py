@@ -53,8 +53,6 @@ def test_chunks_follow_the_clock_and_silence_stands_in_for_late_input():
     debt = a.debt
     a.push(np.ones(debt + 100, dtype=np.float32), t0 + 2.01)  # the late input: dropped, only the rest counts
     assert a.debt == 0 and a.written == int(1.9 * SAMPLE_RATE) + 100
-    tail = a.flush(t0 + 2.02)
-    assert tail.shape == (SAMPLES_PER_CHUNK,) and tail[a.written % SAMPLES_PER_CHUNK:].max() == 0
 
 
 def test_no_input_at_all_still_makes_chunks_every_0_48_s():

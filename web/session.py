@@ -365,7 +365,7 @@ class Session:
         log.info("session #%d: ending (%s)", self.number, self.end_reason)
         stream = self._stream_task
         if stream is not None and not stream.done() and not self._server_failed and self.upstream.attempting:
-            self.upstream.end(self.assembler.flush(time.monotonic()))  # END (if START went out), then the stream closes
+            self.upstream.end()  # a hang-up (if START went out), then the stream closes
             try:
                 await asyncio.wait_for(asyncio.shield(stream), END_TIMEOUT_S)
             except (asyncio.TimeoutError, Exception):

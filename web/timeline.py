@@ -79,15 +79,6 @@ class ChunkAssembler:
         self.filled_total += missing
         return self._append(np.zeros(missing, dtype=np.float32), now, silent=True)
 
-    def flush(self, now: float) -> np.ndarray:
-        """The samples of the unfinished chunk, zero-padded to a whole chunk (the END request's audio)."""
-        audio = np.zeros(SAMPLES_PER_CHUNK, dtype=np.float32)
-        if self._pending:
-            tail = np.concatenate(self._pending)
-            audio[: len(tail)] = tail
-        self._pending, self._pending_len, self._pending_filled = [], 0, 0
-        return audio
-
     def _append(self, samples: np.ndarray, now: float, silent: bool) -> list[Chunk]:
         chunks = []
         while len(samples):

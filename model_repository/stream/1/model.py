@@ -19,6 +19,7 @@ chunk], decoded by the next ensemble step so decoding of chunk n overlaps denois
 or FRAMES when the repository is rendered `serial`; CHUNK_INDEX; SNAPSHOT (the stream's signed
 state after this chunk when WANT_SNAPSHOT was set, else empty; flowact.snapshot).
 
+A hang-up (END without AUDIO) ends its stream and is answered with an error (contract.HUNG_UP).
 Triton does not tell this model when a client goes away (measured on 2.51: requests of a
 cancelled gRPC stream still arrive, none reports is_cancelled()); the idle TTL frees such streams.
 """
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from flowact.contract import (ACTIVE_STREAMS, CHUNK_INDEX, DRAIN_FILE_ENV, DRAINING, END, FRAMES, METRICS,
+from flowact.contract import (ACTIVE_STREAMS, CHUNK_INDEX, DRAIN_FILE_ENV, DRAINING, END, FRAMES, HUNG_UP, METRICS,
                               REQUIRE_RANDOM_IDS_ENV, RESUME, SNAPSHOT, SNAPSHOT_KEY_ENV, START, STREAM_CAPACITY,
                               WANT_SNAPSHOT)
 from flowact.presets import get_preset
@@ -124,10 +125,13 @@ class TritonPythonModel:
                     self.reported[name] = value
 
     def admit(self, request, start: bool, end: bool):
-        """Validate one request and find (or start, or resume) its stream -> (id, StreamState, ChunkRequest)."""
+        """Validate one request and find (or start, or resume) its stream -> (id, StreamState, ChunkRequest),
+        or None for a hang-up (its END frees the stream)."""
         sid = request.correlation_id()
         req = parse_request({name: optional_input(request, name) for name in self.input_names}, start, end, self.preset,
                             self.max_snapshot_bytes)
+        if req is None:
+            return None
         resume = isinstance(req.begin, ResumeRequest)
         if self.codec is None and (req.want_snapshot or resume):
             raise InputError(f"{RESUME if resume else WANT_SNAPSHOT}: snapshots are disabled on this server "
@@ -155,11 +159,17 @@ class TritonPythonModel:
             if end:  # Triton has ended the sequence: free its state even if this request is refused
                 ends.append(request.correlation_id())
             try:
-                batch.append((i, *self.admit(request, start, end)))
+                admitted = self.admit(request, start, end)
             except Exception as e:  # every request gets an answer; InputError messages name the field
                 self.registry.refused(e)
                 message = str(e) if isinstance(e, InputError) else f"internal error in stream model: {e!r}"
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+                continue
+            if admitted is None:  # a hang-up: its END (above) frees the stream
+                responses[i] = pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"stream {request.correlation_id()!r}: {HUNG_UP}"))
+            else:
+                batch.append((i, *admitted))
         if batch:
             try:
                 out = self.generate([b[2] for b in batch], [b[3].audio for b in batch], [b[3].prompt for b in batch])
