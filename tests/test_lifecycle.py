@@ -20,7 +20,7 @@ import torch
 
 from conftest import ref_image, speech_chunks, start_server, url
 from flowact.client.stream import AvatarStream, StreamError
-from flowact.contract import SNAPSHOT_KEY_ENV
+from flowact.contract import LAUNCHER_GUARD_KILL_S, SNAPSHOT_KEY_ENV
 from flowact.presets import get_preset
 from flowact.serving.processes import Stub, free_ports, shm_regions
 from flowact.serving.server import TritonServer
@@ -150,11 +150,11 @@ def test_a_killed_launcher_takes_tritonserver_and_its_stubs_with_it(repository, 
             serve.proc.wait()
             # the guard unlinks the stubs' regions after it has killed them: wait for both
             while ((any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in procs) or ours & shm_regions())
-                   and time.monotonic() - t0 < 10):
+                   and time.monotonic() - t0 < 15):
                 time.sleep(0.05)
             gone = time.monotonic() - t0
         print(f"\nlauncher SIGKILL: tritonserver and {len(procs) - 1} stubs gone after {gone:.1f} s")
-        assert gone <= 5.0
+        assert gone <= LAUNCHER_GUARD_KILL_S + 4.0  # SIGTERM, SIGKILL after the guard's wait, reaping (a loaded CI)
         assert ports_free(serve.grpc, serve.http, serve.metrics)
         assert not ours & shm_regions()  # the stubs' shared memory is gone too
     finally:
