@@ -22,10 +22,11 @@ snapshot=that_snapshot)`: the frames are those an uninterrupted run would have p
 Failover: with `failover=FailoverPolicy()` (what `flowact stream` and the load generator use) `run`
 does that by itself. It asks for a snapshot on chunks 0, K, 2K, ... (`snapshot_every`) and keeps
 the audio of every chunk since the latest one. When the replica goes away (the gRPC stream breaks,
-or the server answers "server is stopping", "server is draining", "at capacity", or that its python
-stub is not healthy: `flowact.contract.FAILOVER_REFUSALS`) it opens a new gRPC stream to the same
-address (a gateway in front of the replicas), STARTs under a fresh random stream id (the old one may
-still be held on a live replica until its idle TTL) with RESUME = the latest snapshot, or before the
+or the server answers "server is stopping", "server is draining", "at capacity", that its python
+stub is not healthy, or that the model has no available versions (unloading at the end of a stop):
+`flowact.contract.FAILOVER_REFUSALS`) it hangs up the old id where the replica still answers, opens a
+new gRPC stream to the same address (a gateway in front of the replicas), STARTs under a fresh random
+stream id with RESUME = the latest snapshot, or before the
 first snapshot a fresh START with the same image and seed (same seed, same noise), and re-sends
 every chunk from there. Chunks the replay regenerates that were already delivered are dropped (the
 responses of one gRPC stream come in order, so the n-th answer is chunk start + n): the caller gets

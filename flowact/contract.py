@@ -207,6 +207,7 @@ FAILOVER_REFUSALS = {  # lower-case text in the server's message -> cause
     "server is draining": "draining",
     "at capacity": "capacity",
     "is not healthy": "replica failed",  # Triton: "Stub process '...' is not healthy" (the replica stops)
+    "has no available versions": "stopping",  # Triton unloading its models at the end of a stop
 }
 SNAPSHOTS_DISABLED = "snapshots are disabled"  # a server without FLOWACT_SNAPSHOT_KEY: fail over by replaying from chunk 0
 
