@@ -242,3 +242,16 @@ def test_without_failover_a_killed_replica_raises(victim, tiny, reference):
     with AvatarStream(url(victim), timeout_s=30) as stream:  # the library's default: no failover
         with pytest.raises(StreamError, match="connection to the server lost"):
             stream.run(ref_image(tiny, 3), chunks, seed=3, realtime=True, on_chunk=kill)
+
+
+def test_the_refusals_of_a_replica_going_away_name_their_cause():
+    """What tritonserver and the stream model answer while a replica goes away (verbatim), and what is not."""
+    from flowact.client.stream import refusal_cause
+
+    assert refusal_cause("in ensemble 'flowact', server is stopping: no new streams; retry on another replica") == "stopping"
+    assert refusal_cause("Server is stopping, scheduler for model has stopped accepting new inference requests") == "stopping"
+    assert refusal_cause("Request for unknown model: 'flowact' has no available versions") == "stopping"
+    assert refusal_cause("at capacity (2/2 streams): retry later or on another replica") == "capacity"
+    assert refusal_cause("Stub process 'stream_0_0' is not healthy.") == "replica failed"
+    assert refusal_cause("REF_IMAGE: shape must be (64, 64, 3)") is None
+    assert refusal_cause("Request for unknown model: 'flowakt' is not found") is None  # a typo fails at once
