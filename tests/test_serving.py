@@ -1,5 +1,6 @@
 """End to end against a real tritonserver (the nvidia-pytriton binary), tiny preset, CPU."""
 
+import asyncio
 import threading
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from conftest import metrics, ref_image, run_stream, speech_chunks, start_server, url
+from flowact.client.live import LiveStream
 from flowact.client.stream import AvatarStream, StreamError
 from flowact.serving.cli import metric_value
 from flowact.serving.processes import group_alive, shm_regions
@@ -141,7 +143,7 @@ def test_idle_streams_are_evicted(server, tiny):
 
 
 def test_hung_up_streams_free_their_slots_at_once_and_stop_leaves_nothing(tmp_path, onnx_dir, tiny):
-    """Refused STARTs and streams given up while open are hung up by the client (END without AUDIO): the
+    """Refused STARTs and streams given up while open are hung up by the clients (END without AUDIO): the
     slots are free at once, and Triton, which counts every open sequence as an in-flight inference,
     stops without waiting for its exit timeout."""
     before = shm_regions()
@@ -156,6 +158,10 @@ def test_hung_up_streams_free_their_slots_at_once_and_stop_leaves_nothing(tmp_pa
         with pytest.raises(StreamError, match=why):
             stream.run(ref_image(tiny), speech_chunks(2), seed=0)
         stream.close()
+    live = LiveStream(url(srv), ref_image(tiny), lambda *frames: None, failover=None)  # the edge's and agents' client
+    live.put(0, speech_chunks(1)[0], None, None)
+    with pytest.raises(StreamError, match="at capacity"):
+        asyncio.run(live.run())
     text = metrics(srv)
     assert metric_value(text, "flowact_active_streams") == 2 and metric_value(text, "flowact_streams_ended_total") == 1
     for stream in held:
