@@ -236,13 +236,18 @@ def precision_rows(preset: Preset, root: Path, avatars: list[Avatar], seed: int,
     return rows
 
 
-DEMO_ROWS = (("tiny", "tiny"), ("cpu", "cpu"), ("cpu random weights", "cpu"))
+DEMO_ROWS = (("tiny", "tiny"), ("cpu", "cpu"), ("cpu int8 (as make demo serves it)", "cpu"),
+             ("cpu random weights", "cpu"))
 
 
-def demo_lip_sync(out: Path, seed: int = 0) -> dict:
-    """Lip sync of the shipped samples streamed like `flowact generate` (quality_demo.json)."""
+def demo_lip_sync(out: Path, seed: int = 0, threads: int = 2) -> dict:
+    """Lip sync of the shipped samples streamed like `flowact generate` (PyTorch, fp32), and like `make demo`
+    serves them (the int8 ONNX exports, in process: the served frames equal these; quality_demo.json)."""
+    from flowact.export.int8 import export_int8
     from flowact.media import split_chunks
     from flowact.networks import shipped_checkpoint
+    from flowact.runtime.manifest import Precision
+    from flowact.serving.repository import embedded_export_root
     from flowact.train.metrics import lip_sync
 
     rows = {}
@@ -251,7 +256,13 @@ def demo_lip_sync(out: Path, seed: int = 0) -> dict:
         image, speech, _ = reference_inputs(preset)
         chunks, n_frames = split_chunks(speech)  # (K, 7680), frames that cover the speech
         ckpt = None if "random" in name else shipped_checkpoint(preset_name)
-        engine = StreamEngine(preset, build_runners(RuntimeKind.TORCH, preset, ckpt))
+        if "int8" in name:
+            root = embedded_export_root(preset.name)
+            export_int8(preset, root, checkpoint=ckpt)  # what `make demo` exports (idempotent)
+            runners = build_runners(RuntimeKind.ONNX, preset, root / Precision.INT8.value, threads=threads)
+        else:
+            runners = build_runners(RuntimeKind.TORCH, preset, ckpt)
+        engine = StreamEngine(preset, runners)
         state = engine.start(image, seed=seed)
         t = time.perf_counter()
         frames = np.concatenate([engine.step([state], [c])[0] for c in chunks])[:n_frames]  # (F, H, W, 3)
@@ -260,7 +271,7 @@ def demo_lip_sync(out: Path, seed: int = 0) -> dict:
                       "seconds": time.perf_counter() - t}
         print(f"{name}: lip sync {rows[name]['lip_sync']:.3f}", flush=True)
     result = {"what": "lip sync (flowact.train.metrics.lip_sync) of the shipped samples streamed in process as "
-                      "`flowact generate` does (seed 0)", "image": "flowact/samples/reference.png",
+                      "`flowact generate` does (PyTorch fp32, seed 0), and as `make demo` serves them (int8 ONNX)", "image": "flowact/samples/reference.png",
               "audio": "flowact/samples/speech.wav", "command": "python -m flowact.benchmarks.quality --demo",
               "machine": platform.processor() or platform.machine(), "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
@@ -286,7 +297,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.demo:
-        demo_lip_sync(Path(args.out) if args.out else RESULTS, args.seed)
+        demo_lip_sync(Path(args.out) if args.out else RESULTS, args.seed, args.threads)
         return 0
     preset = get_preset(args.preset)
     chunks = max(2, int(round(args.minutes * 60 / 0.48)))

@@ -298,6 +298,7 @@ def test_readme_figures_have_a_results_file():
     demo = json.loads((REPO / "benchmarks" / "results" / "quality_demo.json").read_text())["rows"]
     readme = (REPO / "README.md").read_text()
     assert f"sync {demo['cpu']['lip_sync']:.2f} on the shipped samples" in readme
+    assert f"{demo['cpu int8 (as make demo serves it)']['lip_sync']:.2f} in int8 as the demo serves it" in readme
     assert f"random weights {demo['cpu random weights']['lip_sync']:.2f}" in readme
     assert "benchmarks/results/quality_demo.json" in readme
     results = REPO / "benchmarks" / "results"
