@@ -236,8 +236,9 @@ def precision_rows(preset: Preset, root: Path, avatars: list[Avatar], seed: int,
     return rows
 
 
-DEMO_ROWS = (("tiny", "tiny"), ("cpu", "cpu"), ("cpu int8 (as make demo serves it)", "cpu"),
-             ("cpu random weights", "cpu"))
+DEMO_ROWS = (  # (row, preset, the shipped checkpoint (else seeded random weights), int8 ONNX (else PyTorch fp32))
+    ("tiny", "tiny", True, False), ("cpu", "cpu", True, False), ("cpu int8 (as make demo serves it)", "cpu", True, True),
+    ("cpu random weights", "cpu", False, False))
 
 
 def demo_lip_sync(out: Path, seed: int = 0, threads: int = 2) -> dict:
@@ -251,12 +252,12 @@ def demo_lip_sync(out: Path, seed: int = 0, threads: int = 2) -> dict:
     from flowact.train.metrics import lip_sync
 
     rows = {}
-    for name, preset_name in DEMO_ROWS:
+    for name, preset_name, trained, int8 in DEMO_ROWS:
         preset = get_preset(preset_name)
         image, speech, _ = reference_inputs(preset)
         chunks, n_frames = split_chunks(speech)  # (K, 7680), frames that cover the speech
-        ckpt = None if "random" in name else shipped_checkpoint(preset_name)
-        if "int8" in name:
+        ckpt = shipped_checkpoint(preset_name) if trained else None
+        if int8:
             root = embedded_export_root(preset.name)
             export_int8(preset, root, checkpoint=ckpt)  # what `make demo` exports (idempotent)
             runners = build_runners(RuntimeKind.ONNX, preset, root / Precision.INT8.value, threads=threads)
@@ -271,8 +272,9 @@ def demo_lip_sync(out: Path, seed: int = 0, threads: int = 2) -> dict:
                       "seconds": time.perf_counter() - t}
         print(f"{name}: lip sync {rows[name]['lip_sync']:.3f}", flush=True)
     result = {"what": "lip sync (flowact.train.metrics.lip_sync) of the shipped samples streamed in process as "
-                      "`flowact generate` does (PyTorch fp32, seed 0), and as `make demo` serves them (int8 ONNX)", "image": "flowact/samples/reference.png",
-              "audio": "flowact/samples/speech.wav", "command": "python -m flowact.benchmarks.quality --demo",
+                      "`flowact generate` does (PyTorch fp32, seed 0), and as `make demo` serves them (int8 ONNX)",
+              "image": "flowact/samples/reference.png", "audio": "flowact/samples/speech.wav",
+              "command": "python -m flowact.benchmarks.quality --demo",
               "machine": platform.processor() or platform.machine(), "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality_demo.json").write_text(json.dumps(result, indent=1))

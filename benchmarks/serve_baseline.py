@@ -77,8 +77,8 @@ def inprocess_point(cfg: BenchConfig, kind: RuntimeKind, n: int, threads: int) -
     ready, results, go, t_start = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0)
     chunks = max(2, math.ceil(cfg.duration_s / CHUNK_SECONDS))
     procs = [ctx.Process(target=inprocess_worker, daemon=True,
-                         args=(kind, cfg.preset, k, n, chunks, threads, str(cfg.onnx_dir / cfg.precision), cfg.device, cfg.grace_s,
-                               ready, go, t_start, results))
+                         args=(kind, cfg.preset, k, n, chunks, threads, str(cfg.onnx_dir / cfg.precision), cfg.device,
+                               cfg.grace_s, ready, go, t_start, results))
              for k in range(n)]
     for p in procs:
         p.start()
